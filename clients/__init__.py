@@ -1,0 +1,1 @@
+"""Flower client side: the ClientApp and the client programs (local training procedures)."""

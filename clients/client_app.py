@@ -1,0 +1,63 @@
+"""The fedsparse ClientApp: the same app in Ray simulation and on real SuperNodes.
+
+A client finds its data from its node config (``partition-id``, ``num-partitions``: set by
+the Simulation Engine, or by ``flower-supernode --node-config`` in deployment) and the
+scenario from the run config. Each message is handed to the scenario's client program.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.programs.base import ClientProgram
+from fedsparse.protocol import METRICS, NUM_PARTITIONS, PARTITION_ID, run_setting
+from fedsparse.registry import CLIENT_PROGRAMS
+from fedsparse.scenario import Scenario, parse_scenario
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=4)
+def _scenario(text: str) -> Scenario:
+    return parse_scenario(text, source="run config 'scenario'")
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """(partition-id, num-partitions) from the node config, with a clear error if absent."""
+    try:
+        return int(context.node_config[PARTITION_ID]), int(context.node_config[NUM_PARTITIONS])
+    except KeyError as err:
+        raise ValueError(
+            f"node config lacks {err.args[0]!r}: start the SuperNode with "
+            f"--node-config \"{PARTITION_ID}=<i> {NUM_PARTITIONS}=<n>\"") from None
+
+
+def program_for(context: Context) -> ClientProgram:
+    scenario = _scenario(run_setting(context.run_config, "scenario"))
+    partition_id, num_partitions = node_partition(context)
+    if num_partitions != scenario.data.num_clients:
+        raise ValueError(f"node config {NUM_PARTITIONS}={num_partitions} but the scenario has "
+                         f"data.num_clients={scenario.data.num_clients}")
+    program = CLIENT_PROGRAMS.get(scenario.client.program).impl
+    return program(scenario, partition_id, context.state)
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node serves (node ids are random per run)."""
+    partition_id, num_partitions = node_partition(context)
+    metrics = MetricRecord({PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions})
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return Message(program_for(context).train(msg.content), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return Message(program_for(context).evaluate(msg.content), reply_to=msg)

@@ -1,0 +1,69 @@
+"""Plain local SGD: FedAvg's ClientUpdate (McMahan et al. 2017, Algorithm 1).
+
+Receive w, run E local epochs (or exactly K local steps) of minibatch SGD with batch size B
+on the local training split, send back the local model and the measurements the server
+accounts: number of examples, mean loss, steps, training FLOPs, wall time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from flwr.app import MetricRecord, RecordDict
+from pydantic import Field, model_validator
+
+from clients.programs.base import ClientProgram
+from fedsparse.protocol import ARRAYS, METRICS, NUM_EXAMPLES
+from fedsparse.registry import CLIENT_PROGRAMS, PluginParams
+from fedsparse.training import evaluate, num_steps, train_sgd
+
+
+class SGDParams(PluginParams):
+    program: Literal["sgd"] = "sgd"
+    lr: float = Field(0.05, gt=0, description="local learning rate")
+    batch_size: int = Field(32, ge=1)
+    local_epochs: int | None = Field(None, ge=1, description="E (default 1 if no local_steps)")
+    local_steps: int | None = Field(None, ge=1, description="K: exactly K local steps")
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> SGDParams:
+        if self.local_epochs is not None and self.local_steps is not None:
+            raise ValueError("give client.local_epochs or client.local_steps, not both")
+        if self.local_epochs is None and self.local_steps is None:
+            object.__setattr__(self, "local_epochs", 1)
+        return self
+
+
+@CLIENT_PROGRAMS.register("sgd", SGDParams)
+class SGDProgram(ClientProgram):
+    Params = SGDParams
+    params: SGDParams
+
+    def train(self, content: RecordDict) -> RecordDict:
+        start = time.perf_counter()
+        model = self.model_from(content)
+        data = self.data
+        p = self.params
+        steps = num_steps(len(data.x_train), p.batch_size, p.local_epochs, p.local_steps)
+        result = train_sgd(model, data.x_train, data.y_train, lr=p.lr, batch_size=p.batch_size,
+                           steps=steps, generator=self.generator(content),
+                           momentum=p.momentum, weight_decay=p.weight_decay)
+        metrics = MetricRecord({
+            NUM_EXAMPLES: len(data.x_train),
+            "train-loss": result.loss,
+            "train-steps": result.steps,
+            "train-examples": result.examples,
+            "train-flops": result.flops,
+            "train-s": time.perf_counter() - start,
+        })
+        return RecordDict({ARRAYS: self.arrays(model), METRICS: metrics})
+
+    def evaluate(self, content: RecordDict) -> RecordDict:
+        data = self.data
+        result = evaluate(self.model_from(content), data.x_test, data.y_test)
+        return RecordDict({METRICS: MetricRecord({
+            NUM_EXAMPLES: result.num_examples, "eval-loss": result.loss,
+            "eval-acc": result.accuracy})})

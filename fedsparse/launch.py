@@ -1,0 +1,225 @@
+"""Launch a scenario as a Flower run with ``flwr run``, on Ray simulation or on a SuperLink.
+
+Simulation: a simulation-mode ``flower-superlink`` is started on a free loopback port for
+this run alone (Flower's home and Ray's temp files under the working directory), the run is
+submitted with ``flwr run <app> <connection> --stream``, and every process started is
+stopped at the end. Deployment: the same ``flwr run`` goes to an existing SuperLink.
+
+The Flower App submitted is a minimal one written under the working directory: a
+``pyproject.toml`` whose components are ``strategies.server_app:app`` and
+``clients.client_app:app``, imported from the installed fedsparse. The scenario reaches
+the apps through Flower's run config. The ServerApp's progress events come back through
+Flower's log stream; everything else in the stream goes to the run's ``flower.log``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import tomli_w
+
+import fedsparse
+from fedsparse.protocol import RUN_CONFIG_DEFAULTS
+from fedsparse.runtime_env import process_env, state_dir
+from fedsparse.scenario import Scenario
+from fedsparse.tracking import events
+
+APP_NAME = "fedsparse-app"
+CONNECTION = "fedsparse"
+SUPERLINK_START_TIMEOUT_S = 60.0
+
+EventHandler = Callable[[dict[str, Any]], None]
+
+
+class LaunchError(RuntimeError):
+    """The federation did not produce a result; the message points at the log."""
+
+
+@dataclass
+class Launch:
+    """Everything one ``flwr run`` of a scenario needs."""
+
+    scenario: Scenario
+    run_dir: Path
+    workdir: Path = field(default_factory=Path.cwd)
+    superlink: str = ""  # address of an existing SuperLink; "" = start a simulation one
+    insecure: bool = True
+    root_certificates: Path | None = None
+    settings: dict[str, str] = field(default_factory=dict)  # run-config keys (protocol.py)
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "flower.log"
+
+
+def write_app(directory: Path) -> Path:
+    """The minimal Flower App (FAB source): a pyproject naming fedsparse's components."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pyproject = {
+        "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
+        "project": {"name": APP_NAME, "version": fedsparse.__version__,
+                    "description": "fedsparse ServerApp and ClientApp", "license": "Apache-2.0",
+                    "dependencies": [f"fedsparse=={fedsparse.__version__}"]},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedsparse",
+            "components": {"serverapp": "strategies.server_app:app",
+                           "clientapp": "clients.client_app:app"},
+            "config": dict(RUN_CONFIG_DEFAULTS),
+        }}},
+    }
+    (directory / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_tree(proc: psutil.Process | subprocess.Popen, timeout: float = 10.0) -> None:
+    """Terminate a process and all its descendants; kill what is left after ``timeout``."""
+    try:
+        root = psutil.Process(proc.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        with suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    for p in alive:
+        with suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+    if isinstance(proc, subprocess.Popen):
+        proc.wait()
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path) -> None:
+    """Poll ``url`` until it answers 2xx; fail early if ``proc`` exits."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LaunchError(f"{proc.args[0]} exited with code {proc.returncode}; "
+                              f"see {log_path}")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as response:
+                if 200 <= response.status < 300:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise LaunchError(f"{url} did not answer within {timeout:.0f}s; see {log_path}")
+
+
+@contextmanager
+def simulation_superlink(env: dict[str, str], log_path: Path, cwd: Path) -> Iterator[str]:
+    """A simulation-mode SuperLink on a free loopback port, stopped (with its tree) on exit."""
+    port = free_port()
+    command = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+               "--host", "127.0.0.1", "--port", str(port),
+               "--disable-runtime-dependency-installation"]
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, SUPERLINK_START_TIMEOUT_S, log_path)
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_tree(proc)
+
+
+def _flower_config(home: Path, address: str, insecure: bool,
+                   root_certificates: Path | None) -> None:
+    connection: dict[str, Any] = {"address": address}
+    if insecure:
+        connection["insecure"] = True
+    elif root_certificates is not None:
+        connection["root-certificates"] = str(root_certificates.resolve())
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(tomli_w.dumps(
+        {"superlink": {"default": CONNECTION, CONNECTION: connection}}))
+
+
+def _federation_config(scenario: Scenario) -> str:
+    run = scenario.run
+    config = {"num-supernodes": scenario.data.num_clients,
+              "client-resources-num-cpus": run.client_cpus,
+              "init-args-num-cpus": run.num_cpus or os.cpu_count() or 1,
+              "init-args-logging-level": "ERROR", "init-args-log-to-driver": False}
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
+
+
+def _toml_value(value: object) -> str:
+    """A value as Flower's ``key=value`` override syntax wants it (TOML literals)."""
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").strip()
+
+
+def run_flower(launch: Launch, on_event: EventHandler) -> dict[str, Any]:
+    """Run the scenario; call ``on_event`` for each progress event; return the summary."""
+    launch.run_dir.mkdir(parents=True, exist_ok=True)
+    env = process_env(launch.workdir)
+    env["FLWR_HOME"] = str(launch.run_dir / ".flwr")
+    app_dir = write_app(state_dir(launch.workdir) / "app")
+    run_config = (launch.run_dir / "run_config.toml").resolve()
+    settings = {**RUN_CONFIG_DEFAULTS, **launch.settings,
+                "scenario": launch.scenario.to_toml(), "out-dir": str(launch.run_dir.resolve())}
+    run_config.write_text(tomli_w.dumps(settings))
+    with _superlink(launch, env) as address:
+        _flower_config(Path(env["FLWR_HOME"]), address, launch.insecure or not launch.superlink,
+                       launch.root_certificates)
+        command = ["flwr", "run", str(app_dir), CONNECTION, "--stream",
+                   "--run-config", str(run_config)]
+        if not launch.superlink:
+            command += ["--federation-config", _federation_config(launch.scenario)]
+        return _stream(command, env, launch, on_event)
+
+
+@contextmanager
+def _superlink(launch: Launch, env: dict[str, str]) -> Iterator[str]:
+    if launch.superlink:
+        yield launch.superlink
+    else:
+        with simulation_superlink(env, launch.log_path, launch.workdir) as address:
+            yield address
+
+
+def _stream(command: list[str], env: dict[str, str], launch: Launch,
+            on_event: EventHandler) -> dict[str, Any]:
+    """Run ``flwr run --stream``: events to ``on_event``, every other line to the log file."""
+    outcome: dict[str, Any] = {}
+    with open(launch.log_path, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        proc = subprocess.Popen(command, env=env, cwd=launch.workdir, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                event = events.parse(line)
+                if event is None:
+                    log.write(line)
+                    continue
+                on_event(event)
+                if event["event"] in ("done", "error"):
+                    outcome = event
+            proc.wait()
+        finally:
+            stop_tree(proc)
+    if outcome.get("event") == "done":
+        return outcome["summary"]
+    if outcome.get("event") == "error":
+        raise LaunchError(f"the federation failed: {outcome['message']} (log: {launch.log_path})")
+    raise LaunchError(f"the federation ended without a result (flwr run exit code "
+                      f"{proc.returncode}); see {launch.log_path}")

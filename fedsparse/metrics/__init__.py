@@ -1,0 +1,1 @@
+"""Accounting: training FLOPs, bytes on the wire, timers."""

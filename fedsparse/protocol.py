@@ -1,0 +1,47 @@
+"""The contract between the fedsparse ServerApp and ClientApp, in one place.
+
+Record keys inside Flower messages, the keys of Flower's run config that carry a run's
+settings, and how seeds are derived so that a run is reproducible whatever Flower's node
+ids and reply order are (see ../shared/FLOWER.md, pitfall 8).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+# Records in a message's RecordDict.
+ARRAYS = "arrays"  # ArrayRecord: the model (down) or the client's result (up)
+CONFIG = "config"  # ConfigRecord: server -> client instructions
+METRICS = "metrics"  # MetricRecord: client -> server measurements
+
+# Keys of the ConfigRecord sent with every instruction.
+SERVER_ROUND = "server-round"
+
+# Keys of the MetricRecords sent back.
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+
+# Flower run config ([tool.flwr.app.config]) keys: what `fedsparse run` passes to `flwr run`.
+RUN_CONFIG_DEFAULTS: dict[str, str] = {
+    "scenario": "",  # the validated scenario as TOML text
+    "out-dir": "",  # where the ServerApp writes checkpoints, CSV and plots ("" = a temp dir)
+    "resume-from": "",  # a run directory to resume from ("" = fresh run)
+    "tracking-uri": "",  # MLflow tracking URI ("" = MLflow's own default)
+    "artifact-location": "",  # MLflow artifact root for a new experiment ("" = server default)
+    "parent-run-id": "",  # MLflow run of a `fedsparse compare`, if any
+    "run-name": "",  # MLflow run name
+}
+
+
+def run_setting(run_config: Mapping[str, Any], key: str) -> str:
+    """A fedsparse setting from Flower's run config (defaults to ``RUN_CONFIG_DEFAULTS``)."""
+    return str(run_config.get(key, RUN_CONFIG_DEFAULTS[key]))
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed that depends only on ``parts`` (e.g. scenario seed, partition, round)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1

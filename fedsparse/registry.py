@@ -1,0 +1,78 @@
+"""Registries: a scenario names a model, a strategy and a client program; these map names to code.
+
+A new strategy joins by adding one file to ``strategies/`` that defines a params model (a
+:class:`PluginParams` subclass) and decorates its class with ``STRATEGIES.register``; the
+same holds for client programs in ``clients/programs/`` and models in ``fedsparse/models/``.
+:func:`load_plugins` imports those packages so every registration has run before a
+scenario is validated.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+T = TypeVar("T")
+
+PLUGIN_PACKAGES = ("fedsparse.models", "strategies", "clients.programs")
+
+
+class PluginParams(BaseModel):
+    """Parameters of a plugin section of a scenario (``[model]``, ``[strategy]``, ``[client]``).
+
+    Subclasses add typed fields with defaults; unknown keys are rejected.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """One registered implementation and the pydantic model of its parameters."""
+
+    name: str
+    params: type[PluginParams]
+    impl: T
+
+
+class Registry(Generic[T]):
+    """Name -> (params model, implementation) for one kind of plugin."""
+
+    def __init__(self, kind: str, key: str) -> None:
+        self.kind = kind  # e.g. "strategy"
+        self.key = key  # the scenario key that names the plugin, e.g. "name" or "program"
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, params: type[PluginParams]) -> Callable[[T], T]:
+        """Class/function decorator: register ``impl`` under ``name`` with its params model."""
+
+        def decorate(impl: T) -> T:
+            if name in self._entries and self._entries[name].impl is not impl:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = Entry(name, params, impl)
+            return impl
+
+        return decorate
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def get(self, name: str) -> Entry[T]:
+        if name not in self._entries:
+            raise KeyError(f"unknown {self.kind} {name!r}; allowed: {', '.join(self.names())}")
+        return self._entries[name]
+
+
+MODELS: Registry[Any] = Registry("model", "name")
+STRATEGIES: Registry[Any] = Registry("strategy", "name")
+CLIENT_PROGRAMS: Registry[Any] = Registry("client program", "program")
+
+
+def load_plugins() -> None:
+    """Import the packages whose modules register models, strategies and client programs."""
+    for package in PLUGIN_PACKAGES:
+        importlib.import_module(package)

@@ -1,0 +1,74 @@
+"""The environment fedsparse runs Flower, Ray and MLflow under.
+
+Nothing phones home (see ../shared/FLOWER.md section 0): Flower's telemetry, update check
+and per-run dependency installation are off, Ray binds to 127.0.0.1 and keeps its temp
+files under the working directory, MLflow and Hugging Face stay offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+NO_PHONE_HOME: dict[str, str] = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+
+QUIET: dict[str, str] = {
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+# Ray places unix sockets under its temp dir; their paths must stay below the OS limit.
+_MAX_RAY_TMPDIR = 60
+
+
+def apply_no_phone_home() -> None:
+    """Force the no-phone-home settings into this process's environment."""
+    os.environ.update(NO_PHONE_HOME)
+
+
+def state_dir(workdir: Path) -> Path:
+    """Where fedsparse keeps Flower's home and Ray's temp files for runs started in ``workdir``."""
+    return workdir.resolve() / ".fedsparse"
+
+
+def ray_tmpdir(workdir: Path) -> Path:
+    """Ray's temp dir under ``workdir``; a short alias under /tmp when the path is too long.
+
+    Ray's socket paths (``<tmp>/ray/session_<date>_<pid>/sockets/plasma_store``) must fit
+    in 107 bytes, so a deep working directory gets a symlink ``/tmp/fedsparse-ray-<hash>``
+    that points into it: the files still live under the working directory.
+    """
+    target = state_dir(workdir) / "ray"
+    target.mkdir(parents=True, exist_ok=True)
+    if len(str(target)) <= _MAX_RAY_TMPDIR:
+        return target
+    alias = Path("/tmp") / f"fedsparse-ray-{hashlib.sha1(str(target).encode()).hexdigest()[:10]}"
+    if not alias.is_symlink() or alias.resolve() != target:
+        alias.unlink(missing_ok=True)
+        alias.symlink_to(target)
+    return alias
+
+
+def process_env(workdir: Path) -> dict[str, str]:
+    """Environment for the Flower processes (SuperLink, SuperNodes, `flwr run`) of one run."""
+    env = dict(os.environ)
+    env.update(NO_PHONE_HOME)
+    env.update(QUIET)
+    env["FLWR_HOME"] = str(state_dir(workdir) / "flwr_home")
+    env["RAY_TMPDIR"] = str(ray_tmpdir(workdir))
+    return env

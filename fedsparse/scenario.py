@@ -1,0 +1,248 @@
+"""The scenario: one TOML file that names everything a run needs, validated with pydantic.
+
+Sections: top level (``name``, ``seed``, ``description``), ``[data]``, ``[model]``,
+``[strategy]``, ``[client]``, ``[run]``, ``[tracking]``. The ``[model]``, ``[strategy]``
+and ``[client]`` sections are validated against the parameters of the model, strategy and
+client program they name (see :mod:`fedsparse.registry`). Unknown keys and bad values are
+rejected before anything starts, with an error that names the key, the value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomli_w
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from fedsparse.registry import (
+    CLIENT_PROGRAMS,
+    MODELS,
+    STRATEGIES,
+    PluginParams,
+    Registry,
+    load_plugins,
+)
+
+DATASETS = ("mnist", "fashion_mnist", "digits")
+PARTITIONS = ("iid", "dirichlet", "shards", "pathological")
+
+
+class ScenarioError(ValueError):
+    """A scenario file (or an override) is invalid; ``problems`` lists one line per error."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"invalid scenario {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(Section):
+    """Dataset and how it is split over clients (each client also gets a local test split)."""
+
+    dataset: Literal["mnist", "fashion_mnist", "digits"] = "mnist"
+    num_clients: int = Field(10, ge=1, le=100_000)
+    partition: Literal["iid", "dirichlet", "shards", "pathological"] = "iid"
+    alpha: float | None = Field(None, gt=0, description="Dirichlet concentration (dirichlet)")
+    shards_per_client: int | None = Field(
+        None, ge=1, description="label-sorted shards per client, McMahan et al. 2017 (shards)"
+    )
+    classes_per_client: int | None = Field(
+        None, ge=1, description="exactly this many classes per client (pathological)"
+    )
+    min_partition_size: int = Field(10, ge=0, description="Dirichlet resamples below this")
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="local test split per client")
+
+    @model_validator(mode="after")
+    def _partition_params(self) -> DataSpec:
+        needed = {"dirichlet": "alpha", "shards": "shards_per_client",
+                  "pathological": "classes_per_client"}
+        for partition, key in needed.items():
+            given = getattr(self, key) is not None
+            if partition == self.partition and not given:
+                raise ValueError(f"partition = {partition!r} needs data.{key}")
+            if partition != self.partition and given:
+                raise ValueError(
+                    f"data.{key} only applies to partition = {partition!r}, "
+                    f"not {self.partition!r}"
+                )
+        return self
+
+
+class RunSpec(Section):
+    """Rounds, evaluation cadence and simulation resources."""
+
+    rounds: int = Field(10, ge=1)
+    eval_every: int = Field(1, ge=1, description="centralised + federated evaluation cadence")
+    backend: Literal["ray"] = "ray"
+    client_cpus: int = Field(1, ge=1, description="CPUs per simulated client (Ray actor)")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use (default: all)")
+    node_wait_s: float = Field(300.0, gt=0, description="how long the server waits for clients")
+    round_timeout_s: float = Field(3600.0, gt=0, description="reply timeout per round")
+
+
+class TrackingSpec(Section):
+    """Where the run is recorded (MLflow)."""
+
+    experiment: str = Field("fedsparse", min_length=1)
+    log_model: bool = True
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+def _plugin_section(registry: Registry[Any], value: Any) -> Any:
+    """Validate a plugin section against the params model of the plugin it names."""
+    if not isinstance(value, dict):
+        return value
+    load_plugins()
+    name = value.get(registry.key)
+    if name is None:
+        raise ValueError(f"missing key {registry.key!r}; allowed: {', '.join(registry.names())}")
+    try:
+        entry = registry.get(name)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    return entry.params.model_validate(value)
+
+
+class Scenario(Section):
+    """A complete, validated run description."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)]
+    description: str = ""
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: SerializeAsAny[PluginParams]
+    strategy: SerializeAsAny[PluginParams]
+    client: SerializeAsAny[PluginParams]
+    run: RunSpec = Field(default_factory=RunSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, value: Any) -> Any:
+        return _plugin_section(MODELS, value)
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy(cls, value: Any) -> Any:
+        return _plugin_section(STRATEGIES, value)
+
+    @field_validator("client", mode="before")
+    @classmethod
+    def _client(cls, value: Any) -> Any:
+        return _plugin_section(CLIENT_PROGRAMS, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict with every default filled in (``None`` values left out)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def flat(self) -> dict[str, Any]:
+        """``{"data.alpha": 0.5, ...}``: the validated scenario as MLflow params."""
+        return _flatten(self.to_dict())
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the validated scenario."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(canonical).hexdigest()[:12]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{path}."))
+        elif isinstance(value, list | dict):
+            flat[path] = json.dumps(value)
+        else:
+            flat[path] = value
+    return flat
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as TOML, bare words as strings)."""
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        keys = path.strip().split(".")
+        if not sep or not all(keys):
+            raise ScenarioError("--set", [f"{item!r}: expected KEY=VALUE, e.g. client.lr=0.01"])
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        node = tree
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ScenarioError("--set", [f"{path}: {key!r} is a value, not a section"])
+            node = child
+        node[keys[-1]] = value
+    return tree
+
+
+def parse_scenario(text: str, overrides: list[str] = (), source: str = "<text>") -> Scenario:
+    """Validate TOML text (plus ``--set`` overrides) into a :class:`Scenario`."""
+    try:
+        tree = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ScenarioError(source, [f"not valid TOML: {err}"]) from None
+    tree = apply_overrides(tree, list(overrides))
+    try:
+        return Scenario.model_validate(tree)
+    except ValidationError as err:
+        raise ScenarioError(source, [_describe(e, tree) for e in err.errors()]) from None
+
+
+def load_scenario(path: str | Path, overrides: list[str] = ()) -> Scenario:
+    """Read and validate a scenario file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScenarioError(str(path), ["file not found"])
+    return parse_scenario(path.read_text(encoding="utf-8"), overrides, source=str(path))
+
+
+def _describe(error: dict[str, Any], tree: dict[str, Any]) -> str:
+    """One line per pydantic error: key, offending value, what is allowed."""
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc) or "<scenario>"
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1], tree)
+        return f"{key}: unknown key (allowed in [{'.'.join(loc[:-1]) or 'top level'}]: {allowed})"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if "input" in error and not isinstance(error["input"], dict):
+        return f"{key} = {error['input']!r}: {message}"
+    return f"{key}: {message}"
+
+
+def _allowed_keys(section: list[str], tree: dict[str, Any]) -> str:
+    model: type[BaseModel] = Scenario
+    registries = {"model": MODELS, "strategy": STRATEGIES, "client": CLIENT_PROGRAMS}
+    if len(section) == 1 and section[0] in registries:
+        registry = registries[section[0]]
+        raw = tree.get(section[0], {})
+        model = registry.get(raw.get(registry.key)).params
+    elif section:
+        annotation = Scenario.model_fields[section[0]].annotation
+        model = annotation if isinstance(annotation, type) else Scenario
+    return ", ".join(model.model_fields)

@@ -1,0 +1,1 @@
+"""Run tracking: MLflow runs, progress events, metrics tables and plots."""

@@ -1,0 +1,257 @@
+"""Base of fedsparse's Flower strategies (Message API, ``flwr.serverapp.strategy.Strategy``).
+
+What every fedsparse strategy shares, so that each strategy file holds only its own rule:
+
+- clients are addressed by partition id, learned once per run (see ``strategies/loop.py``),
+  and sampled with the scenario's seed, so a run samples the same clients every time
+  whatever Flower's random node ids are;
+- replies are handled in partition-id order, so float sums are bitwise reproducible;
+- every reply is validated on receipt; a failed or malformed reply is recorded with its
+  reason and left out of that round only;
+- the payload bytes of every message, down and up, are counted per client.
+
+A subclass defines ``Params`` (its ``[strategy]`` section) and :meth:`aggregate`, and may
+override :meth:`train_instruction` / :meth:`check_train_reply` for what crosses the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from abc import abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from pydantic import Field
+
+from fedsparse.metrics.aggregate import aggregate_client_metrics, unweighted_mean
+from fedsparse.payload import PayloadError, check_count, check_dense
+from fedsparse.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SERVER_ROUND
+from fedsparse.registry import PluginParams
+from fedsparse.scenario import Scenario
+from strategies.records import content_bytes, to_numpy
+
+log = logging.getLogger("fedsparse.strategy")
+
+TRAIN, EVALUATE = "train", "evaluate"
+
+
+class StrategyParams(PluginParams):
+    """Client sampling, shared by all strategies."""
+
+    name: str
+    fraction_train: float = Field(1.0, gt=0, le=1, description="clients sampled per round")
+    fraction_evaluate: float = Field(1.0, ge=0, le=1, description="clients in federated eval")
+    min_train_clients: int = Field(1, ge=1)
+    min_evaluate_clients: int = Field(1, ge=1)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A client's reply that passed validation."""
+
+    partition_id: int
+    content: RecordDict
+    num_examples: int
+    metrics: dict[str, Any]
+
+
+@dataclass
+class ClientRecord:
+    """One row of the per-client accounting table (``clients.csv``)."""
+
+    round: int
+    phase: str
+    partition_id: int
+    status: str = "sent"  # -> ok | failed | rejected | no-reply
+    reason: str = ""
+    downlink_bytes: int = 0
+    uplink_bytes: int = 0
+    num_examples: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        base = {k: v for k, v in vars(self).items() if k != "metrics"}
+        return {**base, **{k.replace("-", "_"): v for k, v in self.metrics.items()
+                           if isinstance(v, int | float)}}
+
+
+class FedSparseStrategy(Strategy):
+    """Deterministic sampling, ordered and validated replies, exact byte accounting."""
+
+    Params: ClassVar[type[StrategyParams]]
+    # client metrics summed over clients (the others are averaged weighted by num-examples)
+    summed_metrics: ClassVar[frozenset[str]] = frozenset(
+        {"train-flops", "train-steps", "train-examples"})
+
+    def __init__(self, params: StrategyParams, scenario: Scenario) -> None:
+        self.params = params
+        self.scenario = scenario
+        self.num_clients = scenario.data.num_clients
+        self.node_of: dict[int, int] = {}  # partition id -> Flower node id (this run)
+        self.partition_of: dict[int, int] = {}  # Flower node id -> partition id
+        self.client_records: list[ClientRecord] = []
+        self.current: dict[str, np.ndarray] = {}  # the global model sent this round
+        self._pending: dict[tuple[int, str], dict[int, ClientRecord]] = {}
+
+    # -- clients ------------------------------------------------------------------------
+    def bind(self, node_of: dict[int, int]) -> None:
+        """Tell the strategy which Flower node serves each partition id in this run."""
+        self.node_of = dict(node_of)
+        self.partition_of = {node: pid for pid, node in node_of.items()}
+
+    def sample(self, server_round: int, phase: str) -> list[int]:
+        """Partition ids for ``phase`` of ``server_round``, drawn with the scenario's seed."""
+        if phase == TRAIN:
+            fraction, minimum = self.params.fraction_train, self.params.min_train_clients
+        else:
+            fraction, minimum = self.params.fraction_evaluate, self.params.min_evaluate_clients
+            if fraction == 0:
+                return []
+        size = min(self.num_clients, max(minimum, int(fraction * self.num_clients)))
+        rng = random.Random(f"{self.scenario.seed}:{phase}:{server_round}")
+        return sorted(rng.sample(range(self.num_clients), size))
+
+    # -- train --------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.current = to_numpy(arrays)
+        config = ConfigRecord({**config, SERVER_ROUND: server_round})
+        return [self._send(server_round, TRAIN, pid, self.train_instruction(pid, arrays, config))
+                for pid in self.sample(server_round, TRAIN)]
+
+    def train_instruction(self, partition_id: int, arrays: ArrayRecord,
+                          config: ConfigRecord) -> RecordDict:
+        """What client ``partition_id`` receives to train (default: the global model)."""
+        return RecordDict({ARRAYS: arrays, CONFIG: config})
+
+    def check_train_reply(self, content: RecordDict) -> None:
+        """Raise :class:`PayloadError` unless ``content`` is a well-formed train reply.
+
+        Default: a dense model of the same keys, shapes and dtypes as the one sent.
+        """
+        if ARRAYS not in content.array_records:
+            raise PayloadError(f"no ArrayRecord {ARRAYS!r} in reply")
+        check_dense(to_numpy(content.array_records[ARRAYS]), self.current)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
+        accepted = self._receive(server_round, TRAIN, replies, self.check_train_reply)
+        metrics = self._round_metrics(server_round, TRAIN, accepted)
+        if not accepted:
+            log.warning("round %d: no valid train reply; the global model is unchanged",
+                        server_round)
+            return None, metrics
+        return self.aggregate(server_round, accepted), metrics
+
+    @abstractmethod
+    def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
+        """The new global model from the round's valid replies (in partition-id order)."""
+
+    # -- evaluate -----------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        config = ConfigRecord({**config, SERVER_ROUND: server_round})
+        content = RecordDict({ARRAYS: arrays, CONFIG: config})
+        return [self._send(server_round, EVALUATE, pid, content)
+                for pid in self.sample(server_round, EVALUATE)]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
+        accepted = self._receive(server_round, EVALUATE, replies, lambda content: None)
+        metrics = self._round_metrics(server_round, EVALUATE, accepted)
+        for client_key, weighted_key, mean_key in (
+                ("eval-acc", "fed_accuracy_weighted", "fed_accuracy_mean"),
+                ("eval-loss", "fed_loss_weighted", "fed_loss_mean")):
+            values = [float(r.metrics[client_key]) for r in accepted if client_key in r.metrics]
+            if values:
+                metrics[weighted_key] = metrics.pop(client_key.replace("-", "_"))
+                metrics[mean_key] = unweighted_mean(values)
+        return metrics
+
+    def summary(self) -> None:
+        log.info("%s: %s", type(self).__name__, self.params.model_dump())
+
+    # -- server state beyond the model, for checkpoints ------------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Server-side arrays to checkpoint besides the global model (none for FedAvg)."""
+        return {}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state_arrays` returned."""
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _send(self, server_round: int, phase: str, partition_id: int,
+              content: RecordDict) -> Message:
+        record = ClientRecord(server_round, phase, partition_id,
+                              downlink_bytes=content_bytes(content))
+        self._pending.setdefault((server_round, phase), {})[partition_id] = record
+        message_type = MessageType.TRAIN if phase == TRAIN else MessageType.EVALUATE
+        return Message(content=content, dst_node_id=self.node_of[partition_id],
+                       message_type=message_type)
+
+    def _receive(self, server_round: int, phase: str, replies: Iterable[Message],
+                 check: Any) -> list[Reply]:
+        """Validate replies in partition-id order; record every client's outcome."""
+        pending = self._pending.pop((server_round, phase), {})
+        by_partition = {}
+        for message in replies:
+            pid = self.partition_of.get(message.metadata.src_node_id)
+            if pid in pending:
+                by_partition[pid] = message
+            else:
+                log.warning("round %d %s: reply from unexpected node %d ignored",
+                            server_round, phase, message.metadata.src_node_id)
+        accepted = []
+        for pid, record in sorted(pending.items()):
+            message = by_partition.get(pid)
+            if message is None:
+                record.status, record.reason = "no-reply", "no reply before the round timeout"
+            elif message.has_error():
+                record.status, record.reason = "failed", message.error.reason
+            else:
+                record.uplink_bytes = content_bytes(message.content)
+                try:
+                    reply = self._validate(pid, message.content, check)
+                except PayloadError as err:
+                    record.status, record.reason = "rejected", str(err)
+                else:
+                    record.status, record.num_examples = "ok", reply.num_examples
+                    record.metrics = reply.metrics
+                    accepted.append(reply)
+            if record.status != "ok":
+                log.warning("round %d %s: client %d %s: %s", server_round, phase, pid,
+                            record.status, record.reason)
+            self.client_records.append(record)
+        return accepted
+
+    @staticmethod
+    def _validate(partition_id: int, content: RecordDict, check: Any) -> Reply:
+        if METRICS not in content.metric_records:
+            raise PayloadError(f"no MetricRecord {METRICS!r} in reply")
+        metrics = dict(content.metric_records[METRICS])
+        num_examples = check_count(metrics.get(NUM_EXAMPLES), NUM_EXAMPLES)
+        check(content)
+        return Reply(partition_id, content, num_examples, metrics)
+
+    def _round_metrics(self, server_round: int, phase: str, accepted: list[Reply]) -> MetricRecord:
+        """Aggregated client metrics plus the round's byte and client counts."""
+        records = [r for r in self.client_records if r.round == server_round and r.phase == phase]
+        prefix = "" if phase == TRAIN else "eval_"
+        client_metrics = aggregate_client_metrics(
+            [{k: v for k, v in r.metrics.items() if k != NUM_EXAMPLES} for r in accepted],
+            [r.num_examples for r in accepted], self.summed_metrics)
+        out = {k.replace("-", "_"): v for k, v in client_metrics.items()}
+        out |= {
+            f"{prefix}uplink_bytes": sum(r.uplink_bytes for r in records),
+            f"{prefix}downlink_bytes": sum(r.downlink_bytes for r in records),
+            f"{prefix}clients_sampled": len(records),
+            f"{prefix}clients_ok": len(accepted),
+            f"{prefix}clients_failed": sum(r.status in ("failed", "no-reply") for r in records),
+            f"{prefix}clients_rejected": sum(r.status == "rejected" for r in records),
+        }
+        return MetricRecord(out)

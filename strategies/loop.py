@@ -1,0 +1,135 @@
+"""The server's round loop: the same steps as ``Strategy.start`` plus what a platform needs.
+
+Per round: ``configure_train -> grid.send_and_receive -> aggregate_train``, then every
+``eval_every`` rounds centralised evaluation on the held-out test set and federated
+evaluation on the clients' local test splits. Around those steps: partition discovery
+before round 1 (Flower node ids are random per run), per-round accounting and cumulative
+counters, a progress event and MLflow metrics per round, and a checkpoint after every
+finished round so that a run can resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedsparse.checkpoint import Checkpoint
+from fedsparse.protocol import METRICS, NUM_PARTITIONS, PARTITION_ID
+from fedsparse.scenario import Scenario
+from fedsparse.tracking import events
+from fedsparse.tracking.history import Row
+from strategies.base import FedSparseStrategy
+from strategies.records import from_numpy, to_numpy
+
+log = logging.getLogger("fedsparse.loop")
+
+MODEL_PREFIX, STRATEGY_PREFIX = "model/", "strategy/"
+CUMULATIVE = {"uplink_bytes": "cum_uplink_bytes", "downlink_bytes": "cum_downlink_bytes",
+              "train_flops": "cum_train_flops"}
+
+Evaluator = Callable[[ArrayRecord], dict[str, float]]
+RoundHook = Callable[[int, Row], None]
+
+
+class DiscoveryError(RuntimeError):
+    """The connected nodes do not match the scenario's clients."""
+
+
+def discover(grid: Grid, scenario: Scenario) -> dict[int, int]:
+    """Wait for ``data.num_clients`` nodes, ask each its partition id; partition -> node id."""
+    expected = scenario.data.num_clients
+    deadline = time.monotonic() + scenario.run.node_wait_s
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < expected:
+        if time.monotonic() > deadline:
+            raise DiscoveryError(f"only {len(nodes)} of data.num_clients={expected} nodes "
+                                 f"connected within run.node_wait_s={scenario.run.node_wait_s}")
+        time.sleep(0.2)
+        nodes = list(grid.get_node_ids())
+    queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+               for n in nodes]
+    node_of: dict[int, int] = {}
+    for reply in grid.send_and_receive(queries, timeout=scenario.run.node_wait_s):
+        if reply.has_error():
+            raise DiscoveryError(f"node {reply.metadata.src_node_id} failed to identify itself: "
+                                 f"{reply.error.reason}")
+        info = reply.content.metric_records[METRICS]
+        pid, count = int(info[PARTITION_ID]), int(info[NUM_PARTITIONS])
+        if count != expected:
+            raise DiscoveryError(f"a node reports {NUM_PARTITIONS}={count} but the scenario has "
+                                 f"data.num_clients={expected}")
+        if pid in node_of:
+            raise DiscoveryError(f"two nodes serve {PARTITION_ID}={pid}")
+        node_of[pid] = reply.metadata.src_node_id
+    missing = sorted(set(range(expected)) - set(node_of))
+    if missing:
+        raise DiscoveryError(f"no node answered for partition ids {missing}")
+    return node_of
+
+
+@dataclass
+class LoopState:
+    """What survives a round: the global model, the history, the cumulative counters."""
+
+    arrays: ArrayRecord
+    next_round: int = 1
+    history: list[Row] = field(default_factory=list)
+
+    def totals(self) -> dict[str, float]:
+        return {cum: self.history[-1].get(cum, 0) if self.history else 0
+                for cum in CUMULATIVE.values()}
+
+    def checkpoint(self, strategy: FedSparseStrategy, extra: dict[str, Any]) -> Checkpoint:
+        arrays = {MODEL_PREFIX + k: v for k, v in to_numpy(self.arrays).items()}
+        arrays |= {STRATEGY_PREFIX + k: v for k, v in strategy.state_arrays().items()}
+        return Checkpoint(round=self.next_round - 1, arrays=arrays,
+                          state={"history": self.history, **extra})
+
+    @classmethod
+    def restore(cls, ckpt: Checkpoint, strategy: FedSparseStrategy) -> LoopState:
+        def part(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix):]: v for k, v in ckpt.arrays.items() if k.startswith(prefix)}
+
+        strategy.load_state_arrays(part(STRATEGY_PREFIX))
+        return cls(arrays=from_numpy(part(MODEL_PREFIX)), next_round=ckpt.round + 1,
+                   history=list(ckpt.state["history"]))
+
+
+def run_rounds(grid: Grid, scenario: Scenario, strategy: FedSparseStrategy, state: LoopState,
+               evaluate_central: Evaluator, on_round: RoundHook) -> LoopState:
+    """Rounds ``state.next_round .. run.rounds``; ``on_round`` runs after each (track, save)."""
+    run = scenario.run
+    strategy.bind(discover(grid, scenario))
+    for server_round in range(state.next_round, run.rounds + 1):
+        start = time.perf_counter()
+        row: Row = {"round": server_round}
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, state.arrays, ConfigRecord(), grid),
+            timeout=run.round_timeout_s)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            state.arrays = new_arrays
+        row |= dict(train_metrics)
+        if server_round % run.eval_every == 0 or server_round == run.rounds:
+            row |= evaluate_central(state.arrays)
+            replies = grid.send_and_receive(
+                strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid),
+                timeout=run.round_timeout_s)
+            row |= dict(strategy.aggregate_evaluate(server_round, replies))
+        totals = state.totals()
+        for key, cum in CUMULATIVE.items():
+            row[cum] = totals[cum] + row.get(key, 0)
+        row["round_s"] = time.perf_counter() - start
+        state.history.append(row)
+        state.next_round = server_round + 1
+        on_round(server_round, row)
+        events.emit("round", round=server_round, rounds=run.rounds, metrics=row)
+    return state
+

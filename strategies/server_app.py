@@ -1,0 +1,167 @@
+"""The fedsparse ServerApp: scenario from the run config -> strategy -> round loop -> MLflow.
+
+The run config (see ``fedsparse.protocol.RUN_CONFIG_DEFAULTS``) carries the validated
+scenario as TOML text and where to write and track. The ServerApp writes, under its output
+directory: ``scenario.toml``, ``checkpoint.npz`` (after every round), ``clients.csv``
+(per-client accounting, appended every round), and at the end ``metrics.csv``,
+``model.safetensors``, the plots and ``summary.json``; all of them are logged to the run's
+MLflow run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import save_file
+
+from fedsparse.checkpoint import Checkpoint
+from fedsparse.data import load_dataset, test_set
+from fedsparse.models import build_model
+from fedsparse.protocol import RUN_CONFIG_DEFAULTS, derive_seed, run_setting
+from fedsparse.registry import STRATEGIES
+from fedsparse.scenario import Scenario, parse_scenario
+from fedsparse.tracking import events
+from fedsparse.tracking.history import Row, write_csv
+from fedsparse.tracking.mlflow_run import MlflowRun
+from fedsparse.tracking.plots import accuracy_plots
+from fedsparse.tracking.summary import summarize
+from fedsparse.training import evaluate
+from strategies.base import FedSparseStrategy
+from strategies.loop import Evaluator, LoopState, run_rounds
+
+app = ServerApp()
+log = logging.getLogger("fedsparse")
+
+
+def build_strategy(scenario: Scenario) -> FedSparseStrategy:
+    return STRATEGIES.get(scenario.strategy.name).impl(scenario.strategy, scenario)
+
+
+def _model(scenario: Scenario) -> torch.nn.Module:
+    dataset = load_dataset(scenario.data.dataset)
+    return build_model(scenario.model, dataset.input_shape, dataset.num_classes)
+
+
+def initial_arrays(scenario: Scenario) -> ArrayRecord:
+    """The initial global model, seeded by the scenario's seed only."""
+    torch.manual_seed(derive_seed(scenario.seed, "model-init"))
+    return ArrayRecord(_model(scenario).state_dict())
+
+
+def central_evaluator(scenario: Scenario) -> Evaluator:
+    """Accuracy and loss of a global model on the dataset's held-out test set."""
+    model = _model(scenario)
+    x, y = test_set(scenario.data)
+
+    def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        result = evaluate(model, x, y)
+        return {"accuracy": result.accuracy, "loss": result.loss}
+
+    return evaluate_global
+
+
+def _append_client_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns = ["round", "phase", "partition_id", "status", "reason", "downlink_bytes",
+               "uplink_bytes", "num_examples"]
+    columns += sorted({k for row in rows for k in row} - set(columns))
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def _finish(out_dir: Path, scenario: Scenario, state: LoopState, tracker: MlflowRun,
+            wall_s: float) -> dict[str, Any]:
+    """Write and log the run's artifacts; return the summary."""
+    summary = summarize(state.history, wall_s, tracker.run_id)
+    files = [out_dir / "scenario.toml", write_csv(state.history, out_dir / "metrics.csv"),
+             out_dir / "clients.csv"]
+    files += accuracy_plots({scenario.name: state.history}, out_dir / "plots")
+    if scenario.tracking.log_model:
+        weights = out_dir / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.arrays.to_torch_state_dict().items()},
+                  str(weights), metadata={"scenario": scenario.name})
+        files.append(weights)
+    summary_path = out_dir / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2))
+    files.append(summary_path)
+    for path in files:
+        if path.exists():
+            tracker.log_artifact(path, "plots" if path.suffix == ".png" else None)
+    return summary
+
+
+def _numeric(row: Row) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items() if k != "round" and isinstance(v, int | float)}
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("fedsparse")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    started = time.perf_counter()
+    _setup_logging()
+    setting = {key: run_setting(context.run_config, key) for key in RUN_CONFIG_DEFAULTS}
+    scenario = parse_scenario(setting["scenario"], source="run config 'scenario'")
+    out_dir = Path(setting["out-dir"] or tempfile.mkdtemp(prefix="fedsparse-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "scenario.toml").write_text(scenario.to_toml())
+    strategy = build_strategy(scenario)
+    prior_wall_s = 0.0
+    if setting["resume-from"]:
+        checkpoint = Checkpoint.load(Path(setting["resume-from"]))
+        state = LoopState.restore(checkpoint, strategy)
+        prior_wall_s = float(checkpoint.state["wall_s"])
+        tracker = MlflowRun(setting["tracking-uri"], checkpoint.state["mlflow_run_id"])
+        tracker.reopen()
+        log.info("resuming after round %d from %s", checkpoint.round, setting["resume-from"])
+    else:
+        state = LoopState(arrays=initial_arrays(scenario))
+        tracker = MlflowRun.start(scenario, tracking_uri=setting["tracking-uri"],
+                                  artifact_location=setting["artifact-location"],
+                                  run_name=setting["run-name"],
+                                  parent_run_id=setting["parent-run-id"])
+        tracker.log_artifact(out_dir / "scenario.toml")
+    events.emit("start", mlflow_run_id=tracker.run_id, out_dir=str(out_dir),
+                first_round=state.next_round, rounds=scenario.run.rounds)
+    strategy.summary()
+
+    def wall_s() -> float:
+        return prior_wall_s + time.perf_counter() - started
+
+    def on_round(server_round: int, row: Row) -> None:
+        tracker.log_round(server_round, _numeric(row))
+        _append_client_rows(out_dir / "clients.csv",
+                            [r.row() for r in strategy.client_records if r.round == server_round])
+        state.checkpoint(strategy, {"mlflow_run_id": tracker.run_id,
+                                    "wall_s": wall_s()}).save(out_dir)
+
+    try:
+        run_rounds(grid, scenario, strategy, state, central_evaluator(scenario), on_round)
+        summary = _finish(out_dir, scenario, state, tracker, wall_s())
+    except BaseException as err:
+        tracker.finish("FAILED")
+        events.emit("error", message=f"{type(err).__name__}: {err}", out_dir=str(out_dir))
+        raise
+    tracker.finish()
+    events.emit("done", summary=summary, out_dir=str(out_dir))
