@@ -12,8 +12,12 @@ import argparse
 import json
 import os
 import secrets
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +85,17 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
                        help="submit to this running SuperLink instead of simulating")
     group.add_argument("--root-certificates", type=Path, metavar="CA_PEM",
                        help="CA certificate of a TLS SuperLink (default: insecure transport)")
+    group.add_argument("--tracking-uri", default="",
+                       help="MLflow tracking URI as the ServerApp must reach it (default: "
+                            "MLFLOW_TRACKING_URI or ./mlflow.db in simulation; the "
+                            "ServerApp's own MLFLOW_TRACKING_URI in deployment)")
 
 
-def tracking_settings(workdir: Path) -> dict[str, str]:
-    """MLflow store: MLFLOW_TRACKING_URI if set, else SQLite + ./mlruns under ``workdir``."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri:
+def tracking_settings(workdir: Path, uri: str = "", deployment: bool = False) -> dict[str, str]:
+    """Where the ServerApp tracks: ``uri`` if given; in deployment, the ServerApp's own
+    MLFLOW_TRACKING_URI (""); else MLFLOW_TRACKING_URI or SQLite + ./mlruns in ``workdir``."""
+    uri = uri or ("" if deployment else os.environ.get("MLFLOW_TRACKING_URI", ""))
+    if uri or deployment:
         return {"tracking-uri": uri, "artifact-location": ""}
     workdir = workdir.resolve()
     return {"tracking-uri": f"sqlite:///{workdir / 'mlflow.db'}",
@@ -132,13 +141,14 @@ def format_round(server_round: int, rounds: int, m: dict[str, Any]) -> str:
 
 
 def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: str = "",
-                 root_certificates: Path | None = None, extra: dict[str, str] | None = None,
-                 resume: bool = False) -> dict[str, Any]:
+                 root_certificates: Path | None = None, tracking_uri: str = "",
+                 extra: dict[str, str] | None = None, resume: bool = False) -> dict[str, Any]:
     """Run one scenario through Flower; return its summary (see ``tracking/summary.py``)."""
     from fedsparse.launch import Launch, run_flower
 
     workdir = Path.cwd()
-    settings = {**tracking_settings(workdir), **(extra or {})}
+    settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
+                **(extra or {})}
     if resume:
         settings["resume-from"] = str(run_dir.resolve())
     launch = Launch(scenario=scenario, run_dir=run_dir, workdir=workdir, superlink=superlink,
@@ -174,7 +184,8 @@ def _run(args: argparse.Namespace) -> int:
         scenario = load_scenario(args.file, args.overrides)
         run_dir = args.run_dir or _run_dir(scenario)
     summary = run_scenario(scenario, run_dir=run_dir, quiet=args.quiet, superlink=args.superlink,
-                           root_certificates=args.root_certificates, resume=bool(args.resume))
+                           root_certificates=args.root_certificates,
+                           tracking_uri=args.tracking_uri, resume=bool(args.resume))
     if args.summary:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2))
@@ -193,6 +204,7 @@ def _compare(args: argparse.Namespace) -> int:
     labels = [s.name for s in scenarios]
     if len(set(labels)) < len(labels):
         labels = [f"{s.name}[{f.stem}]" for s, f in zip(scenarios, args.files, strict=True)]
+    # the CLI's own view of the store (the ServerApps get --tracking-uri, see run_scenario)
     settings = tracking_settings(Path.cwd())
     exp_id = experiment_id(settings["tracking-uri"], experiment, settings["artifact-location"])
     parent = MlflowRun.create(settings["tracking-uri"], exp_id, "comparison",
@@ -204,8 +216,10 @@ def _compare(args: argparse.Namespace) -> int:
             summaries[label] = run_scenario(
                 scenario, run_dir=run_dir, quiet=args.quiet, superlink=args.superlink,
                 root_certificates=args.root_certificates,
+                tracking_uri=args.tracking_uri,
                 extra={"parent-run-id": parent.run_id, "run-name": label})
-            histories[label] = read_csv(run_dir / "metrics.csv")
+            run = MlflowRun(settings["tracking-uri"], summaries[label]["mlflow_run_id"])
+            histories[label] = read_csv(run.download("metrics.csv", run_dir / "tracked"))
         out = args.out or Path("reports") / experiment
         for path in write_report(summaries, histories, out, f"Comparison: {experiment}"):
             parent.log_artifact(path, "plots" if path.suffix == ".png" else None)
@@ -219,11 +233,25 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit, so that every started Flower process gets stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"validate": _validate, "run": _run, "compare": _compare}
     try:
-        return handlers[args.command](args)
+        with _exit_on_sigterm():
+            return handlers[args.command](args)
     except ScenarioError as err:
         print(f"fedsparse: {err}", file=sys.stderr)
         return EXIT_INVALID

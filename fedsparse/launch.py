@@ -15,6 +15,7 @@ Flower's log stream; everything else in the stream goes to the run's ``flower.lo
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import time
@@ -213,8 +214,9 @@ def _stream(command: list[str], env: dict[str, str], launch: Launch,
                     continue
                 on_event(event)
                 if event["event"] in ("done", "error"):
+                    # Results are written and tracked; do not wait for Ray's slow shutdown.
                     outcome = event
-            proc.wait()
+                    break
         finally:
             stop_tree(proc)
     if outcome.get("event") == "done":
@@ -222,4 +224,59 @@ def _stream(command: list[str], env: dict[str, str], launch: Launch,
     if outcome.get("event") == "error":
         raise LaunchError(f"the federation failed: {outcome['message']} (log: {launch.log_path})")
     raise LaunchError(f"the federation ended without a result (flwr run exit code "
-                      f"{proc.returncode}); see {launch.log_path}")
+                      f"{proc.returncode}){_last_error(launch.log_path)}; see {launch.log_path}")
+
+
+def _last_error(log_path: Path) -> str:
+    """The last exception line of a Flower log, to say why a run ended without a result."""
+    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()
+             if line.strip() and ("Error: " in line or "Exception: " in line)]
+    return f": {lines[-1]}" if lines else ""
+
+
+class LocalDeployment:
+    """A SuperLink and ``num_nodes`` SuperNodes as plain processes on 127.0.0.1.
+
+    The Deployment Engine exactly as on real devices (insecure transport), each node
+    serving ``partition-id=i num-partitions=num_nodes``; every process (and its SuperExec
+    and ClientApp children) is stopped on exit. Use as a context manager; ``address`` is
+    what ``fedsparse run --superlink`` takes.
+    """
+
+    def __init__(self, num_nodes: int, workdir: Path) -> None:
+        self.num_nodes = num_nodes
+        self.home = state_dir(workdir) / f"deployment-{secrets.token_hex(3)}"
+        self.env = process_env(workdir)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.processes: list[subprocess.Popen] = []
+
+    def _start(self, name: str, command: list[str]) -> subprocess.Popen:
+        (self.home / name).mkdir(parents=True, exist_ok=True)
+        env = {**self.env, "FLWR_HOME": str(self.home / name)}
+        with open(self.home / f"{name}.log", "a") as log:
+            proc = subprocess.Popen(command, env=env, cwd=self.home, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append(proc)
+        return proc
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            link = self._start("superlink", [
+                "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+                "--isolation", "subprocess", "--disable-runtime-dependency-installation"])
+            wait_http(f"http://{self.address}/health", link, SUPERLINK_START_TIMEOUT_S,
+                      self.home / "superlink.log")
+            for i in range(self.num_nodes):
+                self._start(f"supernode-{i}", [
+                    "flower-supernode", "--insecure", "--superlink", self.address,
+                    "--host", "127.0.0.1", "--port", str(free_port()),
+                    "--node-config", f"partition-id={i} num-partitions={self.num_nodes}"])
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in reversed(self.processes):
+            stop_tree(proc)

@@ -32,8 +32,9 @@ QUIET: dict[str, str] = {
     "PYTHONUNBUFFERED": "1",
 }
 
-# Ray places unix sockets under its temp dir; their paths must stay below the OS limit.
-_MAX_RAY_TMPDIR = 60
+# Ray places unix sockets at <tmp>/ray/session_<date>_<micros>_<pid>/sockets/plasma_store
+# (about 70 characters below <tmp>); AF_UNIX paths must fit in 107 bytes.
+_MAX_RAY_TMPDIR = 36
 
 
 def apply_no_phone_home() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,9 +36,6 @@ from fedsparse.registry import (
     Registry,
     load_plugins,
 )
-
-DATASETS = ("mnist", "fashion_mnist", "digits")
-PARTITIONS = ("iid", "dirichlet", "shards", "pathological")
 
 
 class ScenarioError(ValueError):
@@ -73,15 +71,16 @@ class DataSpec(Section):
     def _partition_params(self) -> DataSpec:
         needed = {"dirichlet": "alpha", "shards": "shards_per_client",
                   "pathological": "classes_per_client"}
+        wrong = []
         for partition, key in needed.items():
             given = getattr(self, key) is not None
             if partition == self.partition and not given:
-                raise ValueError(f"partition = {partition!r} needs data.{key}")
+                wrong.append(f"partition = {partition!r} needs data.{key}")
             if partition != self.partition and given:
-                raise ValueError(
-                    f"data.{key} only applies to partition = {partition!r}, "
-                    f"not {self.partition!r}"
-                )
+                wrong.append(f"data.{key} only applies to partition = {partition!r}, "
+                             f"not {self.partition!r}")
+        if wrong:
+            raise ValueError("; ".join(wrong))
         return self
 
 
@@ -178,7 +177,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides (values parsed as TOML, bare words as strings)."""
     for item in overrides:
         path, sep, raw = item.partition("=")
@@ -199,20 +198,20 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def parse_scenario(text: str, overrides: list[str] = (), source: str = "<text>") -> Scenario:
+def parse_scenario(text: str, overrides: Sequence[str] = (), source: str = "<text>") -> Scenario:
     """Validate TOML text (plus ``--set`` overrides) into a :class:`Scenario`."""
     try:
         tree = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ScenarioError(source, [f"not valid TOML: {err}"]) from None
-    tree = apply_overrides(tree, list(overrides))
+    tree = apply_overrides(tree, overrides)
     try:
         return Scenario.model_validate(tree)
     except ValidationError as err:
         raise ScenarioError(source, [_describe(e, tree) for e in err.errors()]) from None
 
 
-def load_scenario(path: str | Path, overrides: list[str] = ()) -> Scenario:
+def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
     """Read and validate a scenario file."""
     path = Path(path)
     if not path.is_file():

@@ -55,7 +55,7 @@ def train_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float,
         return TrainResult(steps=0, examples=0, loss=float("nan"), flops=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay)
-    flops = StepFlops()
+    flops = StepFlops(architecture=repr(model))
     model.train()
     total_loss, examples = 0.0, 0
     stream = batches(len(x), batch_size, generator)

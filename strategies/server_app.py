@@ -2,15 +2,15 @@
 
 The run config (see ``fedsparse.protocol.RUN_CONFIG_DEFAULTS``) carries the validated
 scenario as TOML text and where to write and track. The ServerApp writes, under its output
-directory: ``scenario.toml``, ``checkpoint.npz`` (after every round), ``clients.csv``
+directory: ``scenario.toml``, ``checkpoint.npz`` (after every round), ``clients.jsonl``
 (per-client accounting, appended every round), and at the end ``metrics.csv``,
+``clients.csv``,
 ``model.safetensors``, the plots and ``summary.json``; all of them are logged to the run's
 MLflow run.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import sys
@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
 from fedsparse.checkpoint import Checkpoint
-from fedsparse.data import load_dataset, test_set
+from fedsparse.data import held_out_set, load_dataset
 from fedsparse.models import build_model
 from fedsparse.protocol import RUN_CONFIG_DEFAULTS, derive_seed, run_setting
 from fedsparse.registry import STRATEGIES
@@ -61,7 +61,7 @@ def initial_arrays(scenario: Scenario) -> ArrayRecord:
 def central_evaluator(scenario: Scenario) -> Evaluator:
     """Accuracy and loss of a global model on the dataset's held-out test set."""
     model = _model(scenario)
-    x, y = test_set(scenario.data)
+    x, y = held_out_set(scenario.data)
 
     def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -72,15 +72,15 @@ def central_evaluator(scenario: Scenario) -> Evaluator:
 
 
 def _append_client_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    columns = ["round", "phase", "partition_id", "status", "reason", "downlink_bytes",
-               "uplink_bytes", "num_examples"]
-    columns += sorted({k for row in rows for k in row} - set(columns))
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    """Append this round's per-client rows (JSON lines: strategies report varying metrics)."""
+    with open(path, "a") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def _client_table(jsonl: Path, csv_path: Path) -> Path:
+    """All rounds' per-client rows as one CSV (union of columns)."""
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    return write_csv(rows, csv_path)
 
 
 def _finish(out_dir: Path, scenario: Scenario, state: LoopState, tracker: MlflowRun,
@@ -88,7 +88,7 @@ def _finish(out_dir: Path, scenario: Scenario, state: LoopState, tracker: Mlflow
     """Write and log the run's artifacts; return the summary."""
     summary = summarize(state.history, wall_s, tracker.run_id)
     files = [out_dir / "scenario.toml", write_csv(state.history, out_dir / "metrics.csv"),
-             out_dir / "clients.csv"]
+             _client_table(out_dir / "clients.jsonl", out_dir / "clients.csv")]
     files += accuracy_plots({scenario.name: state.history}, out_dir / "plots")
     if scenario.tracking.log_model:
         weights = out_dir / "model.safetensors"
@@ -151,7 +151,7 @@ def main(grid: Grid, context: Context) -> None:
 
     def on_round(server_round: int, row: Row) -> None:
         tracker.log_round(server_round, _numeric(row))
-        _append_client_rows(out_dir / "clients.csv",
+        _append_client_rows(out_dir / "clients.jsonl",
                             [r.row() for r in strategy.client_records if r.round == server_round])
         state.checkpoint(strategy, {"mlflow_run_id": tracker.run_id,
                                     "wall_s": wall_s()}).save(out_dir)

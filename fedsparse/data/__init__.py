@@ -18,9 +18,9 @@ __all__ = [
     "available",
     "client_data",
     "client_indices",
+    "held_out_set",
     "load_dataset",
     "partition_indices",
-    "test_set",
 ]
 
 
@@ -46,7 +46,7 @@ def client_data(spec: DataSpec, seed: int, partition_id: int) -> ClientData:
     )
 
 
-def test_set(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def held_out_set(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out test set, for centralised evaluation on the server."""
     data = load_dataset(spec.dataset)
     return data.features(data.x_test), data.labels(data.y_test)

@@ -14,6 +14,7 @@ spec and seed always give the same partition.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -65,7 +66,9 @@ def _assigned_partitioner(labels: np.ndarray, spec: DataSpec, seed: int):
 
 def _load(partitioner, spec: DataSpec, n_examples: int, partition_id: int) -> np.ndarray:
     try:
-        part = partitioner.load_partition(partition_id)["index"]
+        with warnings.catch_warnings():  # its resampling notices; a final failure raises below
+            warnings.simplefilter("ignore", UserWarning)
+            part = partitioner.load_partition(partition_id)["index"]
     except ValueError as err:
         raise ValueError(
             f"cannot split {n_examples} examples into data.num_clients={spec.num_clients} "

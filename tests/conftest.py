@@ -1,0 +1,43 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).parent.parent
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh working directory (runs/, mlflow.db, .fedsparse/ land here)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def flower_task() -> None:
+    """Flower messages can only be built inside a task; give the test process an identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def digits_scenario(**sections: dict) -> str:
+    """tests/data/digits.toml with some keys replaced (``section={key: value}``)."""
+    import tomllib
+
+    import tomli_w
+
+    tree = tomllib.loads((DATA / "digits.toml").read_text())
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            tree.setdefault(section, {}).update(values)
+        else:
+            tree[section] = values
+    return tomli_w.dumps(tree)
+
+

@@ -1,0 +1,152 @@
+"""Datasets (real files, no network) and partitions (sizes, label skew, determinism)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedsparse.data import (
+    available,
+    client_data,
+    client_indices,
+    held_out_set,
+    load_dataset,
+    partition_indices,
+)
+from fedsparse.data.partition import local_split
+from fedsparse.scenario import DataSpec
+
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_mnist_is_the_original_60k_10k():
+    data = load_dataset("mnist")
+    assert data.x_train.shape == (60000, 28, 28) and data.x_test.shape == (10000, 28, 28)
+    assert data.x_train.dtype == np.uint8
+    assert np.bincount(data.y_train).tolist() == MNIST_TRAIN_COUNTS
+    assert np.bincount(data.y_test).tolist() == MNIST_TEST_COUNTS
+    x = data.features(data.x_train[:1000])
+    assert x.shape == (1000, 1, 28, 28) and abs(float(x.mean())) < 0.1
+
+
+@pytest.mark.skipif(not available("fashion_mnist"), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_when_present():
+    data = load_dataset("fashion_mnist")
+    assert data.x_train.shape == (60000, 28, 28)
+    assert np.bincount(data.y_train).tolist() == [6000] * 10
+    assert np.bincount(data.y_test).tolist() == [1000] * 10
+
+
+def test_digits_split_is_fixed_and_stratified():
+    data = load_dataset("digits")
+    assert len(data.x_train) + len(data.x_test) == 1797 and len(data.x_test) == 360
+    assert np.bincount(data.y_test).min() >= 35
+    x, y = held_out_set(DataSpec(dataset="digits"))
+    assert tuple(x.shape) == (360, 1, 8, 8) and y.dtype.is_floating_point is False
+
+
+def labels(name: str) -> np.ndarray:
+    return load_dataset(name).y_train
+
+
+def check_disjoint_cover(parts: list[np.ndarray], n: int) -> None:
+    merged = np.concatenate(parts)
+    assert len(merged) == len(np.unique(merged)) == n  # disjoint, and nothing dropped
+
+
+def test_iid_equal_sizes_and_balanced_labels():
+    spec = DataSpec(dataset="mnist", num_clients=100, partition="iid")
+    parts = partition_indices(labels("mnist"), spec, seed=0)
+    assert {len(p) for p in parts} == {600}
+    check_disjoint_cover(parts, 60000)
+    assert all(len(np.unique(labels("mnist")[p])) == 10 for p in parts)
+
+
+def label_entropy(parts: list[np.ndarray], y: np.ndarray) -> float:
+    """Mean entropy (nats) of the clients' label distributions."""
+    entropies = []
+    for p in parts:
+        q = np.bincount(y[p], minlength=10) / len(p)
+        entropies.append(-(q[q > 0] * np.log(q[q > 0])).sum())
+    return float(np.mean(entropies))
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks():
+    y = labels("mnist")
+    entropy = {}
+    for alpha in (100.0, 0.5, 0.1):
+        spec = DataSpec(dataset="mnist", num_clients=20, partition="dirichlet", alpha=alpha)
+        parts = partition_indices(y, spec, seed=0)
+        check_disjoint_cover(parts, 60000)
+        assert min(len(p) for p in parts) >= spec.min_partition_size
+        entropy[alpha] = label_entropy(parts, y)
+    assert entropy[100.0] > 2.2  # close to log(10) = 2.30: nearly IID
+    assert entropy[100.0] > entropy[0.5] > entropy[0.1]
+    assert entropy[0.1] < 1.2
+
+
+def test_shards_are_label_sorted_chunks_k_per_client():
+    """McMahan et al.'s shards: a shard of label-sorted data may straddle two labels."""
+    y = labels("mnist")
+    spec = DataSpec(dataset="mnist", num_clients=100, partition="shards", shards_per_client=2)
+    parts = partition_indices(y, spec, seed=0)
+    assert {len(p) for p in parts} == {600}
+    check_disjoint_cover(parts, 60000)
+    classes = np.array([len(np.unique(y[p])) for p in parts])
+    assert classes.max() <= 4  # 2 shards, each within at most 2 labels
+    assert (classes <= 2).mean() >= 0.9
+    top2 = [np.sort(np.bincount(y[p], minlength=10))[-2:].sum() / len(p) for p in parts]
+    assert np.mean(top2) > 0.98
+
+
+def test_pathological_gives_exactly_k_classes():
+    y = labels("digits")
+    spec = DataSpec(dataset="digits", num_clients=10, partition="pathological",
+                    classes_per_client=3)
+    parts = partition_indices(y, spec, seed=0)
+    check_disjoint_cover(parts, len(y))
+    assert [len(np.unique(y[p])) for p in parts] == [3] * 10
+
+
+@pytest.mark.parametrize("spec", [
+    DataSpec(dataset="digits", num_clients=8, partition="iid"),
+    DataSpec(dataset="digits", num_clients=8, partition="dirichlet", alpha=0.3),
+    DataSpec(dataset="digits", num_clients=8, partition="shards", shards_per_client=2),
+])
+def test_same_seed_same_partition_other_seed_other_partition(spec):
+    y = labels("digits")
+    a, b = partition_indices(y, spec, seed=1), partition_indices(y, spec, seed=1)
+    c = partition_indices(y, spec, seed=2)
+    assert all(np.array_equal(p, q) for p, q in zip(a, b, strict=True))
+    assert not all(np.array_equal(p, q) for p, q in zip(a, c, strict=True))
+
+
+def test_local_split_is_disjoint_seeded_and_sized():
+    part = np.arange(100, 150)
+    split = local_split(part, 0.2, seed=3, partition_id=4)
+    assert len(split.test) == 10 and len(split.train) == 40
+    assert set(split.train) | set(split.test) == set(part)
+    assert not set(split.train) & set(split.test)
+    again = local_split(part, 0.2, seed=3, partition_id=4)
+    assert np.array_equal(split.test, again.test)
+    assert not np.array_equal(split.test, local_split(part, 0.2, seed=3, partition_id=5).test)
+
+
+def test_client_view_matches_the_full_partition():
+    spec = DataSpec(dataset="digits", num_clients=5, partition="dirichlet", alpha=0.5)
+    parts = partition_indices(labels("digits"), spec, seed=9)
+    for pid in range(5):
+        idx = client_indices(spec, 9, pid)
+        assert np.array_equal(np.sort(np.concatenate([idx.train, idx.test])), parts[pid])
+    data = client_data(spec, 9, 2)
+    assert len(data.x_train) == len(client_indices(spec, 9, 2).train)
+    with pytest.raises(ValueError, match="partition-id 5 out of range"):
+        client_indices(spec, 9, 5)
+
+
+def test_impossible_split_names_the_keys():
+    spec = DataSpec(dataset="digits", num_clients=500, partition="dirichlet", alpha=0.1,
+                    min_partition_size=10)
+    with pytest.raises(ValueError, match=r"data\.num_clients=500"):
+        partition_indices(labels("digits"), spec, seed=0)

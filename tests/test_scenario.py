@@ -1,0 +1,97 @@
+"""Scenario files: valid ones load, bad ones are rejected with key, value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedsparse.cli import main
+from fedsparse.scenario import ScenarioError, apply_overrides, load_scenario, parse_scenario
+from tests.conftest import DATA, REPO, digits_scenario
+
+
+def problems(text: str, overrides: list[str] = ()) -> str:
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(text, overrides)
+    return "\n".join(info.value.problems)
+
+
+def test_every_shipped_scenario_is_valid():
+    files = sorted((REPO / "scenarios").rglob("*.toml")) + sorted(DATA.glob("*.toml"))
+    assert files
+    for path in files:
+        scenario = load_scenario(path)
+        assert parse_scenario(scenario.to_toml()) == scenario  # TOML round trip is exact
+
+
+def test_defaults_are_filled_and_recorded():
+    scenario = parse_scenario(digits_scenario())
+    flat = scenario.flat()
+    assert flat["client.momentum"] == 0.0
+    assert flat["run.backend"] == "ray"
+    assert flat["model.hidden"] == "[32]"
+    assert flat["strategy.name"] == "fedavg"
+    assert "data.shards_per_client" not in flat  # unset, not applicable to dirichlet
+
+
+def test_unknown_keys_are_rejected_with_the_allowed_keys():
+    text = digits_scenario(data={"num_client": 3}) + "\nbogus = 1\n"
+    msg = problems(text)
+    assert "data.num_client: unknown key" in msg
+    assert "num_clients" in msg.split("data.num_client")[1]  # the allowed keys are listed
+    assert "bogus: unknown key" in msg
+
+
+def test_unknown_key_in_a_plugin_section_lists_that_plugins_keys():
+    msg = problems(digits_scenario(client={"learning_rate": 0.1}))
+    assert "client.learning_rate: unknown key" in msg
+    assert "local_steps" in msg and "batch_size" in msg
+
+
+@pytest.mark.parametrize(("section", "values", "expected"), [
+    ("data", {"dataset": "cifar10"}, "data.dataset = 'cifar10': Input should be 'mnist', "
+                                     "'fashion_mnist' or 'digits'"),
+    ("data", {"alpha": -1.0}, "data.alpha = -1.0: Input should be greater than 0"),
+    ("data", {"partition": "iid"}, "data.alpha only applies to partition = 'dirichlet'"),
+    ("data", {"partition": "shards"}, "partition = 'shards' needs data.shards_per_client"),
+    ("data", {"num_clients": 0}, "data.num_clients = 0: Input should be greater than or equal"),
+    ("strategy", {"name": "fedprox"}, "strategy: unknown strategy 'fedprox'; allowed: fedavg"),
+    ("strategy", {"fraction_train": 1.5}, "strategy.fraction_train = 1.5: Input should be less"),
+    ("client", {"program": "adam"}, "unknown client program 'adam'; allowed: sgd"),
+    ("client", {"local_steps": 10}, "give client.local_epochs or client.local_steps, not both"),
+    ("model", {"name": "resnet"}, "unknown model 'resnet'; allowed: cnn, mlp"),
+    ("run", {"backend": "dask"}, "run.backend = 'dask': Input should be 'ray'"),
+    ("run", {"rounds": "ten"}, "run.rounds = 'ten': Input should be a valid integer"),
+])
+def test_bad_values_name_key_value_and_allowed(section, values, expected):
+    assert expected in problems(digits_scenario(**{section: values}))
+
+
+def test_missing_name_and_invalid_toml():
+    assert "name: required key is missing" in problems(digits_scenario().replace(
+        'name = "digits-test"', ""))
+    assert "not valid TOML" in problems("name = ")
+
+
+def test_overrides_parse_toml_values_and_bare_words():
+    tree = apply_overrides({"client": {"lr": 0.1}}, ["client.lr=0.01", "data.dataset=mnist",
+                                                      "model.hidden=[10, 20]"])
+    assert tree == {"client": {"lr": 0.01}, "data": {"dataset": "mnist"},
+                    "model": {"hidden": [10, 20]}}
+    scenario = parse_scenario(digits_scenario(), ["client.lr=0.01", "run.rounds=5"])
+    assert scenario.client.lr == 0.01 and scenario.run.rounds == 5
+    assert "client.lr = 'fast'" in problems(digits_scenario(), ["client.lr=fast"])
+    with pytest.raises(ScenarioError, match="expected KEY=VALUE"):
+        parse_scenario(digits_scenario(), ["client.lr"])
+
+
+def test_cli_validate_reports_problems_and_exit_code(tmp_path: Path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(digits_scenario(data={"dataset": "svhn"}, run={"eval_every": 0}))
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "data.dataset = 'svhn'" in err and "run.eval_every = 0" in err
+    assert main(["validate", str(DATA / "digits.toml"), "--set", "run.rounds=4"]) == 0
+    assert "rounds = 4" in capsys.readouterr().out
+    assert main(["validate", str(tmp_path / "missing.toml")]) == 2

@@ -1,0 +1,169 @@
+"""End to end on the Ray Simulation Engine, through the CLI: tracking, reproducibility,
+resume, comparisons, and the quickstart's accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedsparse.cli import main
+from fedsparse.scenario import load_scenario
+from fedsparse.tracking.history import read_csv
+from tests.conftest import DATA, REPO
+
+pytestmark = pytest.mark.simulation
+
+TIMING = ("round_s", "train_s")
+MODEL_BYTES = (64 * 32 + 32 + 32 * 10 + 10) * 4  # MLP 64-32-10, float32
+
+
+def fedsparse(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def flower_processes() -> list[psutil.Process]:
+    names = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr run", "raylet",
+             "gcs_server")
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if any(name in cmdline for name in names):
+            found.append(proc)
+    return found
+
+
+def deterministic(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory):
+    """One 3-round digits run shared by the tests of this module."""
+    workdir = tmp_path_factory.mktemp("sim")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        assert fedsparse("run", DATA / "digits.toml", "--run-dir", "runs/a",
+                         "--summary", "a.json", "--quiet") == 0
+        yield workdir, json.loads((workdir / "a.json").read_text())
+
+
+def test_summary_has_the_required_keys(first_run):
+    _, summary = first_run
+    for key in ("final_accuracy", "uplink_bytes", "downlink_bytes", "train_flops", "rounds",
+                "wall_s", "mlflow_run_id", "fed_accuracy_mean", "fed_accuracy_weighted"):
+        assert key in summary
+    assert summary["rounds"] == 3 and 0.7 < summary["final_accuracy"] <= 1.0
+    assert summary["clients_failed"] == summary["clients_rejected"] == 0
+    assert not flower_processes()  # every process the run started is gone
+
+
+def test_bytes_and_flops_are_accounted_per_client_and_round(first_run):
+    workdir, summary = first_run
+    rows = read_csv(workdir / "runs/a/metrics.csv")
+    clients = read_csv(workdir / "runs/a/clients.csv")
+    train = [c for c in clients if c["phase"] == "train"]
+    assert len(train) == 3 * 3  # 3 of 6 clients per round (fraction_train 0.5)
+    assert {c["uplink_bytes"] for c in train} == {MODEL_BYTES}
+    assert {c["downlink_bytes"] for c in train} == {MODEL_BYTES}
+    for row in rows:
+        ok = [c for c in train if c["round"] == row["round"]]
+        assert row["uplink_bytes"] == row["downlink_bytes"] == len(ok) * MODEL_BYTES
+        assert row["train_flops"] == sum(c["train_flops"] for c in ok) > 0
+    assert summary["uplink_bytes"] == sum(r["uplink_bytes"] for r in rows) == 9 * MODEL_BYTES
+    assert summary["train_flops"] == sum(r["train_flops"] for r in rows)
+    evals = [c for c in clients if c["phase"] == "evaluate"]
+    assert len(evals) == 3 * 6 and {c["uplink_bytes"] for c in evals} == {0}
+
+
+def test_mlflow_run_holds_params_metrics_and_artifacts(first_run):
+    workdir, summary = first_run
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    scenario = load_scenario(DATA / "digits.toml")
+    assert run.data.params == {k: str(v) for k, v in scenario.flat().items()}
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "tests"
+    history = client.get_metric_history(run.info.run_id, "accuracy")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert history[-1].value == summary["final_accuracy"]
+    uplink = client.get_metric_history(run.info.run_id, "cum_uplink_bytes")
+    assert [m.value for m in uplink] == [3 * MODEL_BYTES, 6 * MODEL_BYTES, 9 * MODEL_BYTES]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"scenario.toml", "metrics.csv", "clients.csv", "model.safetensors",
+            "summary.json", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/accuracy_vs_round.png", "plots/accuracy_vs_uplink.png"}
+    assert (workdir / "mlruns").is_dir()  # artifacts under the working directory
+
+
+def test_final_weights_reproduce_the_final_accuracy(first_run):
+    workdir, summary = first_run
+    import torch
+    from safetensors.torch import load_file
+
+    from fedsparse.data import held_out_set
+    from fedsparse.models import build_model
+    from fedsparse.training import evaluate
+
+    scenario = load_scenario(DATA / "digits.toml")
+    model = build_model(scenario.model, (1, 8, 8), 10)
+    model.load_state_dict(load_file(workdir / "runs/a/model.safetensors"))
+    x, y = held_out_set(scenario.data)
+    with torch.no_grad():
+        assert evaluate(model, x, y).accuracy == summary["final_accuracy"]
+
+
+def test_same_seed_same_metrics_and_resume_continues_exactly(first_run, monkeypatch):
+    workdir, summary = first_run
+    monkeypatch.chdir(workdir)
+    first = deterministic(read_csv(workdir / "runs/a/metrics.csv"))
+    assert fedsparse("run", DATA / "digits.toml", "--set", "run.rounds=2",
+                     "--run-dir", "runs/b", "--quiet") == 0
+    assert deterministic(read_csv(workdir / "runs/b/metrics.csv")) == first[:2]
+    assert fedsparse("run", "--resume", "runs/b", "--set", "run.rounds=3",
+                     "--summary", "b.json", "--quiet") == 0
+    resumed = json.loads((workdir / "b.json").read_text())
+    assert deterministic(read_csv(workdir / "runs/b/metrics.csv")) == first
+    assert resumed["final_accuracy"] == summary["final_accuracy"]
+    assert resumed["uplink_bytes"] == summary["uplink_bytes"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(resumed["mlflow_run_id"], "accuracy")]
+    assert steps == [1, 2, 3]  # one MLflow run across the interruption
+
+
+def test_compare_runs_into_one_experiment_with_a_report(workdir: Path, capsys):
+    slow = workdir / "slow.toml"
+    slow.write_text((DATA / "digits.toml").read_text().replace("lr = 0.1", "lr = 0.01")
+                    .replace('name = "digits-test"', 'name = "digits-slow"'))
+    assert fedsparse("compare", DATA / "digits.toml", slow, "--set", "run.rounds=2",
+                     "--experiment", "cmp", "--out", "report", "--quiet") == 0
+    report = (workdir / "report/report.md").read_text()
+    assert "| digits-test |" in report and "| digits-slow |" in report
+    assert (workdir / "report/plots/accuracy_vs_uplink.png").stat().st_size > 0
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cmp")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.info.run_name == "comparison"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert {r.data.params["client.lr"] for r in children} == {"0.1", "0.01"}
+    assert "report.md" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+
+
+def test_quickstart_reaches_90_percent(workdir: Path):
+    assert fedsparse("run", REPO / "scenarios/quickstart.toml", "--summary", "qs.json",
+                     "--quiet") == 0
+    summary = json.loads((workdir / "qs.json").read_text())
+    assert summary["final_accuracy"] >= 0.90
+    assert summary["rounds"] == 10

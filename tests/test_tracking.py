@@ -1,0 +1,86 @@
+"""Checkpoints, metric history, summaries, events, reports (no Flower run needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsparse.checkpoint import FILE, Checkpoint
+from fedsparse.tracking import events
+from fedsparse.tracking.history import read_csv, write_csv
+from fedsparse.tracking.report import markdown_table, write_report
+from fedsparse.tracking.summary import summarize
+
+HISTORY = [
+    {"round": 1, "uplink_bytes": 100, "cum_uplink_bytes": 100, "cum_downlink_bytes": 200,
+     "cum_train_flops": 1e9, "round_s": 1.5, "clients_failed": 1, "clients_rejected": 0},
+    {"round": 2, "uplink_bytes": 50, "cum_uplink_bytes": 150, "cum_downlink_bytes": 400,
+     "cum_train_flops": 2e9, "round_s": 1.0, "accuracy": 0.8, "loss": 0.5,
+     "fed_accuracy_weighted": 0.7, "clients_failed": 0, "clients_rejected": 2},
+    {"round": 3, "uplink_bytes": 50, "cum_uplink_bytes": 200, "cum_downlink_bytes": 600,
+     "cum_train_flops": 3e9, "round_s": 1.0, "clients_failed": 0, "clients_rejected": 0},
+]
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path: Path):
+    arrays = {"model/w": np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32),
+              "strategy/c": np.arange(5, dtype=np.int64)}
+    Checkpoint(round=4, arrays=arrays, state={"history": HISTORY, "run": "abc"}).save(tmp_path)
+    loaded = Checkpoint.load(tmp_path)
+    assert loaded.round == 4 and loaded.state == {"history": HISTORY, "run": "abc"}
+    assert arrays.keys() == loaded.arrays.keys()
+    for key in arrays:
+        assert np.array_equal(arrays[key], loaded.arrays[key])
+        assert arrays[key].dtype == loaded.arrays[key].dtype
+    assert [p.name for p in tmp_path.iterdir()] == [FILE]  # no temp file left behind
+
+
+def test_checkpoint_overwrite_and_missing(tmp_path: Path):
+    Checkpoint(round=1, arrays={"w": np.zeros(2)}).save(tmp_path)
+    Checkpoint(round=2, arrays={"w": np.ones(2)}).save(tmp_path)
+    assert Checkpoint.load(tmp_path).round == 2
+    with pytest.raises(FileNotFoundError):
+        Checkpoint.load(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="reserved"):
+        Checkpoint(round=1, arrays={"__state__": np.zeros(1)}).save(tmp_path)
+
+
+def test_history_csv_round_trip(tmp_path: Path):
+    path = write_csv(HISTORY, tmp_path / "metrics.csv")
+    assert path.read_text().splitlines()[0].startswith("round,")
+    assert read_csv(path) == HISTORY
+
+
+def test_summary_takes_the_last_evaluation_and_the_totals():
+    summary = summarize(HISTORY, wall_s=9.5, mlflow_run_id="r1")
+    assert summary["final_accuracy"] == 0.8 and summary["fed_accuracy_weighted"] == 0.7
+    assert summary["uplink_bytes"] == 200 and summary["downlink_bytes"] == 600
+    assert summary["train_flops"] == 3e9 and summary["rounds"] == 3
+    assert summary["clients_failed"] == 1 and summary["clients_rejected"] == 2
+    assert summary["wall_s"] == 9.5 and summary["rounds_s"] == 3.5
+    assert summary["mlflow_run_id"] == "r1"
+    json.dumps(summary)  # flat and serialisable
+    with pytest.raises(ValueError):
+        summarize([], 1.0, "r")
+
+
+def test_events_round_trip(capsys):
+    events.emit("round", round=3, metrics={"accuracy": 0.5})
+    line = capsys.readouterr().out
+    assert events.parse("(ServerApp) " + line) == {"event": "round", "round": 3,
+                                                   "metrics": {"accuracy": 0.5}}
+    assert events.parse("INFO: round 3") is None
+    assert events.parse(events.PREFIX + "{not json") is None
+
+
+def test_report_has_a_table_and_overlay_plots(tmp_path: Path):
+    summaries = {"a": summarize(HISTORY, 1.0, "r1"), "b": summarize(HISTORY[:2], 2.0, "r2")}
+    files = write_report(summaries, {"a": HISTORY, "b": HISTORY[:2]}, tmp_path, "A vs B")
+    assert {f.name for f in files} == {"report.md", "summary.csv", "accuracy_vs_round.png",
+                                       "accuracy_vs_uplink.png"}
+    table = markdown_table(summaries)
+    assert "| a | 0.8000 |" in table and "| r2 |" in table
+    assert [row["run"] for row in read_csv(tmp_path / "summary.csv")] == ["a", "b"]
