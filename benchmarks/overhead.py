@@ -11,6 +11,7 @@ script checks that both end with bit-identical weights, then prints the wall tim
   (each Ray actor gets 1 CPU, so each client trains on 1 thread on both sides).
 
     python benchmarks/overhead.py [--rounds 30] [--clients 100] [--fraction 0.1]
+                                  [--local-epochs 1]
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ fraction_evaluate = 0.0
 program = "sgd"
 lr = 0.05
 batch_size = 32
-local_epochs = 1
+local_epochs = {epochs}
 [run]
 rounds = {rounds}
 eval_every = {rounds}
@@ -109,9 +110,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--local-epochs", type=int, default=1)
     args = parser.parse_args()
     scenario = parse_scenario(SCENARIO.format(rounds=args.rounds, clients=args.clients,
-                                              fraction=args.fraction))
+                                              fraction=args.fraction, epochs=args.local_epochs))
     workdir = Path(tempfile.mkdtemp(prefix="fedsparse-bench-"))
     import os
 
@@ -133,6 +135,7 @@ def main() -> None:
     steady_plain = plain_rounds_s / scenario.run.rounds
     table = {
         "rounds": scenario.run.rounds,
+        "local epochs": scenario.client.local_epochs,
         "clients per round": len(build_strategy(scenario).sample(1, "train")),
         "flower total wall s": flower_total,
         "  start-up (SuperLink, Flower, MLflow, Ray) s": flower_total - summary["rounds_s"],

@@ -110,22 +110,27 @@ def _run_dir(scenario: Scenario) -> Path:
 class Progress:
     """A progress bar over rounds and one short line per round (Flower chatter goes to a log)."""
 
-    def __init__(self, label: str, quiet: bool) -> None:
-        self.label, self.quiet, self.bar = label, quiet, None
+    def __init__(self, label: str, rounds: int, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = None if quiet else tqdm(total=rounds, desc=label, unit="round",
+                                           dynamic_ncols=True)
+        if self.bar is not None:
+            self.bar.set_postfix_str("starting SuperLink, Ray and the clients")
 
     def __call__(self, event: dict[str, Any]) -> None:
         from tqdm import tqdm
 
-        if self.quiet:
+        if self.bar is None:
             return
         kind = event["event"]
         if kind == "start":
-            self.bar = tqdm(total=event["rounds"], initial=event["first_round"] - 1,
-                            desc=self.label, unit="round", dynamic_ncols=True)
-        elif kind == "round" and self.bar is not None:
+            self.bar.set_postfix_str("")
+            self.bar.update(event["first_round"] - 1 - self.bar.n)
+        elif kind == "round":
             self.bar.update(1)
             tqdm.write(format_round(event["round"], event["rounds"], event["metrics"]))
-        elif kind in ("done", "error") and self.bar is not None:
+        elif kind in ("done", "error"):
             self.bar.close()
 
 
@@ -160,7 +165,12 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
               f"{scenario.run.rounds} rounds -> {run_dir} (Flower log: {launch.log_path})",
               file=sys.stderr)
     started = time.perf_counter()
-    summary = run_flower(launch, Progress(scenario.name, quiet))
+    progress = Progress(scenario.name, scenario.run.rounds, quiet)
+    try:
+        summary = run_flower(launch, progress)
+    finally:
+        if progress.bar is not None:
+            progress.bar.close()
     summary["total_wall_s"] = time.perf_counter() - started
     summary["run_dir"] = str(run_dir)
     return summary

@@ -104,9 +104,9 @@ class LoopState:
 
 def run_rounds(grid: Grid, scenario: Scenario, strategy: FedSparseStrategy, state: LoopState,
                evaluate_central: Evaluator, on_round: RoundHook) -> LoopState:
-    """Rounds ``state.next_round .. run.rounds``; ``on_round`` runs after each (track, save)."""
+    """Rounds ``state.next_round .. run.rounds`` with a bound strategy (see :func:`discover`);
+    ``on_round`` runs after each (track, checkpoint)."""
     run = scenario.run
-    strategy.bind(discover(grid, scenario))
     for server_round in range(state.next_round, run.rounds + 1):
         start = time.perf_counter()
         row: Row = {"round": server_round}

@@ -16,6 +16,8 @@ import logging
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from fedsparse.tracking.plots import accuracy_plots
 from fedsparse.tracking.summary import summarize
 from fedsparse.training import evaluate
 from strategies.base import FedSparseStrategy
-from strategies.loop import Evaluator, LoopState, run_rounds
+from strategies.loop import Evaluator, LoopState, discover, run_rounds
 
 app = ServerApp()
 log = logging.getLogger("fedsparse")
@@ -117,6 +119,34 @@ def _setup_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
+@dataclass
+class Prepared:
+    """What the server needs besides its clients: model state, MLflow run, evaluator."""
+
+    state: LoopState
+    tracker: MlflowRun
+    prior_wall_s: float
+    evaluate_central: Evaluator
+
+
+def prepare(scenario: Scenario, strategy: FedSparseStrategy, setting: dict[str, str],
+            out_dir: Path) -> Prepared:
+    """A fresh start (initial model, new MLflow run) or a resumed one (checkpoint, same run)."""
+    if setting["resume-from"]:
+        checkpoint = Checkpoint.load(Path(setting["resume-from"]))
+        tracker = MlflowRun(setting["tracking-uri"], checkpoint.state["mlflow_run_id"])
+        tracker.reopen()
+        log.info("resuming after round %d from %s", checkpoint.round, setting["resume-from"])
+        return Prepared(LoopState.restore(checkpoint, strategy), tracker,
+                        float(checkpoint.state["wall_s"]), central_evaluator(scenario))
+    tracker = MlflowRun.start(scenario, tracking_uri=setting["tracking-uri"],
+                              artifact_location=setting["artifact-location"],
+                              run_name=setting["run-name"], parent_run_id=setting["parent-run-id"])
+    tracker.log_artifact(out_dir / "scenario.toml")
+    return Prepared(LoopState(arrays=initial_arrays(scenario)), tracker, 0.0,
+                    central_evaluator(scenario))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
@@ -127,27 +157,24 @@ def main(grid: Grid, context: Context) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "scenario.toml").write_text(scenario.to_toml())
     strategy = build_strategy(scenario)
-    prior_wall_s = 0.0
-    if setting["resume-from"]:
-        checkpoint = Checkpoint.load(Path(setting["resume-from"]))
-        state = LoopState.restore(checkpoint, strategy)
-        prior_wall_s = float(checkpoint.state["wall_s"])
-        tracker = MlflowRun(setting["tracking-uri"], checkpoint.state["mlflow_run_id"])
-        tracker.reopen()
-        log.info("resuming after round %d from %s", checkpoint.round, setting["resume-from"])
-    else:
-        state = LoopState(arrays=initial_arrays(scenario))
-        tracker = MlflowRun.start(scenario, tracking_uri=setting["tracking-uri"],
-                                  artifact_location=setting["artifact-location"],
-                                  run_name=setting["run-name"],
-                                  parent_run_id=setting["parent-run-id"])
-        tracker.log_artifact(out_dir / "scenario.toml")
+    # MLflow and the model are set up while the clients start (Ray, actors): both take seconds.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        preparing = pool.submit(prepare, scenario, strategy, setting, out_dir)
+        try:
+            strategy.bind(discover(grid, scenario))
+        except BaseException as err:
+            events.emit("error", message=f"{type(err).__name__}: {err}", out_dir=str(out_dir))
+            if preparing.exception() is None:
+                preparing.result().tracker.finish("FAILED")
+            raise
+    prepared = preparing.result()
+    state, tracker = prepared.state, prepared.tracker
     events.emit("start", mlflow_run_id=tracker.run_id, out_dir=str(out_dir),
                 first_round=state.next_round, rounds=scenario.run.rounds)
     strategy.summary()
 
     def wall_s() -> float:
-        return prior_wall_s + time.perf_counter() - started
+        return prepared.prior_wall_s + time.perf_counter() - started
 
     def on_round(server_round: int, row: Row) -> None:
         tracker.log_round(server_round, _numeric(row))
@@ -157,7 +184,7 @@ def main(grid: Grid, context: Context) -> None:
                                     "wall_s": wall_s()}).save(out_dir)
 
     try:
-        run_rounds(grid, scenario, strategy, state, central_evaluator(scenario), on_round)
+        run_rounds(grid, scenario, strategy, state, prepared.evaluate_central, on_round)
         summary = _finish(out_dir, scenario, state, tracker, wall_s())
     except BaseException as err:
         tracker.finish("FAILED")
