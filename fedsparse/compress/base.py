@@ -1,0 +1,87 @@
+"""The compressor contract: a flat vector in, a payload of named numpy arrays out, and back.
+
+A payload is what crosses the wire, as arrays of an ArrayRecord (no pickle); its size is
+:func:`payload_bytes`, the sum of the arrays' ``nbytes``. ``decompress`` validates the
+payload it is given (keys, dtypes, shapes, index range and order, finiteness, lengths) and
+raises :class:`~fedsparse.payload.PayloadError` with a reason instead of decoding garbage.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from fedsparse.payload import PayloadError
+
+Payload = dict[str, np.ndarray]
+ValueDtype = Literal["float32", "float16"]
+
+
+class CompressorSpec(BaseModel):
+    """Parameters of a compressor (a scenario's ``[strategy.compressor]`` section)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    value_dtype: ValueDtype = "float32"
+
+
+class Compressor(ABC):
+    """C: R^d -> payload -> R^d."""
+
+    unbiased: ClassVar[bool]  # E[C(v)] = v
+
+    def __init__(self, spec: CompressorSpec) -> None:
+        self.spec = spec
+        self.value_dtype = np.dtype(spec.value_dtype)
+
+    @abstractmethod
+    def compress(self, v: np.ndarray, rng: np.random.Generator) -> Payload:
+        """Encode the 1-D float32 vector ``v`` (``rng`` drives any randomness)."""
+
+    @abstractmethod
+    def decompress(self, payload: Mapping[str, np.ndarray], d: int) -> np.ndarray:
+        """Decode a payload into a float32 d-vector; raise PayloadError if it is malformed."""
+
+    def __call__(self, v: np.ndarray, rng: np.random.Generator) -> tuple[Payload, np.ndarray]:
+        """Compress and decode: the payload and exactly what the receiver will reconstruct."""
+        payload = self.compress(v, rng)
+        return payload, self.decompress(payload, v.size)
+
+
+def payload_bytes(payload: Mapping[str, np.ndarray]) -> int:
+    """Bytes on the wire: the sum of the payload arrays' ``nbytes``."""
+    return int(sum(a.nbytes for a in payload.values()))
+
+
+def expect_keys(payload: Mapping[str, np.ndarray], keys: set[str]) -> None:
+    if set(payload) != keys:
+        raise PayloadError(f"payload keys {sorted(payload)}, expected {sorted(keys)}")
+
+
+def expect_array(payload: Mapping[str, np.ndarray], key: str, dtype: np.dtype,
+                 size: int | None = None) -> np.ndarray:
+    """``payload[key]`` as a 1-D array of ``dtype`` (and ``size``), finite if floating."""
+    if key not in payload:
+        raise PayloadError(f"payload lacks {key!r}")
+    array = payload[key]
+    if array.ndim != 1:
+        raise PayloadError(f"{key}: must be 1-D, got shape {array.shape}")
+    if array.dtype != dtype:
+        raise PayloadError(f"{key}: dtype {array.dtype}, expected {np.dtype(dtype)}")
+    if size is not None and array.size != size:
+        raise PayloadError(f"{key}: length {array.size}, expected {size}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise PayloadError(f"{key}: contains NaN or Inf")
+    return array
+
+
+def count(ratio: float, d: int) -> int:
+    """k = round(ratio * d), at least 1 when ratio > 0 and d > 0."""
+    if d == 0 or ratio == 0:
+        return 0
+    return min(d, max(1, round(ratio * d)))
