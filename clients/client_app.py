@@ -13,7 +13,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.programs.base import ClientProgram
-from fedsparse.protocol import METRICS, NUM_PARTITIONS, PARTITION_ID, run_setting
+from fedsparse.protocol import CONFIG, METRICS, NUM_PARTITIONS, PARTITION_ID, QUERY, run_setting
 from fedsparse.registry import CLIENT_PROGRAMS
 from fedsparse.scenario import Scenario, parse_scenario
 
@@ -46,8 +46,12 @@ def program_for(context: Context) -> ClientProgram:
 
 
 @app.query()
-def identify(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node serves (node ids are random per run)."""
+def query(msg: Message, context: Context) -> Message:
+    """By default, tell the server which partition this node serves (node ids are random per
+    run); a query naming a ``query`` in its config goes to the client program."""
+    config = msg.content.config_records.get(CONFIG)
+    if config is not None and config.get(QUERY, ""):
+        return Message(program_for(context).query(msg.content), reply_to=msg)
     partition_id, num_partitions = node_partition(context)
     metrics = MetricRecord({PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)

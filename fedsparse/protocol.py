@@ -13,11 +13,18 @@ from typing import Any
 
 # Records in a message's RecordDict.
 ARRAYS = "arrays"  # ArrayRecord: the model (down) or the client's result (up)
+UPDATE = "update"  # ArrayRecord: a compressed update (payload arrays of fedsparse.compress)
+CONTROL = "control"  # ArrayRecord: the global control variate c (SCAFFOLD family)
 CONFIG = "config"  # ConfigRecord: server -> client instructions
 METRICS = "metrics"  # MetricRecord: client -> server measurements
 
 # Keys of the ConfigRecord sent with every instruction.
 SERVER_ROUND = "server-round"
+QUERY = "query"  # in a QUERY message: what the server asks ("" = which partition are you)
+# The last round in which the server counted this client's update (0: never). A client
+# applies the state change that went with an update (a control variate step, an error
+# feedback residual) only once the server has counted that update: two-phase commit.
+COMMIT_ROUND = "commit-round"
 
 # Keys of the MetricRecords sent back.
 NUM_EXAMPLES = "num-examples"

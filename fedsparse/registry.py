@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
 
@@ -28,6 +28,16 @@ class PluginParams(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StrategyParams(PluginParams):
+    """A ``[strategy]`` section: client sampling, shared by all strategies."""
+
+    name: str
+    fraction_train: float = Field(1.0, gt=0, le=1, description="clients sampled per round")
+    fraction_evaluate: float = Field(1.0, ge=0, le=1, description="clients in federated eval")
+    min_train_clients: int = Field(1, ge=1)
+    min_evaluate_clients: int = Field(1, ge=1)
 
 
 @dataclass(frozen=True)

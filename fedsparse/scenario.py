@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -147,6 +148,15 @@ class Scenario(Section):
     def _client(cls, value: Any) -> Any:
         return _plugin_section(CLIENT_PROGRAMS, value)
 
+    @model_validator(mode="after")
+    def _program_speaks_the_strategy(self) -> Scenario:
+        strategy = STRATEGIES.get(self.strategy.name).impl
+        programs = getattr(strategy, "client_programs", ())
+        if programs and self.client.program not in programs:
+            raise ValueError(f"strategy {self.strategy.name!r} runs with client.program = "
+                             f"{' or '.join(map(repr, programs))}, not {self.client.program!r}")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict with every default filled in (``None`` values left out)."""
         return self.model_dump(mode="json", exclude_none=True)
@@ -235,13 +245,26 @@ def _describe(error: dict[str, Any], tree: dict[str, Any]) -> str:
 
 
 def _allowed_keys(section: list[str], tree: dict[str, Any]) -> str:
-    model: type[BaseModel] = Scenario
+    """The keys allowed in the (possibly nested) section at ``section``."""
     registries = {"model": MODELS, "strategy": STRATEGIES, "client": CLIENT_PROGRAMS}
-    if len(section) == 1 and section[0] in registries:
-        registry = registries[section[0]]
-        raw = tree.get(section[0], {})
-        model = registry.get(raw.get(registry.key)).params
-    elif section:
-        annotation = Scenario.model_fields[section[0]].annotation
-        model = annotation if isinstance(annotation, type) else Scenario
-    return ", ".join(model.model_fields)
+    candidates: list[type[BaseModel]] = [Scenario]
+    for depth, part in enumerate(section):
+        if depth == 0 and part in registries:
+            registry = registries[part]
+            candidates = [registry.get(tree.get(part, {}).get(registry.key)).params]
+            continue
+        by_tag = [m for m in candidates if m.model_fields.get("name") and
+                  m.model_fields["name"].default == part]
+        if by_tag:  # a tagged union member: pydantic puts the tag in the location
+            candidates = by_tag
+            continue
+        field = candidates[0].model_fields[part]
+        candidates = [t for t in _model_types(field.annotation)]
+    return ", ".join(candidates[0].model_fields) if candidates else "?"
+
+
+def _model_types(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation admits (through Annotated, unions, Optional)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _model_types(arg)]

@@ -76,6 +76,11 @@ def train_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float,
     return TrainResult(steps=steps, examples=examples, loss=total_loss / steps, flops=flops.total)
 
 
+def cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The classification loss of a ``(x, y)`` batch."""
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              batch_size: int = 2048) -> EvalResult:

@@ -27,12 +27,11 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from pydantic import Field
 
 from fedsparse.metrics.aggregate import aggregate_client_metrics, unweighted_mean
 from fedsparse.payload import PayloadError, check_count, check_dense
-from fedsparse.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SERVER_ROUND
-from fedsparse.registry import PluginParams
+from fedsparse.protocol import ARRAYS, COMMIT_ROUND, CONFIG, METRICS, NUM_EXAMPLES, SERVER_ROUND
+from fedsparse.registry import StrategyParams
 from fedsparse.scenario import Scenario
 from strategies.records import content_bytes, to_numpy
 
@@ -41,24 +40,15 @@ log = logging.getLogger("fedsparse.strategy")
 TRAIN, EVALUATE = "train", "evaluate"
 
 
-class StrategyParams(PluginParams):
-    """Client sampling, shared by all strategies."""
-
-    name: str
-    fraction_train: float = Field(1.0, gt=0, le=1, description="clients sampled per round")
-    fraction_evaluate: float = Field(1.0, ge=0, le=1, description="clients in federated eval")
-    min_train_clients: int = Field(1, ge=1)
-    min_evaluate_clients: int = Field(1, ge=1)
-
-
 @dataclass(frozen=True)
 class Reply:
-    """A client's reply that passed validation."""
+    """A client's reply that passed validation (``decoded``: what the check decoded)."""
 
     partition_id: int
     content: RecordDict
     num_examples: int
     metrics: dict[str, Any]
+    decoded: Any = None
 
 
 @dataclass
@@ -85,6 +75,8 @@ class FedSparseStrategy(Strategy):
     """Deterministic sampling, ordered and validated replies, exact byte accounting."""
 
     Params: ClassVar[type[StrategyParams]]
+    # the client programs that speak this strategy's protocol (checked with the scenario)
+    client_programs: ClassVar[tuple[str, ...]] = ("sgd",)
     # client metrics summed over clients (the others are averaged weighted by num-examples)
     summed_metrics: ClassVar[frozenset[str]] = frozenset(
         {"train-flops", "train-steps", "train-examples"})
@@ -97,6 +89,7 @@ class FedSparseStrategy(Strategy):
         self.partition_of: dict[int, int] = {}  # Flower node id -> partition id
         self.client_records: list[ClientRecord] = []
         self.current: dict[str, np.ndarray] = {}  # the global model sent this round
+        self.accepted_round: dict[int, int] = {}  # partition id -> last round its update counted
         self._pending: dict[tuple[int, str], dict[int, ClientRecord]] = {}
 
     # -- clients ------------------------------------------------------------------------
@@ -121,23 +114,30 @@ class FedSparseStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.current = to_numpy(arrays)
-        config = ConfigRecord({**config, SERVER_ROUND: server_round})
-        return [self._send(server_round, TRAIN, pid, self.train_instruction(pid, arrays, config))
-                for pid in self.sample(server_round, TRAIN)]
+        messages = []
+        for pid in self.sample(server_round, TRAIN):
+            # COMMIT_ROUND tells a stateful client whether its last update was counted
+            config_i = ConfigRecord({**config, SERVER_ROUND: server_round,
+                                     COMMIT_ROUND: self.accepted_round.get(pid, 0)})
+            messages.append(self._send(server_round, TRAIN, pid,
+                                       self.train_instruction(pid, arrays, config_i)))
+        return messages
 
     def train_instruction(self, partition_id: int, arrays: ArrayRecord,
                           config: ConfigRecord) -> RecordDict:
         """What client ``partition_id`` receives to train (default: the global model)."""
         return RecordDict({ARRAYS: arrays, CONFIG: config})
 
-    def check_train_reply(self, content: RecordDict) -> None:
-        """Raise :class:`PayloadError` unless ``content`` is a well-formed train reply.
+    def check_train_reply(self, content: RecordDict) -> Any:
+        """Raise :class:`PayloadError` unless ``content`` is a well-formed train reply;
+        return what :meth:`aggregate` needs from it (``Reply.decoded``).
 
         Default: a dense model of the same keys, shapes and dtypes as the one sent.
         """
         if ARRAYS not in content.array_records:
             raise PayloadError(f"no ArrayRecord {ARRAYS!r} in reply")
         check_dense(to_numpy(content.array_records[ARRAYS]), self.current)
+        return None
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
@@ -172,6 +172,10 @@ class FedSparseStrategy(Strategy):
                 metrics[weighted_key] = metrics.pop(client_key.replace("-", "_"))
                 metrics[mean_key] = unweighted_mean(values)
         return metrics
+
+    def after_round(self, server_round: int, grid: Grid) -> dict[str, float]:
+        """Extra work after a round's aggregation (e.g. an audit); returns round metrics."""
+        return {}
 
     def summary(self) -> None:
         log.info("%s: %s", type(self).__name__, self.params.model_dump())
@@ -223,6 +227,8 @@ class FedSparseStrategy(Strategy):
                     record.status, record.num_examples = "ok", reply.num_examples
                     record.metrics = reply.metrics
                     accepted.append(reply)
+                    if phase == TRAIN:
+                        self.accepted_round[pid] = server_round
             if record.status != "ok":
                 log.warning("round %d %s: client %d %s: %s", server_round, phase, pid,
                             record.status, record.reason)
@@ -235,8 +241,7 @@ class FedSparseStrategy(Strategy):
             raise PayloadError(f"no MetricRecord {METRICS!r} in reply")
         metrics = dict(content.metric_records[METRICS])
         num_examples = check_count(metrics.get(NUM_EXAMPLES), NUM_EXAMPLES)
-        check(content)
-        return Reply(partition_id, content, num_examples, metrics)
+        return Reply(partition_id, content, num_examples, metrics, check(content))
 
     def _round_metrics(self, server_round: int, phase: str, accepted: list[Reply]) -> MetricRecord:
         """Aggregated client metrics plus the round's byte and client counts."""

@@ -14,8 +14,8 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedsparse.protocol import ARRAYS, METRICS, NUM_EXAMPLES
-from fedsparse.registry import STRATEGIES
-from strategies.base import FedSparseStrategy, Reply, StrategyParams
+from fedsparse.registry import STRATEGIES, StrategyParams
+from strategies.base import FedSparseStrategy, Reply
 
 
 class FedAvgParams(StrategyParams):

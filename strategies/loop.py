@@ -117,6 +117,7 @@ def run_rounds(grid: Grid, scenario: Scenario, strategy: FedSparseStrategy, stat
         if new_arrays is not None:
             state.arrays = new_arrays
         row |= dict(train_metrics)
+        row |= strategy.after_round(server_round, grid)
         if server_round % run.eval_every == 0 or server_round == run.rounds:
             row |= evaluate_central(state.arrays)
             replies = grid.send_and_receive(

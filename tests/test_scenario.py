@@ -58,7 +58,7 @@ def test_unknown_key_in_a_plugin_section_lists_that_plugins_keys():
     ("data", {"num_clients": 0}, "data.num_clients = 0: Input should be greater than or equal"),
     ("strategy", {"name": "fedprox"}, "strategy: unknown strategy 'fedprox'; allowed: fedavg"),
     ("strategy", {"fraction_train": 1.5}, "strategy.fraction_train = 1.5: Input should be less"),
-    ("client", {"program": "adam"}, "unknown client program 'adam'; allowed: sgd"),
+    ("client", {"program": "adam"}, "unknown client program 'adam'; allowed: "),
     ("client", {"local_steps": 10}, "give client.local_epochs or client.local_steps, not both"),
     ("model", {"name": "resnet"}, "unknown model 'resnet'; allowed: cnn, mlp"),
     ("run", {"backend": "dask"}, "run.backend = 'dask': Input should be 'ray'"),
@@ -95,3 +95,39 @@ def test_cli_validate_reports_problems_and_exit_code(tmp_path: Path, capsys):
     assert main(["validate", str(DATA / "digits.toml"), "--set", "run.rounds=4"]) == 0
     assert "rounds = 4" in capsys.readouterr().out
     assert main(["validate", str(tmp_path / "missing.toml")]) == 2
+
+
+def controlled(strategy: dict, client: dict | None = None) -> str:
+    """The digits scenario with a SCAFFOLD-family strategy and its client program."""
+    text = digits_scenario(strategy=strategy)
+    return text.replace('program = "sgd"', 'program = "controlled_sgd"').replace(
+        "local_epochs = 3", "local_steps = 10") + "".join(
+        f"\n[client]\n{k} = {v}" for k, v in (client or {}).items())
+
+
+def test_strategy_and_client_program_must_match():
+    msg = problems(digits_scenario(strategy={"name": "scafcom"}))
+    assert "strategy 'scafcom' runs with client.program = 'controlled_sgd', not 'sgd'" in msg
+    assert "client.local_epochs: unknown key" in problems(
+        controlled({"name": "scaffold"}).replace("local_steps = 10", "local_epochs = 1"))
+    assert parse_scenario(controlled({"name": "scaffold"})).client.local_steps == 10
+
+
+def test_scallion_rejects_a_biased_compressor():
+    msg = problems(controlled({"name": "scallion", "compressor": {"name": "topk"}}))
+    assert "SCALLION needs an unbiased compressor (identity, randk, qsgd), not 'topk'" in msg
+
+
+def test_compressor_sections_are_validated():
+    msg = problems(controlled({"name": "scafcom",
+                               "compressor": {"name": "topk", "ratio": 2.0, "bits": 3}}))
+    assert "strategy.compressor.topk.ratio = 2.0: Input should be less than or equal to 1" in msg
+    assert "strategy.compressor.topk.bits: unknown key" in msg
+    msg = problems(controlled({"name": "scafcom", "compressor": {"name": "zip"}}))
+    assert "strategy.compressor" in msg and "'identity', 'topk', 'randk', 'qsgd', 'sign'" in msg
+    assert "strategy.beta: unknown key" in problems(controlled({"name": "scaffold", "beta": 1}))
+
+
+def test_unknown_nested_key_lists_the_nested_sections_keys():
+    msg = problems(controlled({"name": "scafcom", "compressor": {"name": "topk", "bits": 3}}))
+    assert "(allowed in [strategy.compressor.topk]: name, value_dtype, ratio, scope)" in msg

@@ -12,15 +12,25 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from fedsparse.data import ClientData, client_data, load_dataset
 from fedsparse.models import build_model
-from fedsparse.protocol import ARRAYS, CONFIG, SERVER_ROUND, derive_seed
+from fedsparse.protocol import (
+    ARRAYS,
+    COMMIT_ROUND,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    derive_seed,
+)
 from fedsparse.registry import PluginParams
 from fedsparse.scenario import Scenario
+from fedsparse.training import evaluate
 
 
 class ClientProgram(ABC):
@@ -38,10 +48,14 @@ class ClientProgram(ABC):
     def data(self) -> ClientData:
         return client_data(self.scenario.data, self.scenario.seed, self.partition_id)
 
+    def build_model(self) -> nn.Module:
+        """A fresh instance of the scenario's model."""
+        dataset = load_dataset(self.scenario.data.dataset)
+        return build_model(self.scenario.model, dataset.input_shape, dataset.num_classes)
+
     def model_from(self, content: RecordDict) -> nn.Module:
         """The scenario's model with the weights the server sent."""
-        dataset = load_dataset(self.scenario.data.dataset)
-        model = build_model(self.scenario.model, dataset.input_shape, dataset.num_classes)
+        model = self.build_model()
         model.load_state_dict(content.array_records[ARRAYS].to_torch_state_dict())
         return model
 
@@ -50,6 +64,22 @@ class ClientProgram(ABC):
         server_round = int(self.config(content)[SERVER_ROUND])
         seed = derive_seed(self.scenario.seed, self.partition_id, server_round)
         return torch.Generator().manual_seed(seed)
+
+    def load_state(self, name: str, content: RecordDict) -> tuple[dict[str, np.ndarray], bool]:
+        """Arrays saved under ``name`` in ``Context.state`` ({} if none), and whether the
+        server counted the update sent with them (the instruction's commit-round is the
+        round they were saved in): the two-phase commit of ``fedsparse/protocol.py``."""
+        if name not in self.state.array_records:
+            return {}, False
+        arrays = {key: array.numpy() for key, array in self.state.array_records[name].items()}
+        saved_round = int(self.state.config_records[f"{name}-meta"][SERVER_ROUND])
+        return arrays, saved_round == int(self.config(content)[COMMIT_ROUND])
+
+    def save_state(self, name: str, arrays: dict[str, np.ndarray], content: RecordDict) -> None:
+        """Keep ``arrays`` in ``Context.state`` until the next instruction."""
+        self.state[name] = ArrayRecord({key: Array(value) for key, value in arrays.items()})
+        self.state[f"{name}-meta"] = ConfigRecord(
+            {SERVER_ROUND: int(self.config(content)[SERVER_ROUND])})
 
     @staticmethod
     def config(content: RecordDict) -> ConfigRecord:
@@ -63,6 +93,15 @@ class ClientProgram(ABC):
     def train(self, content: RecordDict) -> RecordDict:
         """Local training on the instruction ``content``; returns the reply's content."""
 
-    @abstractmethod
     def evaluate(self, content: RecordDict) -> RecordDict:
-        """Local evaluation on the client's test split; returns the reply's content."""
+        """Accuracy and loss of the model sent, on the client's local test split."""
+        data = self.data
+        result = evaluate(self.model_from(content), data.x_test, data.y_test)
+        return RecordDict({METRICS: MetricRecord({
+            NUM_EXAMPLES: result.num_examples, "eval-loss": result.loss,
+            "eval-acc": result.accuracy})})
+
+    def query(self, content: RecordDict) -> RecordDict:
+        """Answer a server query about this client's state (e.g. an audit)."""
+        raise NotImplementedError(f"client program {self.scenario.client.program!r} answers "
+                                  f"no queries")

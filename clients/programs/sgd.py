@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from clients.programs.base import ClientProgram
 from fedsparse.protocol import ARRAYS, METRICS, NUM_EXAMPLES
 from fedsparse.registry import CLIENT_PROGRAMS, PluginParams
-from fedsparse.training import evaluate, num_steps, train_sgd
+from fedsparse.training import num_steps, train_sgd
 
 
 class SGDParams(PluginParams):
@@ -60,10 +60,3 @@ class SGDProgram(ClientProgram):
             "train-s": time.perf_counter() - start,
         })
         return RecordDict({ARRAYS: self.arrays(model), METRICS: metrics})
-
-    def evaluate(self, content: RecordDict) -> RecordDict:
-        data = self.data
-        result = evaluate(self.model_from(content), data.x_test, data.y_test)
-        return RecordDict({METRICS: MetricRecord({
-            NUM_EXAMPLES: result.num_examples, "eval-loss": result.loss,
-            "eval-acc": result.accuracy})})

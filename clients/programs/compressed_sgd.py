@@ -1,0 +1,66 @@
+"""The client of compressed FedAvg (``fedavg_ef``): local SGD as FedAvg's ClientUpdate, then
+the update ``y - x`` is sent compressed, with error feedback (``fedsparse/error_feedback.py``).
+
+State: ``ef`` = {residual if the last message was counted, residual if it was lost}; the
+next instruction's commit-round says which one holds (two-phase commit).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from clients.programs.base import ClientProgram
+from clients.programs.sgd import SGDParams
+from fedsparse.compress import build_compressor
+from fedsparse.error_feedback import ef_message
+from fedsparse.protocol import METRICS, NUM_EXAMPLES, SERVER_ROUND, UPDATE, derive_seed
+from fedsparse.registry import CLIENT_PROGRAMS
+from fedsparse.scaffold import flat_parameters
+from fedsparse.training import num_steps, train_sgd
+
+STATE = "ef"
+
+
+class CompressedSGDParams(SGDParams):
+    program: Literal["compressed_sgd"] = "compressed_sgd"  # type: ignore[assignment]
+
+
+@CLIENT_PROGRAMS.register("compressed_sgd", CompressedSGDParams)
+class CompressedSGD(ClientProgram):
+    Params = CompressedSGDParams
+    params: CompressedSGDParams
+
+    def train(self, content: RecordDict) -> RecordDict:
+        start = time.perf_counter()
+        model = self.model_from(content)
+        x = flat_parameters(model)
+        arrays, counted = self.load_state(STATE, content)
+        residual = arrays["counted" if counted else "lost"] if arrays else np.zeros_like(x)
+        data, p = self.data, self.params
+        steps = num_steps(len(data.x_train), p.batch_size, p.local_epochs, p.local_steps)
+        result = train_sgd(model, data.x_train, data.y_train, lr=p.lr, batch_size=p.batch_size,
+                           steps=steps, generator=self.generator(content),
+                           momentum=p.momentum, weight_decay=p.weight_decay)
+        rule = self.scenario.strategy
+        rng = np.random.default_rng(derive_seed(self.scenario.seed, self.partition_id,
+                                                int(self.config(content)[SERVER_ROUND]),
+                                                "compress"))
+        sizes = [q.numel() for q in model.parameters()]
+        message = ef_message(flat_parameters(model) - x, residual,
+                             build_compressor(rule.compressor, sizes), rng, rule.error_feedback)
+        self.save_state(STATE, {"counted": message.residual_if_counted,
+                                "lost": message.residual_if_lost}, content)
+        metrics = MetricRecord({
+            NUM_EXAMPLES: len(data.x_train),
+            "train-loss": result.loss,
+            "train-steps": result.steps,
+            "train-examples": result.examples,
+            "train-flops": result.flops,
+            "train-s": time.perf_counter() - start,
+        })
+        update = ArrayRecord({k: Array(v) for k, v in message.payload.items()})
+        return RecordDict({UPDATE: update, METRICS: metrics})

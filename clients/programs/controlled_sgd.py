@@ -1,0 +1,85 @@
+"""The client of the SCAFFOLD family (SCAFFOLD, SCALLION, SCAFCOM): K corrected SGD steps,
+one compressed message, control variate and momentum kept in ``Context.state``.
+
+The maths is ``fedsparse/scaffold.py``; this program moves it in and out of Flower records.
+State: ``control`` = {c_i, v_i, pending}, where ``pending`` is ``alpha * delta`` of the last
+message; it joins c_i only once the server says it counted that message (two-phase commit,
+``fedsparse/protocol.py``), so c = mean c_i holds even when a message is lost or rejected.
+"""
+
+from __future__ import annotations
+
+import time
+from itertools import islice
+from typing import Literal
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from pydantic import Field
+
+from clients.programs.base import ClientProgram
+from fedsparse.compress import build_compressor
+from fedsparse.protocol import CONTROL, METRICS, NUM_EXAMPLES, SERVER_ROUND, UPDATE, derive_seed
+from fedsparse.registry import CLIENT_PROGRAMS, PluginParams
+from fedsparse.scaffold import ControlState, client_message, local_steps, step_direction
+from fedsparse.training import batches, cross_entropy
+
+STATE = "control"
+
+
+class ControlledSGDParams(PluginParams):
+    program: Literal["controlled_sgd"] = "controlled_sgd"
+    lr: float = Field(0.05, gt=0, description="eta_l")
+    batch_size: int = Field(32, ge=1)
+    local_steps: int = Field(10, ge=1, description="K: exactly K plain SGD steps")
+
+
+@CLIENT_PROGRAMS.register("controlled_sgd", ControlledSGDParams)
+class ControlledSGD(ClientProgram):
+    Params = ControlledSGDParams
+    params: ControlledSGDParams
+
+    def control(self, d: int, content: RecordDict) -> ControlState:
+        """c_i and v_i, with the pending step applied if the server counted it."""
+        arrays, counted = self.load_state(STATE, content)
+        if not arrays:
+            return ControlState.zeros(d)
+        c_i = arrays["c_i"] + arrays["pending"] if counted else arrays["c_i"]
+        return ControlState(c_i, arrays["v_i"])
+
+    def train(self, content: RecordDict) -> RecordDict:
+        start = time.perf_counter()
+        model = self.model_from(content)
+        sizes = [p.numel() for p in model.parameters()]
+        c = content.array_records[CONTROL]["c"].numpy()
+        state = self.control(sum(sizes), content)
+        rule = self.scenario.strategy.rule()
+        shift, grad_scale = step_direction(rule, state, c)
+        data = self.data
+        stream = ((data.x_train[idx], data.y_train[idx]) for idx in
+                  batches(len(data.x_train), self.params.batch_size, self.generator(content)))
+        result = local_steps(model, islice(stream, self.params.local_steps), cross_entropy,
+                             self.params.lr, shift, grad_scale)
+        server_round = int(self.config(content)[SERVER_ROUND])
+        rng = np.random.default_rng(derive_seed(self.scenario.seed, self.partition_id,
+                                                server_round, "compress"))
+        message = client_message(rule.variant, result.g_bar, state,
+                                 build_compressor(rule.compressor, sizes), rng, rule.alpha,
+                                 rule.beta)
+        self.save_state(STATE, {"c_i": state.c_i, "v_i": state.v_i,
+                                "pending": message.c_i_step}, content)
+        metrics = MetricRecord({
+            NUM_EXAMPLES: len(data.x_train),
+            "train-loss": result.loss,
+            "train-steps": result.steps,
+            "train-examples": result.examples,
+            "train-flops": result.flops,
+            "train-s": time.perf_counter() - start,
+        })
+        update = ArrayRecord({k: Array(v) for k, v in message.payload.items()})
+        return RecordDict({UPDATE: update, METRICS: metrics})
+
+    def query(self, content: RecordDict) -> RecordDict:
+        """The audit: this client's c_i as the server should count it (after commit)."""
+        d = sum(p.numel() for p in self.build_model().parameters())
+        return RecordDict({CONTROL: ArrayRecord({"c_i": Array(self.control(d, content).c_i)})})

@@ -1,0 +1,143 @@
+"""SCAFFOLD / SCALLION / SCAFCOM through the real ServerApp loop, strategies and ClientApp,
+on an in-process grid (no Ray): state in Context.state, the c = mean c_i invariant with and
+without lost messages, byte accounting of compressed payloads, reductions to SCAFFOLD."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, Message
+
+from fedsparse.compress import payload_bytes
+from fedsparse.scenario import Scenario, parse_scenario
+from strategies.loop import LoopState, discover, run_rounds
+from strategies.records import flatten, to_numpy
+from strategies.server_app import build_strategy, central_evaluator, initial_arrays
+from tests.conftest import digits_scenario
+from tests.local_grid import LocalGrid
+
+pytestmark = pytest.mark.usefixtures("flower_task")
+
+
+def scenario(strategy: dict, rounds: int = 4) -> Scenario:
+    text = digits_scenario(strategy=strategy, run={"rounds": rounds, "eval_every": rounds})
+    text = text.replace('program = "sgd"', 'program = "controlled_sgd"').replace(
+        "local_epochs = 3", "local_steps = 5")
+    return parse_scenario(text)
+
+
+def run(scn: Scenario, tamper=None, on_round=None):
+    grid = LocalGrid(scn.data.num_clients, {"scenario": scn.to_toml()}, tamper)
+    strategy = build_strategy(scn)
+    strategy.bind(discover(grid, scn))
+    state = LoopState(arrays=initial_arrays(scn))
+    rows = []
+
+    def hook(rnd, row):
+        rows.append(row)
+        if on_round:
+            on_round(rnd, grid, strategy)
+
+    run_rounds(grid, scn, strategy, state, central_evaluator(scn), hook)
+    return grid, strategy, state, rows
+
+
+def committed_c_i(grid: LocalGrid, strategy, pid: int) -> np.ndarray:
+    state = grid.state(pid)
+    if "control" not in state.array_records:
+        return np.zeros_like(strategy.c)
+    arrays = state.array_records["control"]
+    c_i = arrays["c_i"].numpy()
+    if int(state.config_records["control-meta"]["server-round"]) == \
+            strategy.accepted_round.get(pid, 0):
+        c_i = c_i + arrays["pending"].numpy()
+    return c_i
+
+
+def check_invariant(rnd, grid, strategy):
+    c_mean = np.mean([committed_c_i(grid, strategy, p) for p in range(strategy.num_clients)],
+                     axis=0)
+    np.testing.assert_allclose(strategy.c, c_mean, atol=1e-6)
+
+
+SCAFCOM_TOPK = {"name": "scafcom", "beta": 0.3, "audit": True,
+                "compressor": {"name": "topk", "ratio": 0.1, "value_dtype": "float16"}}
+
+
+def test_state_lives_in_context_and_c_is_the_mean_of_all_c_i():
+    grid, strategy, _, rows = run(scenario(SCAFCOM_TOPK), on_round=check_invariant)
+    assert all(row["audit_control_gap"] < 1e-6 for row in rows)  # the server's own audit
+    assert np.abs(strategy.c).max() > 0
+    sampled = {r.partition_id for r in strategy.client_records if r.phase == "train"}
+    never = set(range(6)) - sampled
+    for pid in sampled:  # clients keep c_i and v_i between rounds, sampled or not
+        assert np.abs(grid.state(pid).array_records["control"]["v_i"].numpy()).max() > 0
+    for pid in never:
+        assert "control" not in grid.state(pid).array_records
+
+
+def test_a_rejected_message_does_not_move_c_i():
+    def nan_in_round_2(message: Message, reply: Message) -> Message:
+        config = message.content.config_records.get("config")
+        if config is None or config.get("server-round") != 2 or "update" not in \
+                reply.content.array_records:
+            return reply
+        update = reply.content.array_records["update"]
+        values = update["val"].numpy().copy()
+        values[0] = np.nan
+        update["val"] = Array(values)
+        return reply
+
+    _grid, strategy, _, rows = run(scenario(SCAFCOM_TOPK), tamper=nan_in_round_2,
+                                  on_round=check_invariant)
+    rejected = [r for r in strategy.client_records if r.status == "rejected"]
+    assert rejected and all(r.round == 2 and "NaN" in r.reason for r in rejected)
+    assert rows[1]["clients_rejected"] == len(rejected)
+    assert all(row["audit_control_gap"] < 1e-6 for row in rows)
+
+
+def test_uplink_is_the_compressed_payload():
+    grid, strategy, state, rows = run(scenario(SCAFCOM_TOPK))
+    d = flatten(to_numpy(state.arrays)).size
+    replies = [m for m in grid.received if "update" in m.content.array_records]
+    sizes = [payload_bytes(to_numpy(m.content.array_records["update"])) for m in replies]
+    records = [r for r in strategy.client_records if r.phase == "train"]
+    assert [r.uplink_bytes for r in records] == sizes
+    assert max(sizes) < 4 * d / 10  # 10% of the coordinates, float16 values + indices
+    assert all(r.downlink_bytes == 2 * 4 * d for r in records)  # x and c, dense float32
+    assert rows[0]["update_density"] == pytest.approx(0.1, abs=0.01)
+
+
+@pytest.mark.parametrize("variant", [
+    {"name": "scallion", "alpha": 1.0, "compressor": {"name": "identity"}},
+    {"name": "scafcom", "alpha": 1.0, "beta": 1.0, "compressor": {"name": "identity"}},
+    {"name": "scafcom", "beta": 1.0, "compressor": {"name": "identity"},
+     "momentum_in_local_steps": True},
+])
+def test_identity_variants_equal_scaffold_through_the_whole_stack(variant):
+    reference = run(scenario({"name": "scaffold"}, rounds=3))
+    other = run(scenario(variant, rounds=3))
+    for key, value in to_numpy(reference[2].arrays).items():
+        np.testing.assert_array_equal(to_numpy(other[2].arrays)[key], value)
+    np.testing.assert_array_equal(reference[1].c, other[1].c)
+
+
+def test_scaffold_sends_one_dense_vector_up():
+    _grid, strategy, state, _ = run(scenario({"name": "scaffold"}, rounds=2))
+    d = flatten(to_numpy(state.arrays)).size
+    assert {r.uplink_bytes for r in strategy.client_records if r.phase == "train"} == {4 * d}
+
+
+def test_gamma_is_global_lr_times_local_lr_times_k():
+    scn = scenario({"name": "scaffold", "global_lr": 2.0})
+    assert build_strategy(scn).gamma == pytest.approx(2.0 * 0.1 * 5)
+
+
+def test_a_model_with_buffers_is_refused(monkeypatch):
+    from torch import nn
+
+    import strategies.scaffold as module
+
+    monkeypatch.setattr(module, "build_model", lambda *a: nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match="buffers"):
+        build_strategy(scenario({"name": "scaffold"}))
