@@ -15,6 +15,8 @@ from typing import Any
 ARRAYS = "arrays"  # ArrayRecord: the model (down) or the client's result (up)
 UPDATE = "update"  # ArrayRecord: a compressed update (payload arrays of fedsparse.compress)
 CONTROL = "control"  # ArrayRecord: the global control variate c (SCAFFOLD family)
+MODEL_SYNC = "model-sync"  # ArrayRecord: the public model, whole or changed coordinates
+                           # (replaces ARRAYS in train instructions with a compressed downlink)
 CONFIG = "config"  # ConfigRecord: server -> client instructions
 METRICS = "metrics"  # MetricRecord: client -> server measurements
 

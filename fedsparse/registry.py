@@ -16,6 +16,8 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedsparse.compress import CompressorConfig
+
 T = TypeVar("T")
 
 PLUGIN_PACKAGES = ("fedsparse.models", "strategies", "clients.programs")
@@ -38,6 +40,8 @@ class StrategyParams(PluginParams):
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="clients in federated eval")
     min_train_clients: int = Field(1, ge=1)
     min_evaluate_clients: int = Field(1, ge=1)
+    downlink: CompressorConfig | None = Field(
+        None, description="compress the model sent for training (fedsparse/downlink.py)")
 
 
 @dataclass(frozen=True)

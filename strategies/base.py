@@ -28,12 +28,24 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsparse.compress import build_compressor
+from fedsparse.downlink import PublicModel
+from fedsparse.flat import flatten
 from fedsparse.metrics.aggregate import aggregate_client_metrics, unweighted_mean
 from fedsparse.payload import PayloadError, check_count, check_dense
-from fedsparse.protocol import ARRAYS, COMMIT_ROUND, CONFIG, METRICS, NUM_EXAMPLES, SERVER_ROUND
+from fedsparse.protocol import (
+    ARRAYS,
+    COMMIT_ROUND,
+    CONFIG,
+    METRICS,
+    MODEL_SYNC,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    derive_seed,
+)
 from fedsparse.registry import StrategyParams
 from fedsparse.scenario import Scenario
-from strategies.records import content_bytes, to_numpy
+from strategies.records import content_bytes, from_numpy, to_numpy
 
 log = logging.getLogger("fedsparse.strategy")
 
@@ -83,6 +95,8 @@ class FedSparseStrategy(Strategy):
 
     def __init__(self, params: StrategyParams, scenario: Scenario) -> None:
         self.params = params
+        self.public: PublicModel | None = None  # the compressed downlink's x_hat
+        self.synced: dict[int, int] = {}  # partition id -> last round it received x_hat
         self.scenario = scenario
         self.num_clients = scenario.data.num_clients
         self.node_of: dict[int, int] = {}  # partition id -> Flower node id (this run)
@@ -114,14 +128,27 @@ class FedSparseStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.current = to_numpy(arrays)
+        if self.params.downlink is not None:
+            self._advance_public(server_round)
         messages = []
         for pid in self.sample(server_round, TRAIN):
             # COMMIT_ROUND tells a stateful client whether its last update was counted
             config_i = ConfigRecord({**config, SERVER_ROUND: server_round,
                                      COMMIT_ROUND: self.accepted_round.get(pid, 0)})
-            messages.append(self._send(server_round, TRAIN, pid,
-                                       self.train_instruction(pid, arrays, config_i)))
+            content = self.train_instruction(pid, arrays, config_i)
+            if self.public is not None:  # the public model instead of the dense one
+                sync = self.public.sync(self.synced.get(pid))
+                content = RecordDict({**{k: v for k, v in content.items() if k != ARRAYS},
+                                      MODEL_SYNC: from_numpy(sync)})
+            messages.append(self._send(server_round, TRAIN, pid, content))
         return messages
+
+    def _advance_public(self, server_round: int) -> None:
+        if self.public is None:
+            sizes = [a.size for a in self.current.values()]
+            self.public = PublicModel(build_compressor(self.params.downlink, sizes))
+        rng = np.random.default_rng(derive_seed(self.scenario.seed, "downlink", server_round))
+        self.public.advance(server_round, flatten(self.current), rng)
 
     def train_instruction(self, partition_id: int, arrays: ArrayRecord,
                           config: ConfigRecord) -> RecordDict:
@@ -218,6 +245,8 @@ class FedSparseStrategy(Strategy):
             elif message.has_error():
                 record.status, record.reason = "failed", message.error.reason
             else:
+                if phase == TRAIN:  # the client got (and stored) this round's public model
+                    self.synced[pid] = server_round
                 record.uplink_bytes = content_bytes(message.content)
                 try:
                     reply = self._validate(pid, message.content, check)

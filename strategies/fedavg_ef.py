@@ -11,12 +11,13 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedsparse.compress import build_compressor
 from fedsparse.error_feedback import FedAvgEFParams, server_step
+from fedsparse.flat import flatten, unflatten
 from fedsparse.payload import PayloadError
 from fedsparse.protocol import UPDATE
 from fedsparse.registry import STRATEGIES
 from fedsparse.scenario import Scenario
 from strategies.base import FedSparseStrategy, Reply
-from strategies.records import flatten, from_numpy, to_numpy, unflatten
+from strategies.records import from_numpy, to_numpy
 
 
 @STRATEGIES.register("fedavg_ef", FedAvgEFParams)

@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 
 from fedsparse.compress import build_compressor
 from fedsparse.data import load_dataset
+from fedsparse.flat import flatten, unflatten
 from fedsparse.models import build_model
 from fedsparse.payload import PayloadError
 from fedsparse.protocol import COMMIT_ROUND, CONFIG, CONTROL, QUERY, UPDATE
@@ -38,7 +39,7 @@ from fedsparse.registry import STRATEGIES
 from fedsparse.scaffold import ScafcomParams, ScaffoldParams, ScallionParams, server_update
 from fedsparse.scenario import Scenario
 from strategies.base import FedSparseStrategy, Reply
-from strategies.records import flatten, from_numpy, to_numpy, unflatten
+from strategies.records import from_numpy, to_numpy
 
 
 def model_io(dataset: str) -> tuple[tuple[int, ...], int]:

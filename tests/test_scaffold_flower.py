@@ -9,9 +9,10 @@ import pytest
 from flwr.app import Array, Message
 
 from fedsparse.compress import payload_bytes
+from fedsparse.flat import flatten
 from fedsparse.scenario import Scenario, parse_scenario
 from strategies.loop import LoopState, discover, run_rounds
-from strategies.records import flatten, to_numpy
+from strategies.records import to_numpy
 from strategies.server_app import build_strategy, central_evaluator, initial_arrays
 from tests.conftest import digits_scenario
 from tests.local_grid import LocalGrid

@@ -18,12 +18,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from fedsparse.data import ClientData, client_data, load_dataset
+from fedsparse.downlink import apply_sync
+from fedsparse.flat import unflatten
 from fedsparse.models import build_model
 from fedsparse.protocol import (
     ARRAYS,
     COMMIT_ROUND,
     CONFIG,
     METRICS,
+    MODEL_SYNC,
     NUM_EXAMPLES,
     SERVER_ROUND,
     derive_seed,
@@ -31,6 +34,8 @@ from fedsparse.protocol import (
 from fedsparse.registry import PluginParams
 from fedsparse.scenario import Scenario
 from fedsparse.training import evaluate
+
+PUBLIC_MODEL = "public-model"  # state: this client's copy of a compressed downlink's x_hat
 
 
 class ClientProgram(ABC):
@@ -54,9 +59,20 @@ class ClientProgram(ABC):
         return build_model(self.scenario.model, dataset.input_shape, dataset.num_classes)
 
     def model_from(self, content: RecordDict) -> nn.Module:
-        """The scenario's model with the weights the server sent."""
+        """The scenario's model with the weights the server sent: the dense model, or the
+        public model of a compressed downlink, updated from the copy kept in the state."""
         model = self.build_model()
-        model.load_state_dict(content.array_records[ARRAYS].to_torch_state_dict())
+        if MODEL_SYNC not in content.array_records:
+            model.load_state_dict(content.array_records[ARRAYS].to_torch_state_dict())
+            return model
+        template = {k: v.numpy() for k, v in model.state_dict().items()}
+        held = self.state.array_records.get(PUBLIC_MODEL)
+        x_hat = apply_sync(None if held is None else held["x_hat"].numpy(),
+                           {k: a.numpy() for k, a in content.array_records[MODEL_SYNC].items()},
+                           sum(v.size for v in template.values()))
+        self.state[PUBLIC_MODEL] = ArrayRecord({"x_hat": Array(x_hat)})
+        model.load_state_dict({k: torch.from_numpy(v)
+                               for k, v in unflatten(x_hat, template).items()})
         return model
 
     def generator(self, content: RecordDict) -> torch.Generator:
