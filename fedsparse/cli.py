@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-from fedsparse.scenario import Scenario, ScenarioError, load_scenario
+from fedsparse.experiments import compare, new_run_dir, run_scenario
+from fedsparse.scenario import ScenarioError, load_scenario
 
 EXIT_INVALID, EXIT_FAILED = 2, 1
 
@@ -74,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     overrides(p)
     p.add_argument("--experiment", help="MLflow experiment (default compare-<time>)")
     p.add_argument("--out", type=Path, help="report folder (default reports/<experiment>)")
+    p.add_argument("--target", type=float, metavar="ACC",
+                   help="report the rounds each run needs to reach this centralised accuracy")
+    p.add_argument("--reference", metavar="NAME",
+                   help="report each run's uplink reduction against this run (scenario name)")
     _deployment_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -89,91 +90,6 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
                        help="MLflow tracking URI as the ServerApp must reach it (default: "
                             "MLFLOW_TRACKING_URI or ./mlflow.db in simulation; the "
                             "ServerApp's own MLFLOW_TRACKING_URI in deployment)")
-
-
-def tracking_settings(workdir: Path, uri: str = "", deployment: bool = False) -> dict[str, str]:
-    """Where the ServerApp tracks: ``uri`` if given; in deployment, the ServerApp's own
-    MLFLOW_TRACKING_URI (""); else MLFLOW_TRACKING_URI or SQLite + ./mlruns in ``workdir``."""
-    uri = uri or ("" if deployment else os.environ.get("MLFLOW_TRACKING_URI", ""))
-    if uri or deployment:
-        return {"tracking-uri": uri, "artifact-location": ""}
-    workdir = workdir.resolve()
-    return {"tracking-uri": f"sqlite:///{workdir / 'mlflow.db'}",
-            "artifact-location": (workdir / "mlruns").as_uri()}
-
-
-def _run_dir(scenario: Scenario) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{scenario.name}-{stamp}-{secrets.token_hex(2)}"
-
-
-class Progress:
-    """A progress bar over rounds and one short line per round (Flower chatter goes to a log)."""
-
-    def __init__(self, label: str, rounds: int, quiet: bool) -> None:
-        from tqdm import tqdm
-
-        self.bar = None if quiet else tqdm(total=rounds, desc=label, unit="round",
-                                           dynamic_ncols=True)
-        if self.bar is not None:
-            self.bar.set_postfix_str("starting SuperLink, Ray and the clients")
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            return
-        kind = event["event"]
-        if kind == "start":
-            self.bar.set_postfix_str("")
-            self.bar.update(event["first_round"] - 1 - self.bar.n)
-        elif kind == "round":
-            self.bar.update(1)
-            tqdm.write(format_round(event["round"], event["rounds"], event["metrics"]))
-        elif kind in ("done", "error"):
-            self.bar.close()
-
-
-def format_round(server_round: int, rounds: int, m: dict[str, Any]) -> str:
-    def num(key: str, fmt: str) -> str:
-        return format(m[key], fmt) if key in m else "  -   "
-
-    width = len(str(rounds))
-    return (f"round {server_round:>{width}}/{rounds}  acc {num('accuracy', '.4f')}  "
-            f"loss {num('loss', '.4f')}  fed acc {num('fed_accuracy_weighted', '.4f')}  "
-            f"up {m.get('uplink_bytes', 0) / 1e6:7.2f} MB  "
-            f"down {m.get('downlink_bytes', 0) / 1e6:7.2f} MB  {m['round_s']:5.1f} s")
-
-
-def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: str = "",
-                 root_certificates: Path | None = None, tracking_uri: str = "",
-                 extra: dict[str, str] | None = None, resume: bool = False) -> dict[str, Any]:
-    """Run one scenario through Flower; return its summary (see ``tracking/summary.py``)."""
-    from fedsparse.launch import Launch, run_flower
-
-    workdir = Path.cwd()
-    settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
-                **(extra or {})}
-    if resume:
-        settings["resume-from"] = str(run_dir.resolve())
-    launch = Launch(scenario=scenario, run_dir=run_dir, workdir=workdir, superlink=superlink,
-                    insecure=root_certificates is None, root_certificates=root_certificates,
-                    settings=settings)
-    if not quiet:
-        where = f"SuperLink {superlink}" if superlink else "Ray simulation"
-        print(f"fedsparse: {scenario.name} on {where}, {scenario.data.num_clients} clients, "
-              f"{scenario.run.rounds} rounds -> {run_dir} (Flower log: {launch.log_path})",
-              file=sys.stderr)
-    started = time.perf_counter()
-    progress = Progress(scenario.name, scenario.run.rounds, quiet)
-    try:
-        summary = run_flower(launch, progress)
-    finally:
-        if progress.bar is not None:
-            progress.bar.close()
-    summary["total_wall_s"] = time.perf_counter() - started
-    summary["run_dir"] = str(run_dir)
-    return summary
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -192,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit("fedsparse run: give a scenario FILE or --resume RUN_DIR")
     else:
         scenario = load_scenario(args.file, args.overrides)
-        run_dir = args.run_dir or _run_dir(scenario)
+        run_dir = args.run_dir or new_run_dir(scenario)
     summary = run_scenario(scenario, run_dir=run_dir, quiet=args.quiet, superlink=args.superlink,
                            root_certificates=args.root_certificates,
                            tracking_uri=args.tracking_uri, resume=bool(args.resume))
@@ -204,42 +120,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fedsparse.tracking.history import read_csv
-    from fedsparse.tracking.mlflow_run import MlflowRun, experiment_id
-    from fedsparse.tracking.report import write_report
-
-    experiment = args.experiment or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    overrides = [*args.overrides, f"tracking.experiment={json.dumps(experiment)}"]
-    scenarios = [load_scenario(f, overrides) for f in args.files]  # all valid before any runs
-    labels = [s.name for s in scenarios]
-    if len(set(labels)) < len(labels):
-        labels = [f"{s.name}[{f.stem}]" for s, f in zip(scenarios, args.files, strict=True)]
-    # the CLI's own view of the store (the ServerApps get --tracking-uri, see run_scenario)
-    settings = tracking_settings(Path.cwd())
-    exp_id = experiment_id(settings["tracking-uri"], experiment, settings["artifact-location"])
-    parent = MlflowRun.create(settings["tracking-uri"], exp_id, "comparison",
-                              {"fedsparse.compare": ",".join(labels)})
-    summaries, histories = {}, {}
-    try:
-        for label, scenario in zip(labels, scenarios, strict=True):
-            run_dir = _run_dir(scenario)
-            summaries[label] = run_scenario(
-                scenario, run_dir=run_dir, quiet=args.quiet, superlink=args.superlink,
-                root_certificates=args.root_certificates,
-                tracking_uri=args.tracking_uri,
-                extra={"parent-run-id": parent.run_id, "run-name": label})
-            run = MlflowRun(settings["tracking-uri"], summaries[label]["mlflow_run_id"])
-            histories[label] = read_csv(run.download("metrics.csv", run_dir / "tracked"))
-        out = args.out or Path("reports") / experiment
-        for path in write_report(summaries, histories, out, f"Comparison: {experiment}"):
-            parent.log_artifact(path, "plots" if path.suffix == ".png" else None)
-    except BaseException:
-        parent.finish("FAILED")
-        raise
-    parent.finish()
-    print(f"report: {out / 'report.md'} (MLflow experiment {experiment!r}, "
-          f"parent run {parent.run_id})")
-    print((out / "report.md").read_text())
+    result = compare(args.files, overrides=args.overrides, experiment=args.experiment or "",
+                     out=args.out, quiet=args.quiet, superlink=args.superlink,
+                     root_certificates=args.root_certificates, tracking_uri=args.tracking_uri,
+                     target=args.target, reference=args.reference or "")
+    print(f"report: {result.report} (MLflow experiment {result.experiment!r}, "
+          f"parent run {result.parent_run_id})")
+    print(result.report.read_text())
     return 0
 
 

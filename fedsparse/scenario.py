@@ -208,12 +208,16 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return tree
 
 
-def parse_scenario(text: str, overrides: Sequence[str] = (), source: str = "<text>") -> Scenario:
-    """Validate TOML text (plus ``--set`` overrides) into a :class:`Scenario`."""
+def _toml(text: str, source: str) -> dict[str, Any]:
     try:
-        tree = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ScenarioError(source, [f"not valid TOML: {err}"]) from None
+
+
+def validate(tree: dict[str, Any], overrides: Sequence[str] = (),
+             source: str = "<text>") -> Scenario:
+    """Validate a scenario tree (plus ``--set`` overrides) into a :class:`Scenario`."""
     tree = apply_overrides(tree, overrides)
     try:
         return Scenario.model_validate(tree)
@@ -221,12 +225,42 @@ def parse_scenario(text: str, overrides: Sequence[str] = (), source: str = "<tex
         raise ScenarioError(source, [_describe(e, tree) for e in err.errors()]) from None
 
 
+def parse_scenario(text: str, overrides: Sequence[str] = (), source: str = "<text>") -> Scenario:
+    """Validate TOML text (plus ``--set`` overrides) into a :class:`Scenario`."""
+    return validate(_toml(text, source), overrides, source)
+
+
 def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
-    """Read and validate a scenario file."""
-    path = Path(path)
+    """Read and validate a scenario file (following ``extends``)."""
+    return validate(read_tree(Path(path)), overrides, source=str(path))
+
+
+def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A scenario file as a tree; ``extends = "base.toml"`` (relative to the file) names a
+    file whose keys this one overrides, section by section."""
     if not path.is_file():
         raise ScenarioError(str(path), ["file not found"])
-    return parse_scenario(path.read_text(encoding="utf-8"), overrides, source=str(path))
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ScenarioError(str(path), [f"extends: a cycle ({chain})"])
+    tree = _toml(path.read_text(encoding="utf-8"), str(path))
+    base = tree.pop("extends", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ScenarioError(str(path), [f"extends = {base!r}: expected a file name"])
+    return _merge(read_tree(path.parent / base, (*seen, path.resolve())), tree)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: sections merge key by key, values replace."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _describe(error: dict[str, Any], tree: dict[str, Any]) -> str:

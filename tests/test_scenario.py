@@ -18,8 +18,10 @@ def problems(text: str, overrides: list[str] = ()) -> str:
 
 
 def test_every_shipped_scenario_is_valid():
-    files = sorted((REPO / "scenarios").rglob("*.toml")) + sorted(DATA.glob("*.toml"))
-    assert files
+    """Every scenario file but the partial ones (``_*.toml``, only meant to be extended)."""
+    files = [f for f in sorted((REPO / "scenarios").rglob("*.toml")) + sorted(DATA.glob("*.toml"))
+             if not f.name.startswith("_")]
+    assert len(files) >= 13
     for path in files:
         scenario = load_scenario(path)
         assert parse_scenario(scenario.to_toml()) == scenario  # TOML round trip is exact
@@ -131,3 +133,20 @@ def test_compressor_sections_are_validated():
 def test_unknown_nested_key_lists_the_nested_sections_keys():
     msg = problems(controlled({"name": "scafcom", "compressor": {"name": "topk", "bits": 3}}))
     assert "(allowed in [strategy.compressor.topk]: name, value_dtype, ratio, scope)" in msg
+
+
+def test_extends_merges_sections_and_detects_cycles(tmp_path: Path):
+    (tmp_path / "base.toml").write_text(digits_scenario())
+    (tmp_path / "arm.toml").write_text('extends = "base.toml"\nname = "arm"\n'
+                                       '[client]\nlr = 0.5\n')
+    scenario = load_scenario(tmp_path / "arm.toml", ["run.rounds=9"])
+    assert scenario.name == "arm" and scenario.client.lr == 0.5
+    assert scenario.client.batch_size == 16 and scenario.run.rounds == 9  # from the base
+    assert scenario.data.alpha == 1.0
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(ScenarioError, match="a cycle"):
+        load_scenario(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text('extends = "missing.toml"\n')
+    with pytest.raises(ScenarioError, match="file not found"):
+        load_scenario(tmp_path / "c.toml")

@@ -167,3 +167,24 @@ def test_quickstart_reaches_90_percent(workdir: Path):
     summary = json.loads((workdir / "qs.json").read_text())
     assert summary["final_accuracy"] >= 0.90
     assert summary["rounds"] == 10
+
+
+def test_scafcom_on_ray_keeps_c_the_mean_of_all_c_i(workdir: Path):
+    """Client state lives in Context.state across Ray actors; the server's audit queries every
+    client after every round."""
+    scenario = workdir / "scafcom.toml"
+    scenario.write_text((DATA / "digits.toml").read_text()
+                        .replace('program = "sgd"', 'program = "controlled_sgd"')
+                        .replace("local_epochs = 3", "local_steps = 10")
+                        .replace('name = "fedavg"', 'name = "scafcom"\naudit = true\nbeta = 0.5')
+                        + '\n[strategy.compressor]\nname = "topk"\nratio = 0.05\n'
+                          'value_dtype = "float16"\n')
+    assert fedsparse("run", scenario, "--set", "run.rounds=4", "--run-dir", "runs/s",
+                     "--summary", "s.json", "--quiet") == 0
+    rows = read_csv(workdir / "runs/s/metrics.csv")
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["audit_control_gap"] <= 1e-6 for r in rows)
+    assert rows[-1]["control_norm"] > 0
+    summary = json.loads((workdir / "s.json").read_text())
+    assert summary["uplink_bytes"] < 12 * MODEL_BYTES / 10  # 12 messages of 5%, not dense
+    assert summary["final_accuracy"] > 0.3

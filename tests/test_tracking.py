@@ -79,8 +79,22 @@ def test_events_round_trip(capsys):
 def test_report_has_a_table_and_overlay_plots(tmp_path: Path):
     summaries = {"a": summarize(HISTORY, 1.0, "r1"), "b": summarize(HISTORY[:2], 2.0, "r2")}
     files = write_report(summaries, {"a": HISTORY, "b": HISTORY[:2]}, tmp_path, "A vs B")
-    assert {f.name for f in files} == {"report.md", "summary.csv", "accuracy_vs_round.png",
-                                       "accuracy_vs_uplink.png"}
+    assert {f.name for f in files} == {"report.md", "summary.csv", "a.csv", "b.csv",
+                                       "accuracy_vs_round.png", "accuracy_vs_uplink.png"}
     table = markdown_table(summaries)
     assert "| a | 0.8000 |" in table and "| r2 |" in table
     assert [row["run"] for row in read_csv(tmp_path / "summary.csv")] == ["a", "b"]
+    assert read_csv(tmp_path / "metrics/a.csv") == HISTORY
+
+
+def test_report_rounds_to_target_and_uplink_reduction(tmp_path: Path):
+    slow = [dict(r, accuracy=r.get("accuracy", 0) / 2) for r in HISTORY]
+    cheap = [dict(r, cum_uplink_bytes=r["cum_uplink_bytes"] / 10) for r in HISTORY]
+    histories = {"dense": HISTORY, "slow": slow, "cheap": cheap}
+    summaries = {k: summarize(v, 1.0, k) for k, v in histories.items()}
+    write_report(summaries, histories, tmp_path, "t", target=0.75, reference="dense")
+    rows = {r["run"]: r for r in read_csv(tmp_path / "summary.csv")}
+    assert rows["dense"]["rounds_to_target"] == 2 and "rounds_to_target" not in rows["slow"]
+    assert rows["dense"]["uplink_reduction"] == 1 and rows["cheap"]["uplink_reduction"] == 10
+    report = (tmp_path / "report.md").read_text()
+    assert "rounds to target" in report and "| cheap |" in report

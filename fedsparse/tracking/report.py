@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("final_accuracy", "final accuracy", lambda v: f"{v:.4f}"),
     ("fed_accuracy_weighted", "fed. accuracy (weighted)", lambda v: f"{v:.4f}"),
     ("rounds", "rounds", lambda v: f"{int(v)}"),
+    ("rounds_to_target", "rounds to target", lambda v: f"{int(v)}"),
     ("uplink_bytes", "uplink MB", lambda v: f"{v / MB:.2f}"),
+    ("uplink_reduction", "uplink reduction x", lambda v: f"{v:.1f}"),
     ("downlink_bytes", "downlink MB", lambda v: f"{v / MB:.2f}"),
     ("train_flops", "train GFLOPs", lambda v: f"{v / 1e9:.2f}"),
     ("wall_s", "wall s", lambda v: f"{v:.1f}"),
@@ -22,26 +25,62 @@ COLUMNS: tuple[tuple[str, str, Any], ...] = (
 )
 
 
+def rounds_to(history: Sequence[Row], target: float) -> int | None:
+    """The first evaluated round whose centralised accuracy reaches ``target``."""
+    return next((int(r["round"]) for r in history if r.get("accuracy", -1) >= target), None)
+
+
+def with_comparisons(summaries: Mapping[str, Mapping[str, Any]],
+                     histories: Mapping[str, Sequence[Row]], target: float | None,
+                     reference: str) -> dict[str, dict[str, Any]]:
+    """Summaries plus ``rounds_to_target`` and ``uplink_reduction`` (reference / run)."""
+    out = {label: dict(summary) for label, summary in summaries.items()}
+    for label, summary in out.items():
+        if target is not None:
+            reached = rounds_to(histories.get(label, []), target)
+            if reached is not None:
+                summary["rounds_to_target"] = reached
+        if reference and summary.get("uplink_bytes"):
+            summary["uplink_reduction"] = summaries[reference]["uplink_bytes"] / \
+                summary["uplink_bytes"]
+    return out
+
+
 def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
-    header = ["run", *(title for _, title, _ in COLUMNS)]
+    columns = [c for c in COLUMNS if any(c[0] in s for s in summaries.values())]
+    header = ["run", *(title for _, title, _ in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, summary in summaries.items():
         cells = [label] + [fmt(summary[key]) if key in summary else "-"
-                           for key, _, fmt in COLUMNS]
+                           for key, _, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _file_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
+
+
 def write_report(summaries: Mapping[str, Mapping[str, Any]],
-                 histories: Mapping[str, Sequence[Row]], out_dir: Path,
-                 title: str) -> list[Path]:
-    """Write ``report.md``, ``summary.csv`` and the overlay plots; return the files."""
+                 histories: Mapping[str, Sequence[Row]], out_dir: Path, title: str,
+                 target: float | None = None, reference: str = "") -> list[Path]:
+    """Write ``report.md``, ``summary.csv``, each run's ``metrics/<run>.csv`` and the overlay
+    plots; return the files."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    table_rows = with_comparisons(summaries, histories, target, reference)
     plots = accuracy_plots(histories, out_dir / "plots")
-    table = write_csv([{"run": label, **summary} for label, summary in summaries.items()],
+    table = write_csv([{"run": label, **summary} for label, summary in table_rows.items()],
                       out_dir / "summary.csv")
-    body = [f"# {title}\n", markdown_table(summaries)]
+    per_run = [write_csv(rows, out_dir / "metrics" / f"{_file_name(label)}.csv")
+               for label, rows in histories.items()]
+    notes = []
+    if target is not None:
+        notes.append(f"rounds to target: first evaluated round with accuracy >= {target}")
+    if reference:
+        notes.append(f"uplink reduction: uplink bytes of {reference} / uplink bytes of the run")
+    body = [f"# {title}\n", markdown_table(table_rows)]
+    body += [f"- {n}" for n in notes] + ([""] if notes else [])
     body += [f"![{p.stem}](plots/{p.name})\n" for p in plots]
     report = out_dir / "report.md"
     report.write_text("\n".join(body))
-    return [report, table, *plots]
+    return [report, table, *per_run, *plots]
