@@ -15,7 +15,8 @@ With ``audit = true`` the server asks every client for its c_i after each round 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Iterable
+from typing import ClassVar
 
 import numpy as np
 from flwr.app import (
@@ -30,21 +31,15 @@ from flwr.app import (
 from flwr.serverapp import Grid
 
 from fedsparse.compress import build_compressor
-from fedsparse.data import load_dataset
 from fedsparse.flat import flatten, unflatten
-from fedsparse.models import build_model
+from fedsparse.models import scenario_model
 from fedsparse.payload import PayloadError
-from fedsparse.protocol import COMMIT_ROUND, CONFIG, CONTROL, QUERY, UPDATE
+from fedsparse.protocol import ARRAYS, COMMIT_ROUND, CONFIG, CONTROL, QUERY, UPDATE
 from fedsparse.registry import STRATEGIES
 from fedsparse.scaffold import ScafcomParams, ScaffoldParams, ScallionParams, server_update
 from fedsparse.scenario import Scenario
 from strategies.base import FedSparseStrategy, Reply
 from strategies.records import from_numpy, to_numpy
-
-
-def model_io(dataset: str) -> tuple[tuple[int, ...], int]:
-    data = load_dataset(dataset)
-    return data.input_shape, data.num_classes
 
 
 class ControlledAveraging(FedSparseStrategy):
@@ -62,8 +57,7 @@ class ControlledAveraging(FedSparseStrategy):
         self.c: np.ndarray | None = None
         self.compressor = None
         self.last_density = 0.0
-        model = build_model(scenario.model, *model_io(scenario.data.dataset))
-        if any(True for _ in model.buffers()):
+        if any(True for _ in scenario_model(scenario).buffers()):
             raise ValueError(f"strategy {params.name!r}: the model has buffers (e.g. BatchNorm "
                              f"statistics), which the control variates do not cover")
 
@@ -77,7 +71,7 @@ class ControlledAveraging(FedSparseStrategy):
     def train_instruction(self, partition_id: int, arrays: ArrayRecord,
                           config: ConfigRecord) -> RecordDict:
         self._setup()
-        return RecordDict({"arrays": arrays, CONTROL: ArrayRecord({"c": Array(self.c)}),
+        return RecordDict({ARRAYS: arrays, CONTROL: ArrayRecord({"c": Array(self.c)}),
                            CONFIG: config})
 
     def check_train_reply(self, content: RecordDict) -> np.ndarray:
@@ -93,7 +87,7 @@ class ControlledAveraging(FedSparseStrategy):
         return from_numpy(unflatten(x, self.current))
 
     def aggregate_train(self, server_round: int,
-                        replies: Any) -> tuple[ArrayRecord | None, MetricRecord]:
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
             metrics["update_density"] = self.last_density

@@ -27,8 +27,8 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
 from fedsparse.checkpoint import Checkpoint
-from fedsparse.data import held_out_set, load_dataset
-from fedsparse.models import build_model
+from fedsparse.data import held_out_set
+from fedsparse.models import scenario_model
 from fedsparse.protocol import RUN_CONFIG_DEFAULTS, derive_seed, run_setting
 from fedsparse.registry import STRATEGIES
 from fedsparse.scenario import Scenario, parse_scenario
@@ -49,20 +49,15 @@ def build_strategy(scenario: Scenario) -> FedSparseStrategy:
     return STRATEGIES.get(scenario.strategy.name).impl(scenario.strategy, scenario)
 
 
-def _model(scenario: Scenario) -> torch.nn.Module:
-    dataset = load_dataset(scenario.data.dataset)
-    return build_model(scenario.model, dataset.input_shape, dataset.num_classes)
-
-
 def initial_arrays(scenario: Scenario) -> ArrayRecord:
     """The initial global model, seeded by the scenario's seed only."""
     torch.manual_seed(derive_seed(scenario.seed, "model-init"))
-    return ArrayRecord(_model(scenario).state_dict())
+    return ArrayRecord(scenario_model(scenario).state_dict())
 
 
 def central_evaluator(scenario: Scenario) -> Evaluator:
     """Accuracy and loss of a global model on the dataset's held-out test set."""
-    model = _model(scenario)
+    model = scenario_model(scenario)
     x, y = held_out_set(scenario.data)
 
     def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:

@@ -139,6 +139,6 @@ def test_a_model_with_buffers_is_refused(monkeypatch):
 
     import strategies.scaffold as module
 
-    monkeypatch.setattr(module, "build_model", lambda *a: nn.BatchNorm1d(3))
+    monkeypatch.setattr(module, "scenario_model", lambda *a: nn.BatchNorm1d(3))
     with pytest.raises(ValueError, match="buffers"):
         build_strategy(scenario({"name": "scaffold"}))

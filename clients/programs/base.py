@@ -17,10 +17,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
-from fedsparse.data import ClientData, client_data, load_dataset
+from fedsparse.data import ClientData, client_data
 from fedsparse.downlink import apply_sync
 from fedsparse.flat import unflatten
-from fedsparse.models import build_model
+from fedsparse.models import scenario_model
 from fedsparse.protocol import (
     ARRAYS,
     COMMIT_ROUND,
@@ -55,8 +55,7 @@ class ClientProgram(ABC):
 
     def build_model(self) -> nn.Module:
         """A fresh instance of the scenario's model."""
-        dataset = load_dataset(self.scenario.data.dataset)
-        return build_model(self.scenario.model, dataset.input_shape, dataset.num_classes)
+        return scenario_model(self.scenario)
 
     def model_from(self, content: RecordDict) -> nn.Module:
         """The scenario's model with the weights the server sent: the dense model, or the
