@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 NO_PHONE_HOME: dict[str, str] = {
@@ -26,6 +27,7 @@ NO_PHONE_HOME: dict[str, str] = {
 }
 
 QUIET: dict[str, str] = {
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "RAY_DEDUP_LOGS": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
@@ -38,8 +40,11 @@ _MAX_RAY_TMPDIR = 36
 
 
 def apply_no_phone_home() -> None:
-    """Force the no-phone-home settings into this process's environment."""
+    """Force the no-phone-home settings into this process's environment (and default the
+    quiet ones, which a user may override)."""
     os.environ.update(NO_PHONE_HOME)
+    for key, value in QUIET.items():
+        os.environ.setdefault(key, value)
 
 
 def state_dir(workdir: Path) -> Path:
@@ -72,4 +77,8 @@ def process_env(workdir: Path) -> dict[str, str]:
     env.update(QUIET)
     env["FLWR_HOME"] = str(state_dir(workdir) / "flwr_home")
     env["RAY_TMPDIR"] = str(ray_tmpdir(workdir))
+    # Flower's executables (flower-superlink, flwr, flwr-simulation, ...) live beside this
+    # interpreter; a virtualenv that is not activated is not on PATH, and the SuperLink in turn
+    # starts its children by name.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env

@@ -9,8 +9,9 @@ instruction's RecordDict into the reply's RecordDict; the maths it calls lives i
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -34,6 +35,16 @@ from fedsparse.protocol import (
 from fedsparse.registry import PluginParams
 from fedsparse.scenario import Scenario
 from fedsparse.training import evaluate
+
+
+class LocalTraining(Protocol):
+    """What a local training run reports (``training.TrainResult``, ``scaffold.LocalResult``)."""
+
+    loss: float
+    steps: int
+    examples: int
+    flops: int
+
 
 PUBLIC_MODEL = "public-model"  # state: this client's copy of a compressed downlink's x_hat
 
@@ -103,6 +114,17 @@ class ClientProgram(ABC):
     @staticmethod
     def arrays(model: nn.Module) -> ArrayRecord:
         return ArrayRecord(model.state_dict())
+
+    def train_metrics(self, result: LocalTraining, started: float) -> MetricRecord:
+        """The measurements every train reply carries (see ``strategies/base.py``)."""
+        return MetricRecord({
+            NUM_EXAMPLES: len(self.data.x_train),
+            "train-loss": result.loss,
+            "train-steps": result.steps,
+            "train-examples": result.examples,
+            "train-flops": result.flops,
+            "train-s": time.perf_counter() - started,
+        })
 
     @abstractmethod
     def train(self, content: RecordDict) -> RecordDict:

@@ -11,16 +11,14 @@ import time
 from typing import Literal
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 
-from clients.programs.base import ClientProgram
-from clients.programs.sgd import SGDParams
+from clients.programs.sgd import SGDParams, SGDProgram
 from fedsparse.compress import build_compressor
 from fedsparse.error_feedback import ef_message
-from fedsparse.protocol import METRICS, NUM_EXAMPLES, SERVER_ROUND, UPDATE, derive_seed
+from fedsparse.protocol import METRICS, SERVER_ROUND, UPDATE, derive_seed
 from fedsparse.registry import CLIENT_PROGRAMS
 from fedsparse.scaffold import flat_parameters
-from fedsparse.training import num_steps, train_sgd
 
 STATE = "ef"
 
@@ -30,21 +28,17 @@ class CompressedSGDParams(SGDParams):
 
 
 @CLIENT_PROGRAMS.register("compressed_sgd", CompressedSGDParams)
-class CompressedSGD(ClientProgram):
+class CompressedSGD(SGDProgram):
     Params = CompressedSGDParams
     params: CompressedSGDParams
 
     def train(self, content: RecordDict) -> RecordDict:
-        start = time.perf_counter()
+        started = time.perf_counter()
         model = self.model_from(content)
         x = flat_parameters(model)
         arrays, counted = self.load_state(STATE, content)
         residual = arrays["counted" if counted else "lost"] if arrays else np.zeros_like(x)
-        data, p = self.data, self.params
-        steps = num_steps(len(data.x_train), p.batch_size, p.local_epochs, p.local_steps)
-        result = train_sgd(model, data.x_train, data.y_train, lr=p.lr, batch_size=p.batch_size,
-                           steps=steps, generator=self.generator(content),
-                           momentum=p.momentum, weight_decay=p.weight_decay)
+        result = self.local_sgd(model, content)
         rule = self.scenario.strategy
         rng = np.random.default_rng(derive_seed(self.scenario.seed, self.partition_id,
                                                 int(self.config(content)[SERVER_ROUND]),
@@ -54,13 +48,5 @@ class CompressedSGD(ClientProgram):
                              build_compressor(rule.compressor, sizes), rng, rule.error_feedback)
         self.save_state(STATE, {"counted": message.residual_if_counted,
                                 "lost": message.residual_if_lost}, content)
-        metrics = MetricRecord({
-            NUM_EXAMPLES: len(data.x_train),
-            "train-loss": result.loss,
-            "train-steps": result.steps,
-            "train-examples": result.examples,
-            "train-flops": result.flops,
-            "train-s": time.perf_counter() - start,
-        })
         update = ArrayRecord({k: Array(v) for k, v in message.payload.items()})
-        return RecordDict({UPDATE: update, METRICS: metrics})
+        return RecordDict({UPDATE: update, METRICS: self.train_metrics(result, started)})

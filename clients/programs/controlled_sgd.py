@@ -14,12 +14,12 @@ from itertools import islice
 from typing import Literal
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 from pydantic import Field
 
 from clients.programs.base import ClientProgram
 from fedsparse.compress import build_compressor
-from fedsparse.protocol import CONTROL, METRICS, NUM_EXAMPLES, SERVER_ROUND, UPDATE, derive_seed
+from fedsparse.protocol import CONTROL, METRICS, SERVER_ROUND, UPDATE, derive_seed
 from fedsparse.registry import CLIENT_PROGRAMS, PluginParams
 from fedsparse.scaffold import ControlState, client_message, local_steps, step_direction
 from fedsparse.training import batches, cross_entropy
@@ -48,7 +48,7 @@ class ControlledSGD(ClientProgram):
         return ControlState(c_i, arrays["v_i"])
 
     def train(self, content: RecordDict) -> RecordDict:
-        start = time.perf_counter()
+        started = time.perf_counter()
         model = self.model_from(content)
         sizes = [p.numel() for p in model.parameters()]
         c = content.array_records[CONTROL]["c"].numpy()
@@ -68,16 +68,8 @@ class ControlledSGD(ClientProgram):
                                  rule.beta)
         self.save_state(STATE, {"c_i": state.c_i, "v_i": state.v_i,
                                 "pending": message.c_i_step}, content)
-        metrics = MetricRecord({
-            NUM_EXAMPLES: len(data.x_train),
-            "train-loss": result.loss,
-            "train-steps": result.steps,
-            "train-examples": result.examples,
-            "train-flops": result.flops,
-            "train-s": time.perf_counter() - start,
-        })
         update = ArrayRecord({k: Array(v) for k, v in message.payload.items()})
-        return RecordDict({UPDATE: update, METRICS: metrics})
+        return RecordDict({UPDATE: update, METRICS: self.train_metrics(result, started)})
 
     def query(self, content: RecordDict) -> RecordDict:
         """The audit: this client's c_i as the server should count it (after commit)."""

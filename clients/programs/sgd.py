@@ -10,13 +10,14 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import RecordDict
 from pydantic import Field, model_validator
+from torch import nn
 
 from clients.programs.base import ClientProgram
-from fedsparse.protocol import ARRAYS, METRICS, NUM_EXAMPLES
+from fedsparse.protocol import ARRAYS, METRICS
 from fedsparse.registry import CLIENT_PROGRAMS, PluginParams
-from fedsparse.training import num_steps, train_sgd
+from fedsparse.training import TrainResult, num_steps, train_sgd
 
 
 class SGDParams(PluginParams):
@@ -42,21 +43,17 @@ class SGDProgram(ClientProgram):
     Params = SGDParams
     params: SGDParams
 
-    def train(self, content: RecordDict) -> RecordDict:
-        start = time.perf_counter()
-        model = self.model_from(content)
-        data = self.data
-        p = self.params
+    def local_sgd(self, model: nn.Module, content: RecordDict) -> TrainResult:
+        """E local epochs or exactly K local steps of SGD on the local training split."""
+        data, p = self.data, self.params
         steps = num_steps(len(data.x_train), p.batch_size, p.local_epochs, p.local_steps)
-        result = train_sgd(model, data.x_train, data.y_train, lr=p.lr, batch_size=p.batch_size,
-                           steps=steps, generator=self.generator(content),
-                           momentum=p.momentum, weight_decay=p.weight_decay)
-        metrics = MetricRecord({
-            NUM_EXAMPLES: len(data.x_train),
-            "train-loss": result.loss,
-            "train-steps": result.steps,
-            "train-examples": result.examples,
-            "train-flops": result.flops,
-            "train-s": time.perf_counter() - start,
-        })
-        return RecordDict({ARRAYS: self.arrays(model), METRICS: metrics})
+        return train_sgd(model, data.x_train, data.y_train, lr=p.lr, batch_size=p.batch_size,
+                         steps=steps, generator=self.generator(content), momentum=p.momentum,
+                         weight_decay=p.weight_decay)
+
+    def train(self, content: RecordDict) -> RecordDict:
+        started = time.perf_counter()
+        model = self.model_from(content)
+        result = self.local_sgd(model, content)
+        return RecordDict({ARRAYS: self.arrays(model),
+                           METRICS: self.train_metrics(result, started)})
