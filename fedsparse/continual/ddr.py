@@ -1,0 +1,73 @@
+"""DDR: dynamic data removal (SparCL, Wang et al. NeurIPS 2022, Section 3.2;
+ALGORITHMS.md §4.5).
+
+For each example of the current task, count forgetting events (Toneva et al. 2019: a
+presentation classified incorrectly after one classified correctly) over the presentations
+since the last removal; an example never classified correctly in that window gets
+``max_count``. At epochs ``every, 2*every, ..., until`` of the task, the examples with the
+fewest events (the easiest) are removed from the task's training set and the statistics are
+reset. The ``round(fraction * n)`` removals are split evenly over the removal epochs (the
+first ones take one more when it does not divide). Ties are broken by example index (the
+release's ``np.argsort`` is not stable). The replay buffer is untouched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def removal_counts(n: int, fraction: float, every: int, until: int) -> dict[int, int]:
+    """Epoch -> how many examples are removed at its start."""
+    epochs = list(range(every, until + 1, every))
+    if not epochs:
+        return {}
+    total = round(fraction * n)
+    base, extra = divmod(total, len(epochs))
+    return {epoch: base + (i < extra) for i, epoch in enumerate(epochs)}
+
+
+class DataRemoval:
+    def __init__(self, n: int, *, fraction: float, every: int, until: int,
+                 max_count: int) -> None:
+        self.schedule = removal_counts(n, fraction, every, until)
+        self.max_count = max_count
+        self.n = n
+        self.kept = torch.arange(n)
+        self.reset()
+
+    def reset(self) -> None:
+        n = self.n
+        self.previous = torch.zeros(n, dtype=torch.bool)
+        self.learned = torch.zeros(n, dtype=torch.bool)
+        self.events = torch.zeros(n, dtype=torch.int64)
+
+    def record(self, indices: torch.Tensor, correct: torch.Tensor) -> None:
+        """One presentation of the examples ``indices`` (positions in the task's set)."""
+        self.events[indices] += (self.previous[indices] & ~correct).long()
+        self.previous[indices] = correct
+        self.learned[indices] |= correct
+
+    def counts(self) -> torch.Tensor:
+        return torch.where(self.learned, self.events, torch.full_like(self.events,
+                                                                       self.max_count))
+
+    def remove(self, epoch: int) -> int:
+        """At the start of ``epoch``: drop the scheduled number of least-forgotten kept
+        examples; returns how many were removed."""
+        count = self.schedule.get(epoch, 0)
+        if count:
+            order = torch.argsort(self.counts()[self.kept], stable=True)
+            self.kept = torch.sort(self.kept[order[count:]]).values
+            self.reset()
+        return count
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"kept": self.kept.numpy(), "previous": self.previous.numpy(),
+                "learned": self.learned.numpy(), "events": self.events.numpy()}
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        self.kept = torch.from_numpy(state["kept"]).long()
+        self.previous = torch.from_numpy(state["previous"]).bool()
+        self.learned = torch.from_numpy(state["learned"]).bool()
+        self.events = torch.from_numpy(state["events"]).long()
