@@ -17,6 +17,7 @@ UPDATE = "update"  # ArrayRecord: a compressed update (payload arrays of fedspar
 CONTROL = "control"  # ArrayRecord: the global control variate c (SCAFFOLD family)
 MODEL_SYNC = "model-sync"  # ArrayRecord: the public model, whole or changed coordinates
                            # (replaces ARRAYS in train instructions with a compressed downlink)
+SIGNAL = "signal"  # ArrayRecord: what a client measured for the server's next mask update
 CONFIG = "config"  # ConfigRecord: server -> client instructions
 METRICS = "metrics"  # MetricRecord: client -> server measurements
 
@@ -27,6 +28,9 @@ QUERY = "query"  # in a QUERY message: what the server asks ("" = which partitio
 # applies the state change that went with an update (a control variate step, an error
 # feedback residual) only once the server has counted that update: two-phase commit.
 COMMIT_ROUND = "commit-round"
+# What the server's next mask update needs from a client (strategies/sparse_fedavg.py):
+# "none", "grad" (last minibatch gradient at the mask), "grad-dense", "momentum-dense".
+SIGNAL_KIND = "signal-kind"
 
 # Keys of the MetricRecords sent back.
 NUM_EXAMPLES = "num-examples"

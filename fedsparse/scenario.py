@@ -1,11 +1,11 @@
 """The scenario: one TOML file that names everything a run needs, validated with pydantic.
 
 Sections: top level (``name``, ``seed``, ``description``), ``[data]``, ``[model]``,
-``[strategy]``, ``[client]``, ``[run]``, ``[tracking]``. The ``[model]``, ``[strategy]``
-and ``[client]`` sections are validated against the parameters of the model, strategy and
-client program they name (see :mod:`fedsparse.registry`). Unknown keys and bad values are
-rejected before anything starts, with an error that names the key, the value and what is
-allowed.
+``[strategy]``, ``[client]``, ``[run]``, ``[continual]`` (optional), ``[tracking]``. The
+``[model]``, ``[strategy]`` and ``[client]`` sections are validated against the parameters
+of the model, strategy and client program they name (see :mod:`fedsparse.registry`).
+Unknown keys and bad values are rejected before anything starts, with an error that names
+the key, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -97,6 +97,29 @@ class RunSpec(Section):
     round_timeout_s: float = Field(3600.0, gt=0, description="reply timeout per round")
 
 
+class ContinualSpec(Section):
+    """``[continual]``: every client learns a stream of tasks of disjoint classes
+    (``fedsparse/continual/streams.py``); task ``t`` is trained in rounds
+    ``t * rounds_per_task + 1 .. (t + 1) * rounds_per_task``."""
+
+    num_tasks: int = Field(5, ge=1)
+    classes_per_task: int = Field(2, ge=1)
+    rounds_per_task: int = Field(1, ge=1, description="rounds each task is trained")
+    class_order: Literal["natural", "seeded", "per_client"] = Field(
+        "natural", description="0..C-1; one seeded permutation; or one per client")
+
+    def task_of(self, server_round: int) -> int:
+        """The task trained in ``server_round`` (1-based)."""
+        return (server_round - 1) // self.rounds_per_task
+
+    def round_in_task(self, server_round: int) -> int:
+        """0 for a task's first round."""
+        return (server_round - 1) % self.rounds_per_task
+
+    def task_ends(self, server_round: int) -> bool:
+        return server_round % self.rounds_per_task == 0
+
+
 class TrackingSpec(Section):
     """Where the run is recorded (MLflow)."""
 
@@ -131,6 +154,7 @@ class Scenario(Section):
     strategy: SerializeAsAny[PluginParams]
     client: SerializeAsAny[PluginParams]
     run: RunSpec = Field(default_factory=RunSpec)
+    continual: ContinualSpec | None = None
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @field_validator("model", mode="before")
@@ -156,6 +180,31 @@ class Scenario(Section):
             raise ValueError(f"strategy {self.strategy.name!r} runs with client.program = "
                              f"{' or '.join(map(repr, programs))}, not {self.client.program!r}")
         return self
+
+    @model_validator(mode="after")
+    def _required_sections_are_there(self) -> Scenario:
+        for section in (self.model, self.strategy, self.client):
+            for needed in getattr(type(section), "requires_sections", ()):
+                if getattr(self, needed) is None:
+                    raise ValueError(f"{type(section).__name__.removesuffix('Params')} needs "
+                                     f"a [{needed}] section")
+        return self
+
+    @model_validator(mode="after")
+    def _rounds_cover_the_tasks(self) -> Scenario:
+        if self.continual is not None:
+            needed = self.continual.num_tasks * self.continual.rounds_per_task
+            if self.run.rounds != needed:
+                raise ValueError(f"run.rounds = {self.run.rounds}: a continual run trains "
+                                 f"continual.num_tasks x continual.rounds_per_task = {needed} "
+                                 f"rounds")
+        return self
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether ``server_round`` ends with evaluation: every ``run.eval_every`` rounds,
+        the last round, and the last round of every continual task."""
+        return (server_round % self.run.eval_every == 0 or server_round == self.run.rounds
+                or (self.continual is not None and self.continual.task_ends(server_round)))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict with every default filled in (``None`` values left out)."""

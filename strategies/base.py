@@ -91,7 +91,8 @@ class FedSparseStrategy(Strategy):
     client_programs: ClassVar[tuple[str, ...]] = ("sgd",)
     # client metrics summed over clients (the others are averaged weighted by num-examples)
     summed_metrics: ClassVar[frozenset[str]] = frozenset(
-        {"train-flops", "train-steps", "train-examples"})
+        {"train-flops", "train-dense-flops", "train-steps", "train-examples",
+         "examples-removed", "examples-remaining"})
 
     def __init__(self, params: StrategyParams, scenario: Scenario) -> None:
         self.params = params

@@ -8,7 +8,7 @@ n_k the client's number of training examples and n their sum.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -27,6 +27,7 @@ class FedAvg(FedSparseStrategy):
     """Sample-weighted FedAvg over the clients that replied, in partition-id order."""
 
     Params = FedAvgParams
+    client_programs: ClassVar[tuple[str, ...]] = ("sgd", "continual")
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
         # Flower's weighted average, given only the model and the weight of each reply.

@@ -24,6 +24,7 @@ from fedsparse.checkpoint import Checkpoint
 from fedsparse.protocol import METRICS, NUM_PARTITIONS, PARTITION_ID
 from fedsparse.scenario import Scenario
 from fedsparse.tracking import events
+from fedsparse.tracking.continual import task_end_metrics
 from fedsparse.tracking.history import Row
 from strategies.base import FedSparseStrategy
 from strategies.records import from_numpy, to_numpy
@@ -33,8 +34,10 @@ log = logging.getLogger("fedsparse.loop")
 MODEL_PREFIX, STRATEGY_PREFIX = "model/", "strategy/"
 CUMULATIVE = {"uplink_bytes": "cum_uplink_bytes", "downlink_bytes": "cum_downlink_bytes",
               "train_flops": "cum_train_flops"}
+# cumulated only in runs whose clients report them (sparse training)
+CUMULATIVE_IF_REPORTED = {"train_dense_flops": "cum_train_dense_flops"}
 
-Evaluator = Callable[[ArrayRecord], dict[str, float]]
+Evaluator = Callable[[int, ArrayRecord], dict[str, float]]  # (round, global model) -> metrics
 RoundHook = Callable[[int, Row], None]
 
 
@@ -84,7 +87,7 @@ class LoopState:
 
     def totals(self) -> dict[str, float]:
         return {cum: self.history[-1].get(cum, 0) if self.history else 0
-                for cum in CUMULATIVE.values()}
+                for cum in (CUMULATIVE | CUMULATIVE_IF_REPORTED).values()}
 
     def checkpoint(self, strategy: FedSparseStrategy, extra: dict[str, Any]) -> Checkpoint:
         arrays = {MODEL_PREFIX + k: v for k, v in to_numpy(self.arrays).items()}
@@ -118,8 +121,8 @@ def run_rounds(grid: Grid, scenario: Scenario, strategy: FedSparseStrategy, stat
             state.arrays = new_arrays
         row |= dict(train_metrics)
         row |= strategy.after_round(server_round, grid)
-        if server_round % run.eval_every == 0 or server_round == run.rounds:
-            row |= evaluate_central(state.arrays)
+        if scenario.evaluates(server_round):
+            row |= evaluate_central(server_round, state.arrays)
             replies = grid.send_and_receive(
                 strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid),
                 timeout=run.round_timeout_s)
@@ -127,8 +130,13 @@ def run_rounds(grid: Grid, scenario: Scenario, strategy: FedSparseStrategy, stat
         totals = state.totals()
         for key, cum in CUMULATIVE.items():
             row[cum] = totals[cum] + row.get(key, 0)
+        for key, cum in CUMULATIVE_IF_REPORTED.items():
+            if key in row:
+                row[cum] = totals[cum] + row[key]
         row["round_s"] = time.perf_counter() - start
         state.history.append(row)
+        if scenario.continual is not None and scenario.continual.task_ends(server_round):
+            row |= task_end_metrics(state.history, scenario)
         state.next_round = server_round + 1
         on_round(server_round, row)
         events.emit("round", round=server_round, rounds=run.rounds, metrics=row)

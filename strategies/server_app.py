@@ -27,12 +27,19 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
 from fedsparse.checkpoint import Checkpoint
-from fedsparse.data import held_out_set
+from fedsparse.data import held_out_set, load_dataset
 from fedsparse.models import scenario_model
 from fedsparse.protocol import RUN_CONFIG_DEFAULTS, derive_seed, run_setting
 from fedsparse.registry import STRATEGIES
 from fedsparse.scenario import Scenario, parse_scenario
+from fedsparse.sparse import sparse_parameters
 from fedsparse.tracking import events
+from fedsparse.tracking.continual import (
+    evaluate_tasks,
+    matrix_artifacts,
+    reference_stream,
+    task_end_metrics,
+)
 from fedsparse.tracking.history import Row, write_csv
 from fedsparse.tracking.mlflow_run import MlflowRun
 from fedsparse.tracking.plots import accuracy_plots
@@ -56,14 +63,24 @@ def initial_arrays(scenario: Scenario) -> ArrayRecord:
 
 
 def central_evaluator(scenario: Scenario) -> Evaluator:
-    """Accuracy and loss of a global model on the dataset's held-out test set."""
+    """Accuracy and loss of a global model on the dataset's held-out test set (in a continual
+    run: on the tasks seen so far, plus every seen task's accuracy), and the density of its
+    linear/conv weights (non-zero fraction)."""
     model = scenario_model(scenario)
     x, y = held_out_set(scenario.data)
+    spec = scenario.continual
+    stream = reference_stream(scenario, load_dataset(scenario.data.dataset).num_classes) \
+        if spec is not None else None
 
-    def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
+        weights = sparse_parameters(model).values()
+        density = sum(int(w.count_nonzero()) for w in weights) / sum(w.numel() for w in weights)
+        if spec is not None and stream is not None:
+            return {**evaluate_tasks(model, x, y, stream, spec.task_of(server_round)),
+                    "model_density": density}
         result = evaluate(model, x, y)
-        return {"accuracy": result.accuracy, "loss": result.loss}
+        return {"accuracy": result.accuracy, "loss": result.loss, "model_density": density}
 
     return evaluate_global
 
@@ -87,6 +104,9 @@ def _finish(out_dir: Path, scenario: Scenario, state: LoopState, tracker: Mlflow
     files = [out_dir / "scenario.toml", write_csv(state.history, out_dir / "metrics.csv"),
              _client_table(out_dir / "clients.jsonl", out_dir / "clients.csv")]
     files += accuracy_plots({scenario.name: state.history}, out_dir / "plots")
+    if scenario.continual is not None:
+        summary |= task_end_metrics(state.history, scenario)
+        files += matrix_artifacts(state.history, scenario, out_dir / "plots")
     if scenario.tracking.log_model:
         weights = out_dir / "model.safetensors"
         save_file({k: v.contiguous() for k, v in state.arrays.to_torch_state_dict().items()},

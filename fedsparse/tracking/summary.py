@@ -19,6 +19,8 @@ FINAL_TOTALS = {
     "cum_downlink_bytes": "downlink_bytes",
     "cum_train_flops": "train_flops",
 }
+# ... and these when the run's clients report them (sparse training).
+FINAL_TOTALS_IF_REPORTED = {"cum_train_dense_flops": "train_dense_flops"}
 SUMMED = ("clients_failed", "clients_rejected", "eval_uplink_bytes", "eval_downlink_bytes")
 
 
@@ -31,6 +33,7 @@ def summarize(history: Sequence[Row], wall_s: float, mlflow_run_id: str) -> dict
     for row in history:
         summary |= {out: row[key] for key, out in FINAL_EVAL.items() if key in row}
     summary |= {out: last[key] for key, out in FINAL_TOTALS.items()}
+    summary |= {out: last[key] for key, out in FINAL_TOTALS_IF_REPORTED.items() if key in last}
     summary |= {key: sum(row.get(key, 0) for row in history) for key in SUMMED}
     summary["rounds_s"] = sum(row["round_s"] for row in history)
     summary["wall_s"] = wall_s

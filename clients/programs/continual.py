@@ -1,0 +1,238 @@
+"""A continual learner on a client: its own task stream, a rehearsal learner and SparCL's
+client-side plugins (DGM, DDR), inside the mask the server sent (``strategies/sparse_fedavg.py``)
+or dense (``fedavg``).
+
+Round ``r`` trains task ``t = (r - 1) // rounds_per_task`` for ``local_epochs`` epochs, the
+epochs ``k*E .. (k+1)*E - 1`` of that task (``k``: the round within the task), so the
+schedules that count epochs within a task (DDR's removals) run as on a single device. What
+outlives a round stays in ``Context.state``: the replay buffer (examples, labels, logits,
+count seen) and DDR's statistics and kept examples for the current task. The learner's
+optimiser is plain SGD re-created every round (SparCL re-creates it every task and uses no
+momentum, so nothing is lost with momentum 0).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from pydantic import Field
+from torch import nn
+
+from clients.programs.base import ClientProgram
+from fedsparse.continual import (
+    DERPP,
+    DataRemoval,
+    GradientMasking,
+    Learner,
+    Naive,
+    Replay,
+    ReservoirBuffer,
+    SparseHooks,
+    TaskStream,
+    class_order,
+    train_epochs,
+)
+from fedsparse.continual.sparcl import EpochsResult
+from fedsparse.data import load_dataset
+from fedsparse.metrics.sparse_flops import SparseFlops
+from fedsparse.protocol import (
+    ARRAYS,
+    METRICS,
+    MODEL_SYNC,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    SIGNAL,
+    SIGNAL_KIND,
+    derive_seed,
+)
+from fedsparse.registry import CLIENT_PROGRAMS, PluginParams
+from fedsparse.scenario import ContinualSpec, Scenario
+from fedsparse.sparse import Mask, sparse_parameters
+from fedsparse.sparse.wire import decode_model, encode_values
+from fedsparse.training import evaluate
+from strategies.records import to_numpy
+
+BUFFER, REMOVAL = "replay-buffer", "data-removal"
+
+
+class ContinualParams(PluginParams):
+    program: Literal["continual"] = "continual"
+    requires_sections: ClassVar[tuple[str, ...]] = ("continual",)
+    learner: Literal["naive", "er", "derpp"] = "derpp"
+    lr: float = Field(0.03, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1)
+    local_epochs: int = Field(1, ge=1, description="epochs of the current task per round")
+    buffer_size: int = Field(500, ge=1, description="reservoir capacity (er, derpp)")
+    alpha: float = Field(0.1, ge=0, description="derpp: weight of the logit MSE")
+    beta: float = Field(0.5, ge=0, description="derpp: weight of the buffer cross-entropy")
+    cl_mask: bool = Field(True, description="current-batch loss sees the task's logits only")
+    gradient_density: float | None = Field(
+        None, gt=0, le=1, description="DGM: gradient entries kept per masked layer (off: None)")
+    gradient_every: int = Field(30, ge=1, description="DGM: minibatches between mask updates")
+    removal_fraction: float = Field(0.0, ge=0, lt=1, description="DDR: share of a task's "
+                                                                 "examples removed (0: off)")
+    removal_every: int = Field(5, ge=1, description="DDR: epochs between removals")
+    removal_until: int = Field(20, ge=1, description="DDR: last epoch of the task to remove at")
+
+
+@CLIENT_PROGRAMS.register("continual", ContinualParams)
+class ContinualProgram(ClientProgram):
+    Params = ContinualParams
+    params: ContinualParams
+
+    def __init__(self, scenario: Scenario, partition_id: int, state: RecordDict) -> None:
+        super().__init__(scenario, partition_id, state)
+        assert scenario.continual is not None  # the scenario requires it
+        self.spec: ContinualSpec = scenario.continual
+        self.num_classes = load_dataset(scenario.data.dataset).num_classes
+
+    @property
+    def stream(self) -> TaskStream:
+        """This client's tasks: the natural order, one seeded order, or its own."""
+        order = self.spec.class_order
+        seed = {"natural": None, "seeded": derive_seed(self.scenario.seed, "class-order"),
+                "per_client": derive_seed(self.scenario.seed, "class-order",
+                                          self.partition_id)}[order]
+        return TaskStream.split(class_order(self.num_classes, seed),
+                                self.spec.classes_per_task, self.spec.num_tasks)
+
+    def received(self, content: RecordDict) -> tuple[nn.Module, Mask | None]:
+        """The model sent (dense, or masked values + positions) and its mask."""
+        if MODEL_SYNC in content.array_records:  # fedavg with a compressed downlink
+            return self.model_from(content), None
+        model = self.build_model()
+        template = {k: v.numpy() for k, v in model.state_dict().items()}
+        state, masks = decode_model(to_numpy(content.array_records[ARRAYS]), template)
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+        return model, (Mask({k: torch.from_numpy(m) for k, m in masks.items()}) if masks
+                       else None)
+
+    def learner(self, model: nn.Module, hooks: SparseHooks, generator: torch.Generator,
+                buffer: ReservoirBuffer) -> Learner:
+        p = self.params
+        common = {"lr": p.lr, "momentum": p.momentum, "cl_mask": p.cl_mask, "hooks": hooks,
+                  "generator": generator}
+        if p.learner == "naive":
+            return Naive(model, **common)
+        if p.learner == "er":
+            return Replay(model, buffer, **common)
+        return DERPP(model, buffer, alpha=p.alpha, beta=p.beta, **common)
+
+    def _buffer(self, input_shape: tuple[int, ...]) -> ReservoirBuffer:
+        buffer = ReservoirBuffer(self.params.buffer_size, input_shape, self.num_classes)
+        if BUFFER in self.state.array_records:
+            buffer.load({k: a.numpy() for k, a in self.state.array_records[BUFFER].items()})
+        return buffer
+
+    def _removal(self, task: int, n: int) -> DataRemoval | None:
+        p = self.params
+        if p.removal_fraction == 0.0:
+            return None
+        ddr = DataRemoval(n, fraction=p.removal_fraction, every=p.removal_every,
+                          until=p.removal_until,
+                          max_count=self.spec.rounds_per_task * p.local_epochs)
+        saved = self.state.array_records.get(REMOVAL)
+        if saved is not None and int(saved["task"].numpy()[0]) == task:
+            ddr.load({k: a.numpy() for k, a in saved.items() if k != "task"})
+        return ddr
+
+    def _save(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        self.state[name] = ArrayRecord({k: Array(np.ascontiguousarray(v))
+                                        for k, v in arrays.items()})
+
+    def train(self, content: RecordDict) -> RecordDict:
+        started = time.perf_counter()
+        p, spec = self.params, self.spec
+        server_round = int(self.config(content)[SERVER_ROUND])
+        task, k = spec.task_of(server_round), spec.round_in_task(server_round)
+        data, stream = self.data, self.stream
+        idx = stream.select(data.y_train, task)
+        if len(idx) == 0:
+            raise ValueError(f"client {self.partition_id} holds no training example of task "
+                             f"{task} (classes {stream.tasks[task]})")
+        x, y = data.x_train[idx], data.y_train[idx]
+        model, mask = self.received(content)
+        params = sparse_parameters(model) if mask is None else \
+            {n: dict(model.named_parameters())[n] for n in mask}
+        dgm = GradientMasking(p.gradient_density, p.gradient_every) \
+            if p.gradient_density is not None else None
+        weight_mask = Mask.dense(params) if mask is None and dgm is not None else mask
+        hooks = SparseHooks(params, weight_mask, dgm)
+        generator = self.generator(content)
+        buffer = self._buffer(tuple(data.x_train.shape[1:]))
+        learner = self.learner(model, hooks, generator, buffer)
+        learner.begin_task(stream.logit_mask(task, self.num_classes))
+        ddr = self._removal(task, len(x))
+        flops = SparseFlops(model, tuple(data.x_train.shape[1:]), list(params))
+        result = train_epochs(learner, hooks, x, y, range(k * p.local_epochs,
+                                                          (k + 1) * p.local_epochs),
+                              batch_size=p.batch_size, generator=generator, flops=flops, ddr=ddr)
+        if p.learner != "naive":
+            self._save(BUFFER, buffer.state())
+        if ddr is not None:
+            self._save(REMOVAL, {**ddr.state(), "task": np.array([task])})
+        reply = RecordDict({METRICS: self.metrics(result, started)})
+        state = {n: v.detach().numpy() for n, v in model.state_dict().items()}
+        masks = {} if mask is None else {n: m.numpy() for n, m in mask.items()}
+        reply[ARRAYS] = ArrayRecord({n: Array(np.ascontiguousarray(v))
+                                     for n, v in encode_values(state, masks).items()})
+        kind = str(self.config(content).get(SIGNAL_KIND, "none"))
+        if kind != "none":
+            reply[SIGNAL] = self.signal(kind, learner, params, masks, x, y)
+        return reply
+
+    def signal(self, kind: str, learner: Learner, params: dict[str, nn.Parameter],
+               masks: dict[str, np.ndarray], x: torch.Tensor, y: torch.Tensor) -> ArrayRecord:
+        """What the server's next mask update needs (see ``SIGNAL_KIND``)."""
+        if kind == "grad":  # the last minibatch's (masked) gradient, as SparCL's TDM uses it
+            grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy()
+                     for n, p in params.items()}
+            values = encode_values(grads, masks)
+        elif kind == "grad-dense":  # RigL: the dense gradient of one fresh minibatch
+            learner.optimizer.zero_grad(set_to_none=True)
+            batch = torch.randperm(len(x), generator=learner.generator)[:self.params.batch_size]
+            learner.current_loss(learner.model(x[batch]), y[batch]).backward()
+            values = {n: p.grad.numpy() for n, p in params.items()}
+        elif kind == "momentum-dense":  # SNFS: the optimiser's momentum
+            values = {n: learner.optimizer.state[p]["momentum_buffer"].numpy()
+                      for n, p in params.items()}
+        else:
+            raise ValueError(f"signal-kind = {kind!r}; allowed: none, grad, grad-dense, "
+                             f"momentum-dense")
+        return ArrayRecord({n: Array(np.ascontiguousarray(v, np.float32))
+                            for n, v in values.items()})
+
+    def metrics(self, result: EpochsResult, started: float) -> MetricRecord:
+        return MetricRecord({
+            NUM_EXAMPLES: result.remaining,
+            "train-loss": result.loss,
+            "train-steps": result.steps,
+            "train-examples": result.examples,
+            "train-flops": result.flops,
+            "train-dense-flops": result.dense_flops,
+            "weight-density": result.weight_density,
+            "grad-density": result.grad_density,
+            "examples-removed": result.removed,
+            "examples-remaining": result.remaining,
+            "train-s": time.perf_counter() - started,
+        })
+
+    def evaluate(self, content: RecordDict) -> RecordDict:
+        """Class-IL accuracy on the local test examples of the tasks seen so far."""
+        server_round = int(self.config(content)[SERVER_ROUND])
+        seen = self.stream.seen_classes(self.spec.task_of(server_round))
+        data = self.data
+        keep = torch.isin(data.y_test, torch.tensor(seen))
+        if not keep.any():
+            raise ValueError(f"client {self.partition_id} holds no test example of the classes "
+                             f"seen so far {seen}")
+        model, _ = self.received(content)
+        result = evaluate(model, data.x_test[keep], data.y_test[keep])
+        return RecordDict({METRICS: MetricRecord({
+            NUM_EXAMPLES: result.num_examples, "eval-loss": result.loss,
+            "eval-acc": result.accuracy})})
