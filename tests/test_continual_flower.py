@@ -129,3 +129,96 @@ def test_continual_program_needs_a_continual_section():
         parse_scenario(text)
     with pytest.raises(ScenarioError, match=r"continual\.num_tasks x continual\.rounds_per_task"):
         parse_scenario(TEXT.replace("rounds = 15", "rounds = 14"))
+
+
+def _dst_text(growth: str) -> str:
+    """The test scenario with DST (ERK initial mask, ``growth`` regrowth) instead of TDM."""
+    return TEXT.replace('init = "magnitude"', 'init = "erk"').replace(
+        'mask_update = "tdm"', f'mask_update = "dst"\ngrowth = "{growth}"')
+
+
+@pytest.mark.parametrize("growth", ["gradient", "momentum"])
+def test_dst_keeps_density_and_asks_for_its_signal_before_each_update(growth):
+    text = _dst_text(growth)
+    if growth == "momentum":
+        text = text.replace("lr = 0.05", "lr = 0.05\nmomentum = 0.9")
+    densities, signals = [], []
+
+    def check(rnd, grid, strategy, state):
+        weights = to_numpy(state.arrays)
+        densities.append(strategy.mask.density())
+        assert all(not weights[n][~m.numpy()].any() for n, m in strategy.mask.items())
+        signals.append(strategy.requested)
+
+    run(text, check)
+    assert max(densities) - min(densities) < 1e-3 and abs(densities[0] - 0.25) < 1e-3
+    kind = {"gradient": "grad-dense", "momentum": "momentum-dense"}[growth]
+    # updates at rounds 2, 3 of every 3-round task -> signals in rounds 1, 2 of each task
+    assert signals == [kind, kind, "none"] * 5
+
+
+def test_momentum_growth_needs_client_momentum():
+    scn = parse_scenario(_dst_text("momentum"))
+    with pytest.raises(ValueError, match=r"client\.momentum > 0"):
+        build_strategy(scn)
+
+
+def test_one_client_global_model_is_the_clients_model():
+    text = TEXT.replace("num_clients = 3", "num_clients = 1")
+    replies = {}
+
+    def keep(message, reply):
+        if "arrays" in reply.content.array_records:
+            replies[int(message.content.config_records["config"]["server-round"])] = reply
+        return reply
+
+    scn = parse_scenario(text)
+    grid = LocalGrid(1, {"scenario": scn.to_toml()}, keep)
+    strategy = build_strategy(scn)
+    strategy.bind(discover(grid, scn))
+    state = LoopState(arrays=initial_arrays(scn))
+    from fedsparse.sparse.wire import decode_values
+
+    def check(rnd, row):
+        masks = {n: m.numpy() for n, m in strategy.mask.items()}
+        sent = decode_values(to_numpy(replies[rnd].content.array_records["arrays"]),
+                             to_numpy(state.arrays), masks)
+        for name, value in to_numpy(state.arrays).items():
+            np.testing.assert_array_equal(value, sent[name])
+
+    run_rounds(grid, scn, strategy, state, central_evaluator(scn), check)
+
+
+def test_a_malformed_signal_rejects_that_client_only():
+    from flwr.app import Array, ArrayRecord
+
+    def tamper(message, reply):
+        pid = grid.contexts[message.metadata.dst_node_id].node_config["partition-id"]
+        if pid == 1 and "signal" in reply.content.array_records:
+            signal = reply.content.array_records["signal"]
+            name = next(iter(signal))
+            bad = signal[name].numpy().copy()
+            bad[0] = np.nan
+            reply.content["signal"] = ArrayRecord({**{k: signal[k] for k in signal},
+                                                   name: Array(bad)})
+        return reply
+
+    scn = parse_scenario(TEXT)
+    grid = LocalGrid(scn.data.num_clients, {"scenario": scn.to_toml()}, tamper)
+    strategy = build_strategy(scn)
+    strategy.bind(discover(grid, scn))
+    state = LoopState(arrays=initial_arrays(scn))
+    rows = []
+    run_rounds(grid, scn, strategy, state, central_evaluator(scn),
+               lambda rnd, row: rows.append(row))
+    rejected = [r for r in strategy.client_records if r.status == "rejected"]
+    assert rejected and all(r.partition_id == 1 and "NaN" in r.reason for r in rejected)
+    assert len(rows) == 15 and all(r["clients_ok"] >= 2 for r in rows)
+
+
+def test_mask_and_signal_survive_a_checkpoint(tdm_run):
+    scn, _, strategy, _, _, _ = tdm_run
+    restored = build_strategy(scn)
+    restored.load_state_arrays(strategy.state_arrays())
+    assert restored.mask.equals(strategy.mask)
+    assert (restored.signal is None) == (strategy.signal is None)

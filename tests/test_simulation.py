@@ -188,3 +188,29 @@ def test_scafcom_on_ray_keeps_c_the_mean_of_all_c_i(workdir: Path):
     summary = json.loads((workdir / "s.json").read_text())
     assert summary["uplink_bytes"] < 12 * MODEL_BYTES / 10  # 12 messages of 5%, not dense
     assert summary["final_accuracy"] > 0.3
+
+
+def test_continual_run_tracks_the_accuracy_matrix(tmp_path, monkeypatch):
+    """A federated continual run on Ray: per-task metrics, matrix artifacts, CL summary."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert fedsparse("run", DATA / "continual_digits.toml", "--set",
+                     "continual.rounds_per_task=1", "--set", "run.rounds=5", "--set",
+                     "run.eval_every=1", "--run-dir", "runs/c", "--summary", "c.json",
+                     "--quiet") == 0
+    summary = json.loads((tmp_path / "c.json").read_text())
+    for key in ("average_accuracy", "forgetting", "backward_transfer",
+                "task_il_average_accuracy", "train_dense_flops"):
+        assert key in summary
+    assert summary["train_dense_flops"] > 2 * summary["train_flops"] > 0
+    matrix = (tmp_path / "runs/c/plots/accuracy_matrix_class_il.csv").read_text().splitlines()
+    assert len(matrix) == 6 and matrix[1].split(",")[2] == "nan"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "plots")}
+    assert {"plots/accuracy_matrix_class_il.png", "plots/accuracy_matrix_task_il.png"} \
+        <= artifacts
+    density = client.get_metric_history(summary["mlflow_run_id"], "model_density")
+    assert len(density) == 5 and all(m.value <= 0.2601 for m in density)
+    assert not flower_processes()

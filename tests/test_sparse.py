@@ -6,10 +6,12 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from fedsparse.payload import PayloadError
 from fedsparse.sparse import (
     Mask,
     TaskIsolation,
@@ -20,6 +22,7 @@ from fedsparse.sparse import (
     sparse_parameters,
     uniform_densities,
 )
+from fedsparse.sparse.wire import decode_model, decode_values, encode_model, encode_values
 
 
 def mlp() -> nn.Sequential:
@@ -134,3 +137,49 @@ def test_isolation_leaves_old_task_weights_bit_identical():
     assert all(torch.equal(isolation.task_weights(0)[n], first[n]) for n in params)
     frozen = isolation.task_masks[0]
     assert any(bool((frozen[n] & isolation.task_masks[2][n]).any()) for n in params)
+
+
+def _masked_state() -> tuple[dict, dict]:
+    model = mlp()
+    params = sparse_parameters(model)
+    mask = Mask.random(params, erk_densities(shapes(model), 0.2), torch.Generator().manual_seed(4))
+    mask.apply(params)
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    return state, {n: m.numpy() for n, m in mask.items()}
+
+
+def test_masked_model_round_trips_exactly_on_the_wire():
+    state, masks = _masked_state()
+    arrays = encode_model(state, masks)
+    decoded, got_masks = decode_model(arrays, state)
+    assert all(np.array_equal(decoded[k], state[k]) for k in state)
+    assert all(np.array_equal(got_masks[k], masks[k]) for k in masks)
+    assert all(arrays[k].size == masks[k].sum() for k in masks)  # values only at the mask
+    up = encode_values(state, masks)
+    assert all(np.array_equal(decode_values(up, state, masks)[k], state[k]) for k in state)
+    dense_bytes = sum(v.nbytes for v in state.values())
+    assert sum(v.nbytes for v in up.values()) < 0.3 * dense_bytes
+
+
+@pytest.mark.parametrize("corrupt, reason", [
+    (lambda a, n: a.__setitem__(n, a[n][:-1]), "active positions"),
+    (lambda a, n: a.__setitem__(n, a[n].astype(np.float64)), "dtype float64"),
+    (lambda a, n: a[n].__setitem__(0, np.inf), "NaN or Inf"),
+    (lambda a, n: a.pop(n), "values missing"),
+    (lambda a, n: a.__setitem__("extra", np.zeros(1)), "unexpected arrays"),
+])
+def test_malformed_masked_uploads_are_rejected_with_a_reason(corrupt, reason):
+    state, masks = _masked_state()
+    up = encode_values(state, masks)
+    corrupt(up, "1.weight")
+    with pytest.raises(PayloadError, match=reason):
+        decode_values(up, state, masks)
+
+
+def test_malformed_positions_are_rejected():
+    state, masks = _masked_state()
+    arrays = encode_model(state, masks)
+    key = next(k for k in arrays if k.startswith("1.weight.idx."))
+    arrays[key] = arrays[key][:-1]  # one byte (bitmap, delta) or index (plain) short
+    with pytest.raises(PayloadError):
+        decode_model(arrays, state)

@@ -13,6 +13,9 @@ from fedsparse.tracking.plots import MB, accuracy_plots
 # (summary key, column title, formatter)
 COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("final_accuracy", "final accuracy", lambda v: f"{v:.4f}"),
+    ("average_accuracy", "avg class-IL acc", lambda v: f"{v:.4f}"),
+    ("forgetting", "forgetting", lambda v: f"{v:.4f}"),
+    ("task_il_average_accuracy", "avg task-IL acc", lambda v: f"{v:.4f}"),
     ("fed_accuracy_weighted", "fed. accuracy (weighted)", lambda v: f"{v:.4f}"),
     ("rounds", "rounds", lambda v: f"{int(v)}"),
     ("rounds_to_target", "rounds to target", lambda v: f"{int(v)}"),
@@ -20,6 +23,8 @@ COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("uplink_reduction", "uplink reduction x", lambda v: f"{v:.1f}"),
     ("downlink_bytes", "downlink MB", lambda v: f"{v / MB:.2f}"),
     ("train_flops", "train GFLOPs", lambda v: f"{v / 1e9:.2f}"),
+    ("train_dense_flops", "dense-equiv. GFLOPs", lambda v: f"{v / 1e9:.2f}"),
+    ("flops_reduction", "FLOPs reduction x", lambda v: f"{v:.1f}"),
     ("wall_s", "wall s", lambda v: f"{v:.1f}"),
     ("mlflow_run_id", "MLflow run", str),
 )
@@ -40,9 +45,10 @@ def with_comparisons(summaries: Mapping[str, Mapping[str, Any]],
             reached = rounds_to(histories.get(label, []), target)
             if reached is not None:
                 summary["rounds_to_target"] = reached
-        if reference and summary.get("uplink_bytes"):
-            summary["uplink_reduction"] = summaries[reference]["uplink_bytes"] / \
-                summary["uplink_bytes"]
+        for key, ratio in (("uplink_bytes", "uplink_reduction"),
+                           ("train_flops", "flops_reduction")):
+            if reference and summary.get(key) and summaries[reference].get(key):
+                summary[ratio] = summaries[reference][key] / summary[key]
     return out
 
 
@@ -77,7 +83,8 @@ def write_report(summaries: Mapping[str, Mapping[str, Any]],
     if target is not None:
         notes.append(f"rounds to target: first evaluated round with accuracy >= {target}")
     if reference:
-        notes.append(f"uplink reduction: uplink bytes of {reference} / uplink bytes of the run")
+        notes.append(f"uplink (FLOPs) reduction: uplink bytes (training FLOPs) of {reference} "
+                     f"/ those of the run")
     body = [f"# {title}\n", markdown_table(table_rows)]
     body += [f"- {n}" for n in notes] + ([""] if notes else [])
     body += [f"![{p.stem}](plots/{p.name})\n" for p in plots]
