@@ -18,6 +18,7 @@ CONTROL = "control"  # ArrayRecord: the global control variate c (SCAFFOLD famil
 MODEL_SYNC = "model-sync"  # ArrayRecord: the public model, whole or changed coordinates
                            # (replaces ARRAYS in train instructions with a compressed downlink)
 SIGNAL = "signal"  # ArrayRecord: what a client measured for the server's next mask update
+FROZEN = "frozen"  # ArrayRecord: coded positions whose gradients a client must zero
 CONFIG = "config"  # ConfigRecord: server -> client instructions
 METRICS = "metrics"  # MetricRecord: client -> server measurements
 

@@ -201,6 +201,11 @@ class FedSparseStrategy(Strategy):
                 metrics[mean_key] = unweighted_mean(values)
         return metrics
 
+    def task_views(self, arrays: ArrayRecord) -> dict[int, ArrayRecord] | None:
+        """Per-task models, when each continual task has its own subnetwork (None: the one
+        global model serves every task)."""
+        return None
+
     def after_round(self, server_round: int, grid: Grid) -> dict[str, float]:
         """Extra work after a round's aggregation (e.g. an audit); returns round metrics."""
         return {}

@@ -16,6 +16,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,10 +63,13 @@ def initial_arrays(scenario: Scenario) -> ArrayRecord:
     return ArrayRecord(scenario_model(scenario).state_dict())
 
 
-def central_evaluator(scenario: Scenario) -> Evaluator:
+def central_evaluator(scenario: Scenario,
+                      views: Callable[[ArrayRecord], dict[int, ArrayRecord] | None] | None = None
+                      ) -> Evaluator:
     """Accuracy and loss of a global model on the dataset's held-out test set (in a continual
     run: on the tasks seen so far, plus every seen task's accuracy), and the density of its
-    linear/conv weights (non-zero fraction)."""
+    linear/conv weights (non-zero fraction). ``views`` gives per-task models when tasks have
+    their own subnetworks (``FedSparseStrategy.task_views``)."""
     model = scenario_model(scenario)
     x, y = held_out_set(scenario.data)
     spec = scenario.continual
@@ -77,7 +81,10 @@ def central_evaluator(scenario: Scenario) -> Evaluator:
         weights = sparse_parameters(model).values()
         density = sum(int(w.count_nonzero()) for w in weights) / sum(w.numel() for w in weights)
         if spec is not None and stream is not None:
-            return {**evaluate_tasks(model, x, y, stream, spec.task_of(server_round)),
+            per_task = views(arrays) if views is not None else None
+            states = None if per_task is None else {
+                j: view.to_torch_state_dict() for j, view in per_task.items()}
+            return {**evaluate_tasks(model, x, y, stream, spec.task_of(server_round), states),
                     "model_density": density}
         result = evaluate(model, x, y)
         return {"accuracy": result.accuracy, "loss": result.loss, "model_density": density}
@@ -153,13 +160,14 @@ def prepare(scenario: Scenario, strategy: FedSparseStrategy, setting: dict[str, 
         tracker.reopen()
         log.info("resuming after round %d from %s", checkpoint.round, setting["resume-from"])
         return Prepared(LoopState.restore(checkpoint, strategy), tracker,
-                        float(checkpoint.state["wall_s"]), central_evaluator(scenario))
+                        float(checkpoint.state["wall_s"]),
+                        central_evaluator(scenario, strategy.task_views))
     tracker = MlflowRun.start(scenario, tracking_uri=setting["tracking-uri"],
                               artifact_location=setting["artifact-location"],
                               run_name=setting["run-name"], parent_run_id=setting["parent-run-id"])
     tracker.log_artifact(out_dir / "scenario.toml")
     return Prepared(LoopState(arrays=initial_arrays(scenario)), tracker, 0.0,
-                    central_evaluator(scenario))
+                    central_evaluator(scenario, strategy.task_views))
 
 
 @app.main()

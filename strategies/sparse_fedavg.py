@@ -15,6 +15,12 @@ it the whole run is one task), from aggregated signals the clients sent in the r
   mean dense gradient (RigL) or momentum (SNFS), which they send dense in the round before;
 - ``fixed``: the initial mask throughout.
 
+With ``isolation`` (Yildirim et al.'s parameter isolation, ``fedsparse/sparse/isolation.py``)
+every task gets a fresh random mask; the weights of finished tasks' masks are frozen: the
+clients zero their gradients (the frozen positions inside the current mask are sent with
+the model) and the server copies them from its store instead of averaging, so they stay
+bit-identical; task ``j`` is evaluated as ``store * mask_j`` (task identity picks the mask).
+
 The initial mask: one-shot magnitude pruning of the initial model (SparCL), or random ERK /
 uniform layer densities (Yildirim et al.). Downlink: masked weights as values plus coded
 positions (``fedsparse/sparse/wire.py``); uplink: values at the mask only. Aggregation: the
@@ -37,25 +43,27 @@ from pydantic import Field, model_validator
 from fedsparse.continual.tdm import TDMSchedule, tdm_update
 from fedsparse.models import scenario_model
 from fedsparse.payload import PayloadError, check_dense
-from fedsparse.protocol import ARRAYS, CONFIG, SIGNAL, SIGNAL_KIND, derive_seed
+from fedsparse.protocol import ARRAYS, CONFIG, FROZEN, SIGNAL, SIGNAL_KIND, derive_seed
 from fedsparse.registry import STRATEGIES, StrategyParams
 from fedsparse.scenario import Scenario
 from fedsparse.sparse import (
     Growth,
     Mask,
+    TaskIsolation,
     cosine_rate,
     drop_and_grow,
     erk_densities,
     sparse_parameters,
     uniform_densities,
 )
-from fedsparse.sparse.wire import decode_values, encode_model
+from fedsparse.sparse.wire import decode_values, encode_model, encode_positions
 from strategies.base import FedSparseStrategy, Reply
 from strategies.records import from_numpy, to_numpy
 
 log = logging.getLogger("fedsparse.strategy")
 
 MASK_PREFIX, SIGNAL_PREFIX = "mask/", "signal/"
+STORE_PREFIX, TASK_MASK_PREFIX = "store/", "task-mask/"
 
 
 class SparseFedAvgParams(StrategyParams):
@@ -74,6 +82,15 @@ class SparseFedAvgParams(StrategyParams):
     growth: Growth = "random"
     drop_rate: float = Field(0.5, ge=0, le=1, description="dst: initial drop rate")
     final_drop_rate: float = Field(0.005, ge=0, le=1, description="dst: drop rate at task end")
+    isolation: bool = Field(False, description="fresh random mask per task, old tasks' "
+                                               "weights frozen (dst or fixed, erk or uniform)")
+
+    @model_validator(mode="after")
+    def _isolation_needs_fresh_masks(self) -> SparseFedAvgParams:
+        if self.isolation and (self.mask_update == "tdm" or self.init == "magnitude"):
+            raise ValueError("strategy.isolation = true needs mask_update = 'dst' or 'fixed' "
+                             "and init = 'erk' or 'uniform' (a fresh random mask per task)")
+        return self
 
     @model_validator(mode="after")
     def _no_downlink_compression(self) -> SparseFedAvgParams:
@@ -95,7 +112,10 @@ class SparseFedAvg(FedSparseStrategy):
                 and getattr(scenario.client, "momentum", 0.0) == 0.0:
             raise ValueError("strategy.growth = 'momentum' needs client.momentum > 0")
         self.names = list(sparse_parameters(scenario_model(scenario), params.dense_layers))
+        if params.isolation and scenario.continual is None:
+            raise ValueError("strategy.isolation = true needs a [continual] section")
         self.mask: Mask | None = None
+        self.isolation: TaskIsolation | None = None
         self.signal: dict[str, torch.Tensor] | None = None  # clients' mean, for the next update
         self.requested = "none"  # the signal asked for in the current round
         self.fallback: ArrayRecord | None = None  # the round's model, if no client replies
@@ -130,14 +150,15 @@ class SparseFedAvg(FedSparseStrategy):
     def _weights(self, state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {name: torch.from_numpy(state[name].copy()) for name in self.names}
 
-    def _initial_mask(self, weights: dict[str, torch.Tensor]) -> Mask:
+    def _initial_mask(self, weights: dict[str, torch.Tensor], task: int = 0) -> Mask:
         shapes = {n: tuple(w.shape) for n, w in weights.items()}
         density = 1.0 - self.params.sparsity
         if self.params.init == "magnitude":
             return Mask.magnitude(weights, uniform_densities(shapes, density))
         densities = (erk_densities if self.params.init == "erk" else uniform_densities)(
             shapes, density)
-        generator = torch.Generator().manual_seed(derive_seed(self.scenario.seed, "mask-init"))
+        generator = torch.Generator().manual_seed(
+            derive_seed(self.scenario.seed, "mask-init", task))
         return Mask.random(weights, densities, generator)
 
     def _update_mask(self, server_round: int, weights: dict[str, torch.Tensor]) -> Mask:
@@ -161,6 +182,12 @@ class SparseFedAvg(FedSparseStrategy):
         if self.mask is None:
             self.mask = self._initial_mask(weights)
             self.mask.apply(weights)
+            if self.params.isolation:
+                self.isolation = TaskIsolation(weights)
+        elif self.isolation is not None and self._in_task(server_round) == 0:
+            self.isolation.finish_task(self.mask, weights)
+            self.mask = self._initial_mask(weights, len(self.isolation.task_masks))
+            self.isolation.working_copy(self.mask, weights)
         if self._updates_at(server_round):
             self.mask = self._update_mask(server_round, weights)
             log.info("round %d: mask %s, density %.4f", server_round,
@@ -188,9 +215,20 @@ class SparseFedAvg(FedSparseStrategy):
             return arrays
         return from_numpy(encode_model(to_numpy(arrays), self._masks_np()))
 
+    def frozen(self) -> dict[str, np.ndarray]:
+        """Positions inside the current mask that belong to finished tasks (isolation)."""
+        frozen = self.isolation.frozen() if self.isolation is not None else None
+        if frozen is None or self.mask is None:
+            return {}
+        return {name: (m & frozen[name]).numpy() for name, m in self.mask.items()}
+
     def train_instruction(self, partition_id: int, arrays: ArrayRecord,
                           config: ConfigRecord) -> RecordDict:
-        return RecordDict({ARRAYS: self.model_content(arrays), CONFIG: config})
+        content = RecordDict({ARRAYS: self.model_content(arrays), CONFIG: config})
+        frozen = self.frozen()
+        if frozen:
+            content[FROZEN] = from_numpy(encode_positions(frozen))
+        return content
 
     def check_train_reply(self, content: RecordDict) -> Any:
         if ARRAYS not in content.array_records:
@@ -218,10 +256,24 @@ class SparseFedAvg(FedSparseStrategy):
         weights = np.array([r.num_examples for r in replies], np.float64)
         weights /= weights.sum()
         model = _weighted_mean([r.decoded[0] for r in replies], weights)
+        if self.isolation is not None:  # frozen weights are copied, not averaged
+            for name, m in self.frozen().items():
+                model[name][m] = self.isolation.store[name].numpy()[m]
         if self.requested != "none":
             mean = _weighted_mean([r.decoded[1] for r in replies], weights)
             self.signal = {name: torch.from_numpy(v) for name, v in mean.items()}
         return from_numpy(model)
+
+    def task_views(self, arrays: ArrayRecord) -> dict[int, ArrayRecord] | None:
+        """With isolation: each finished task's subnetwork ``store * mask_j`` (shared
+        unmasked parameters as now), and the current model for the current task."""
+        if self.isolation is None:
+            return None
+        state = to_numpy(arrays)
+        views = {j: from_numpy({**state, **{n: w.numpy() for n, w in
+                                            self.isolation.task_weights(j).items()}})
+                 for j in range(len(self.isolation.task_masks))}
+        return {**views, len(self.isolation.task_masks): arrays}
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -229,7 +281,8 @@ class SparseFedAvg(FedSparseStrategy):
 
     def after_round(self, server_round: int, grid: Grid) -> dict[str, float]:
         assert self.mask is not None
-        return {"mask_density": self.mask.density()}
+        per_layer = {f"mask_density.{name}": d for name, d in self.mask.densities().items()}
+        return {"mask_density": self.mask.density(), **per_layer}
 
     # -- checkpoint -----------------------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -237,6 +290,11 @@ class SparseFedAvg(FedSparseStrategy):
             if self.mask is not None else {}
         if self.signal is not None:
             out |= {SIGNAL_PREFIX + n: s.numpy() for n, s in self.signal.items()}
+        if self.isolation is not None:
+            out |= {STORE_PREFIX + n: w.numpy() for n, w in self.isolation.store.items()}
+            for j, mask in enumerate(self.isolation.task_masks):
+                out |= {f"{TASK_MASK_PREFIX}{j}/{n}": m.numpy().astype(np.uint8)
+                        for n, m in mask.items()}
         return out
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
@@ -246,6 +304,16 @@ class SparseFedAvg(FedSparseStrategy):
                   for k, v in arrays.items() if k.startswith(SIGNAL_PREFIX)}
         self.mask = Mask(masks) if masks else None
         self.signal = signal or None
+        store = {k[len(STORE_PREFIX):]: torch.from_numpy(v)
+                 for k, v in arrays.items() if k.startswith(STORE_PREFIX)}
+        if store:
+            self.isolation = TaskIsolation(store)
+            tasks: dict[int, dict[str, torch.Tensor]] = {}
+            for k, v in arrays.items():
+                if k.startswith(TASK_MASK_PREFIX):
+                    j, name = k[len(TASK_MASK_PREFIX):].split("/", 1)
+                    tasks.setdefault(int(j), {})[name] = torch.from_numpy(v.astype(bool))
+            self.isolation.task_masks = [Mask(tasks[j]) for j in sorted(tasks)]
 
 
 def _weighted_mean(states: list[dict[str, np.ndarray]], weights: np.ndarray

@@ -222,3 +222,39 @@ def test_mask_and_signal_survive_a_checkpoint(tdm_run):
     restored.load_state_arrays(strategy.state_arrays())
     assert restored.mask.equals(strategy.mask)
     assert (restored.signal is None) == (strategy.signal is None)
+
+
+def test_isolation_freezes_finished_tasks_bit_for_bit():
+    text = _dst_text("random").replace("[strategy]\n", "[strategy]\nisolation = true\n", 1)
+    finished: dict[int, dict[str, np.ndarray]] = {}
+    checked = []
+
+    def check(rnd, grid, strategy, state):
+        iso = strategy.isolation
+        for j in range(len(iso.task_masks)):
+            view = {n: w.numpy().copy() for n, w in iso.task_weights(j).items()}
+            finished.setdefault(j, view)
+            assert all(np.array_equal(view[n], finished[j][n]) for n in view), (rnd, j)
+        weights = to_numpy(state.arrays)
+        for name, m in strategy.frozen().items():  # frozen inside the mask: copied exactly
+            assert np.array_equal(weights[name][m], iso.store[name].numpy()[m])
+            checked.append(int(m.sum()))
+        views = strategy.task_views(state.arrays)
+        assert sorted(views) == list(range(len(iso.task_masks) + 1))
+
+    scn, grid, strategy, _, rows = run(text, check)
+    assert len(strategy.isolation.task_masks) == 4 and len(finished) == 4
+    assert sum(checked) > 0  # later masks do overlap earlier ones
+    sent = [m for m in grid.sent if "frozen" in m.content.array_records]
+    assert sent and all(k.split(".idx.")[0] in strategy.names
+                        for m in sent for k in m.content.array_records["frozen"])
+    restored = build_strategy(scn)
+    restored.load_state_arrays(strategy.state_arrays())
+    assert all(a.equals(b) for a, b in zip(restored.isolation.task_masks,
+                                            strategy.isolation.task_masks, strict=True))
+    assert 0.0 <= rows[-1]["task_il_accuracy"] <= 1.0
+
+
+def test_isolation_needs_fresh_random_masks():
+    with pytest.raises(ScenarioError, match="isolation = true needs mask_update"):
+        parse_scenario(TEXT.replace("[strategy]\n", "[strategy]\nisolation = true\n", 1))

@@ -41,6 +41,7 @@ from fedsparse.data import load_dataset
 from fedsparse.metrics.sparse_flops import SparseFlops
 from fedsparse.protocol import (
     ARRAYS,
+    FROZEN,
     METRICS,
     MODEL_SYNC,
     NUM_EXAMPLES,
@@ -52,7 +53,7 @@ from fedsparse.protocol import (
 from fedsparse.registry import CLIENT_PROGRAMS, PluginParams
 from fedsparse.scenario import ContinualSpec, Scenario
 from fedsparse.sparse import Mask, sparse_parameters
-from fedsparse.sparse.wire import decode_model, encode_values
+from fedsparse.sparse.wire import decode_model, decode_positions, encode_values
 from fedsparse.training import evaluate
 from strategies.records import to_numpy
 
@@ -112,6 +113,15 @@ class ContinualProgram(ClientProgram):
         return model, (Mask({k: torch.from_numpy(m) for k, m in masks.items()}) if masks
                        else None)
 
+    @staticmethod
+    def frozen(content: RecordDict, params: dict[str, nn.Parameter]) -> Mask | None:
+        """Positions of finished tasks' weights inside the mask (parameter isolation)."""
+        if FROZEN not in content.array_records:
+            return None
+        masks = decode_positions(to_numpy(content.array_records[FROZEN]),
+                                 {n: p.detach().numpy() for n, p in params.items()})
+        return Mask({n: torch.from_numpy(m) for n, m in masks.items()})
+
     def learner(self, model: nn.Module, hooks: SparseHooks, generator: torch.Generator,
                 buffer: ReservoirBuffer) -> Learner:
         p = self.params
@@ -162,7 +172,7 @@ class ContinualProgram(ClientProgram):
         dgm = GradientMasking(p.gradient_density, p.gradient_every) \
             if p.gradient_density is not None else None
         weight_mask = Mask.dense(params) if mask is None and dgm is not None else mask
-        hooks = SparseHooks(params, weight_mask, dgm)
+        hooks = SparseHooks(params, weight_mask, dgm, self.frozen(content, params))
         generator = self.generator(content)
         buffer = self._buffer(tuple(data.x_train.shape[1:]))
         learner = self.learner(model, hooks, generator, buffer)

@@ -41,26 +41,36 @@ def encode_model(state: Mapping[str, np.ndarray],
 def decode_model(arrays: Mapping[str, np.ndarray], template: Mapping[str, np.ndarray]
                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``(dense state, masks)`` from :func:`encode_model`'s arrays."""
-    extra = sorted(k for k in arrays if k not in template and k.split(f".{indices.KEY}.")[0]
-                   not in template)
-    if extra:
-        raise PayloadError(f"unexpected arrays {extra}")
-    state, masks = {}, {}
+    masks = decode_positions(arrays, template)
+    values = {k: v for k, v in arrays.items() if f".{indices.KEY}." not in k}
+    return decode_values(values, template, masks), masks
+
+
+def encode_positions(masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each mask as its coded active positions alone (``name.idx.<scheme>``)."""
+    out = {}
+    for name, mask in masks.items():
+        key, coded = indices.encode(_positions(mask), mask.size)
+        out[f"{name}.{key}"] = coded
+    return out
+
+
+def decode_positions(arrays: Mapping[str, np.ndarray],
+                     template: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Boolean masks from :func:`encode_positions`'s arrays, for the names in ``template``."""
+    unknown = sorted(k for k in arrays if f".{indices.KEY}." in k
+                     and k.split(f".{indices.KEY}.")[0] not in template)
+    if unknown:
+        raise PayloadError(f"positions for unknown arrays {unknown}")
+    masks = {}
     for name, ref in template.items():
         if not any(k.startswith(f"{name}.{indices.KEY}.") for k in arrays):
-            state[name] = arrays.get(name)
             continue
         scheme, coded = indices.find(dict(arrays), f"{name}.")
-        idx = indices.decode(scheme, coded, ref.size)
         mask = np.zeros(ref.size, bool)
-        mask[idx] = True
+        mask[indices.decode(scheme, coded, ref.size)] = True
         masks[name] = mask.reshape(ref.shape)
-        state[name] = scatter(arrays.get(name), masks[name], name)
-    missing = [name for name, value in state.items() if value is None]
-    if missing:
-        raise PayloadError(f"model arrays missing: {missing}")
-    check_dense(state, template)
-    return state, masks
+    return masks
 
 
 def encode_values(state: Mapping[str, np.ndarray],

@@ -48,20 +48,30 @@ def reference_stream(scenario: Scenario, num_classes: int) -> TaskStream:
 
 @torch.no_grad()
 def evaluate_tasks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, stream: TaskStream,
-                   task: int) -> dict[str, float]:
+                   task: int, views: dict[int, dict[str, torch.Tensor]] | None = None
+                   ) -> dict[str, float]:
     """After training task ``task``: accuracy and loss on the seen tasks' test examples
-    (class-IL), task-IL accuracy on them, and every seen task's accuracy in both settings."""
+    (class-IL), task-IL accuracy on them, and every seen task's accuracy in both settings.
+
+    With ``views`` (per-task parameter isolation) task ``j`` is evaluated with its own
+    weights ``views[j]``: the task identity picks the subnetwork, as Yildirim et al. evaluate.
+    """
     out: dict[str, float] = {}
+    losses = []
+    for j in range(task + 1):
+        if views is not None:
+            model.load_state_dict(views[j])
+        for setting, key in SETTINGS.items():
+            out[key.format(j)] = task_accuracies(model, x, y, stream,
+                                                 task_il=setting == "task_il")[j]
+        idx = stream.select(y, j)
+        losses.append(float(F.cross_entropy(model(x[idx]), y[idx])) if len(idx) else 0.0)
+    sizes = [len(stream.select(y, j)) for j in range(task + 1)]
     for setting, key in SETTINGS.items():
-        accs = task_accuracies(model, x, y, stream, task_il=setting == "task_il")
-        out |= {key.format(j): accs[j] for j in range(task + 1)}
-    seen = torch.isin(y, torch.tensor(stream.seen_classes(task)))
-    logits = model(x[seen])
-    sizes = np.array([len(stream.select(y, j)) for j in range(task + 1)], float)
-    out["accuracy"] = float((logits.argmax(dim=1) == y[seen]).float().mean())
-    out["loss"] = float(F.cross_entropy(logits, y[seen]))
-    out["task_il_accuracy"] = float(np.average(
-        [out[SETTINGS["task_il"].format(j)] for j in range(task + 1)], weights=sizes))
+        name = "accuracy" if setting == "class_il" else "task_il_accuracy"
+        out[name] = float(np.average([out[key.format(j)] for j in range(task + 1)],
+                                     weights=sizes))
+    out["loss"] = float(np.average(losses, weights=sizes))
     return out
 
 

@@ -9,6 +9,7 @@ active-run state), so it is safe inside a long-lived ServerApp process.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,10 @@ from typing import Any
 from fedsparse.scenario import Scenario
 
 PARAM_VALUE_LIMIT = 6000  # MLflow's maximum param value length
+
+# A new SQLite store logs its schema migrations at INFO; they are not news to a user.
+for _name in ("mlflow.store.db.utils", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def _client(tracking_uri: str):  # -> mlflow.MlflowClient
