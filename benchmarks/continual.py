@@ -4,7 +4,7 @@ the MLflow experiment ``continual-split-mnist``.
 
 Arms, all on one device (a one-client federation: one round = one epoch), MLP 784-400-400-10,
 5 tasks x 2 classes, 5 epochs per task, class-IL: naive fine-tuning, dense DER++,
-SparCL-DER++ (TDM + DGM + DDR) at 75% and 90% weight sparsity, and dynamic sparse training
+SparCL-DER++ (TDM + DGM + DDR) at 75%, 85% and 90% weight sparsity, and dynamic sparse training
 at 90% with ERK and uniform initial masks. Per seed the report (``reports/continual-split-
 mnist-seed<k>/``) gives average class-IL accuracy, forgetting, task-IL accuracy, training
 FLOPs (only active weights, unmasked gradient entries and examples not removed), the
@@ -24,7 +24,8 @@ from pathlib import Path
 from fedsparse.experiments import compare
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios" / "continual" / "split_mnist"
-ARMS = ("naive", "derpp", "sparcl_75", "sparcl_90", "dst_erk", "dst_uniform", "dst_isolation")
+ARMS = ("naive", "derpp", "sparcl_75", "sparcl_85", "sparcl_90", "dst_erk", "dst_uniform",
+        "dst_isolation")
 DEFAULT_ARMS = ARMS[:-1]  # dst_isolation is task-aware at test time: run it on request
 REFERENCE = "split-mnist-derpp"
 
