@@ -32,6 +32,9 @@ COMMIT_ROUND = "commit-round"
 # What the server's next mask update needs from a client (strategies/sparse_fedavg.py):
 # "none", "grad" (last minibatch gradient at the mask), "grad-dense", "momentum-dense".
 SIGNAL_KIND = "signal-kind"
+# In an evaluate instruction: minibatches a client adapts its personal part (pFedGate's gating
+# layer) on its training split before it is evaluated: a novel client joining at the end.
+ADAPT_STEPS = "adapt-steps"
 
 # Keys of the MetricRecords sent back.
 NUM_EXAMPLES = "num-examples"

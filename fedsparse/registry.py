@@ -31,6 +31,10 @@ class PluginParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def check_scenario(self, scenario: Any) -> None:
+        """Checks that need the rest of the scenario (a ``fedsparse.scenario.Scenario``);
+        raise ``ValueError`` naming the keys involved."""
+
 
 class StrategyParams(PluginParams):
     """A ``[strategy]`` section: client sampling, shared by all strategies."""

@@ -191,6 +191,12 @@ class Scenario(Section):
         return self
 
     @model_validator(mode="after")
+    def _sections_agree(self) -> Scenario:
+        for section in (self.model, self.strategy, self.client):
+            section.check_scenario(self)
+        return self
+
+    @model_validator(mode="after")
     def _rounds_cover_the_tasks(self) -> Scenario:
         if self.continual is not None:
             needed = self.continual.num_tasks * self.continual.rounds_per_task

@@ -83,6 +83,24 @@ class ClientRecord:
                            if isinstance(v, int | float)}}
 
 
+def personal_accuracy(replies: list[Reply]) -> dict[str, float]:
+    """Clients' own test accuracy and loss (``eval-acc``, ``eval-loss``): weighted by their
+    test examples, unweighted mean, and the mean over the worst 10% of clients (at least
+    one), the fairness figure of personalised FL."""
+    out = {}
+    for key, name in (("eval-acc", "accuracy"), ("eval-loss", "loss")):
+        pairs = [(float(r.metrics[key]), r.num_examples) for r in replies if key in r.metrics]
+        if not pairs:
+            continue
+        values = [v for v, _ in pairs]
+        out[f"{name}_weighted"] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+        out[f"{name}_mean"] = unweighted_mean(values)
+        if name == "accuracy":
+            worst = sorted(values)[:max(1, len(values) // 10)]
+            out[f"{name}_bottom10"] = unweighted_mean(worst)
+    return out
+
+
 class FedSparseStrategy(Strategy):
     """Deterministic sampling, ordered and validated replies, exact byte accounting."""
 
@@ -100,6 +118,7 @@ class FedSparseStrategy(Strategy):
         self.synced: dict[int, int] = {}  # partition id -> last round it received x_hat
         self.scenario = scenario
         self.num_clients = scenario.data.num_clients
+        self.pool = range(self.num_clients)  # the partitions that train and evaluate
         self.node_of: dict[int, int] = {}  # partition id -> Flower node id (this run)
         self.partition_of: dict[int, int] = {}  # Flower node id -> partition id
         self.client_records: list[ClientRecord] = []
@@ -121,9 +140,9 @@ class FedSparseStrategy(Strategy):
             fraction, minimum = self.params.fraction_evaluate, self.params.min_evaluate_clients
             if fraction == 0:
                 return []
-        size = min(self.num_clients, max(minimum, int(fraction * self.num_clients)))
+        size = min(len(self.pool), max(minimum, int(fraction * len(self.pool))))
         rng = random.Random(f"{self.scenario.seed}:{phase}:{server_round}")
-        return sorted(rng.sample(range(self.num_clients), size))
+        return sorted(rng.sample(self.pool, size))
 
     # -- train --------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -192,13 +211,10 @@ class FedSparseStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
         accepted = self._receive(server_round, EVALUATE, replies, lambda content: None)
         metrics = self._round_metrics(server_round, EVALUATE, accepted)
-        for client_key, weighted_key, mean_key in (
-                ("eval-acc", "fed_accuracy_weighted", "fed_accuracy_mean"),
-                ("eval-loss", "fed_loss_weighted", "fed_loss_mean")):
-            values = [float(r.metrics[client_key]) for r in accepted if client_key in r.metrics]
-            if values:
-                metrics[weighted_key] = metrics.pop(client_key.replace("-", "_"))
-                metrics[mean_key] = unweighted_mean(values)
+        for key in ("eval_acc", "eval_loss"):
+            metrics.pop(key, None)
+        for key, value in personal_accuracy(accepted).items():
+            metrics[f"fed_{key}"] = value
         return metrics
 
     def task_views(self, arrays: ArrayRecord) -> dict[int, ArrayRecord] | None:
@@ -206,8 +222,10 @@ class FedSparseStrategy(Strategy):
         global model serves every task)."""
         return None
 
-    def after_round(self, server_round: int, grid: Grid) -> dict[str, float]:
-        """Extra work after a round's aggregation (e.g. an audit); returns round metrics."""
+    def after_round(self, server_round: int, arrays: ArrayRecord,
+                    grid: Grid) -> dict[str, float]:
+        """Extra work after a round's aggregation (e.g. an audit), given the new global
+        model; returns round metrics."""
         return {}
 
     def summary(self) -> None:

@@ -30,11 +30,15 @@ class FedAvg(FedSparseStrategy):
     client_programs: ClassVar[tuple[str, ...]] = ("sgd", "continual")
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
-        # Flower's weighted average, given only the model and the weight of each reply.
-        # (a reply may carry other records; only its model and num-examples are averaged)
-        return aggregate_arrayrecords(
-            [RecordDict({ARRAYS: r.content.array_records[ARRAYS],
-                         METRICS: MetricRecord({NUM_EXAMPLES: r.num_examples})})
-             for r in replies],
-            NUM_EXAMPLES,
-        )
+        return sample_weighted_mean([r.content.array_records[ARRAYS] for r in replies],
+                                    [r.num_examples for r in replies])
+
+
+def sample_weighted_mean(models: list[ArrayRecord], num_examples: list[int]) -> ArrayRecord:
+    """``sum_k (n_k / n) w_k``: Flower's weighted average, given only the models and their
+    weights (a reply may carry other records; only its model is averaged)."""
+    return aggregate_arrayrecords(
+        [RecordDict({ARRAYS: model, METRICS: MetricRecord({NUM_EXAMPLES: n})})
+         for model, n in zip(models, num_examples, strict=True)],
+        NUM_EXAMPLES,
+    )

@@ -120,7 +120,7 @@ def run_rounds(grid: Grid, scenario: Scenario, strategy: FedSparseStrategy, stat
         if new_arrays is not None:
             state.arrays = new_arrays
         row |= dict(train_metrics)
-        row |= strategy.after_round(server_round, grid)
+        row |= strategy.after_round(server_round, state.arrays, grid)
         if scenario.evaluates(server_round):
             row |= evaluate_central(server_round, state.arrays)
             replies = grid.send_and_receive(

@@ -94,7 +94,8 @@ class ControlledAveraging(FedSparseStrategy):
         metrics["control_norm"] = float(np.linalg.norm(self.c)) if self.c is not None else 0.0
         return arrays, metrics
 
-    def after_round(self, server_round: int, grid: Grid) -> dict[str, float]:
+    def after_round(self, server_round: int, arrays: ArrayRecord,
+                    grid: Grid) -> dict[str, float]:
         if not self.params.audit or self.c is None:
             return {}
         queries = [Message(RecordDict({CONFIG: ConfigRecord({

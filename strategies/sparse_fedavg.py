@@ -279,7 +279,8 @@ class SparseFedAvg(FedSparseStrategy):
                            grid: Grid) -> Iterable[Message]:
         return super().configure_evaluate(server_round, self.model_content(arrays), config, grid)
 
-    def after_round(self, server_round: int, grid: Grid) -> dict[str, float]:
+    def after_round(self, server_round: int, arrays: ArrayRecord,
+                    grid: Grid) -> dict[str, float]:
         assert self.mask is not None
         per_layer = {f"mask_density.{name}": d for name, d in self.mask.densities().items()}
         return {"mask_density": self.mask.density(), **per_layer}

@@ -8,10 +8,16 @@ does; an exception in the ClientApp becomes an error reply, as in Flower.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from flwr.app import Context, Error, Message, RecordDict
 
 from clients.client_app import app as client_app
+from fedsparse.scenario import Scenario
+from fedsparse.tracking.history import Row
+from strategies.base import FedSparseStrategy
+from strategies.loop import LoopState, discover, run_rounds
+from strategies.server_app import build_strategy, central_evaluator, initial_arrays
 
 Tamper = Callable[[Message, Message], Message]
 
@@ -26,6 +32,11 @@ class LocalGrid:
         self.tamper = tamper
         self.sent: list[Message] = []
         self.received: list[Message] = []
+
+    @staticmethod
+    def partition_of(message: Message) -> int:
+        """The partition id of the node a message is addressed to."""
+        return message.metadata.dst_node_id - 1000
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -47,3 +58,32 @@ class LocalGrid:
 
     def state(self, partition_id: int) -> RecordDict:
         return self.contexts[1000 + partition_id].state
+
+
+@dataclass
+class Federation:
+    """A finished run on a :class:`LocalGrid`: what tests inspect."""
+
+    scenario: Scenario
+    grid: LocalGrid
+    strategy: FedSparseStrategy
+    state: LoopState
+    rows: list[Row] = field(default_factory=list)
+
+
+def run_federation(scenario: Scenario, tamper: Tamper | None = None,
+                   on_round: Callable[[int, Federation], None] | None = None) -> Federation:
+    """The real ServerApp round loop and strategy over a :class:`LocalGrid`;
+    ``on_round(round, federation)`` runs after every round."""
+    grid = LocalGrid(scenario.data.num_clients, {"scenario": scenario.to_toml()}, tamper)
+    strategy = build_strategy(scenario)
+    strategy.bind(discover(grid, scenario))
+    federation = Federation(scenario, grid, strategy, LoopState(arrays=initial_arrays(scenario)))
+
+    def hook(server_round: int, row: Row) -> None:
+        federation.rows.append(row)
+        if on_round is not None:
+            on_round(server_round, federation)
+
+    run_rounds(grid, scenario, strategy, federation.state, central_evaluator(scenario), hook)
+    return federation

@@ -12,32 +12,21 @@ from fedsparse.data import client_data
 from fedsparse.scenario import ScenarioError, parse_scenario
 from fedsparse.sparse import keep_count
 from fedsparse.tracking.continual import accuracy_matrix
-from strategies.loop import LoopState, discover, run_rounds
 from strategies.records import content_bytes, to_numpy
-from strategies.server_app import build_strategy, central_evaluator, initial_arrays
+from strategies.server_app import build_strategy
 from tests.conftest import DATA
-from tests.local_grid import LocalGrid
+from tests.local_grid import LocalGrid, run_federation
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
 TEXT = (DATA / "continual_digits.toml").read_text()
 
 
-def run(text: str = TEXT, on_round=None):
-    scn = parse_scenario(text)
-    grid = LocalGrid(scn.data.num_clients, {"scenario": scn.to_toml()})
-    strategy = build_strategy(scn)
-    strategy.bind(discover(grid, scn))
-    state = LoopState(arrays=initial_arrays(scn))
-    rows = []
-
-    def hook(rnd, row):
-        rows.append(row)
-        if on_round:
-            on_round(rnd, grid, strategy, state)
-
-    run_rounds(grid, scn, strategy, state, central_evaluator(scn), hook)
-    return scn, grid, strategy, state, rows
+def run(text: str = TEXT, on_round=None, tamper=None):
+    hook = None if on_round is None else \
+        (lambda rnd, f: on_round(rnd, f.grid, f.strategy, f.state))
+    f = run_federation(parse_scenario(text), tamper, hook)
+    return f.scenario, f.grid, f.strategy, f.state, f.rows
 
 
 @pytest.fixture(scope="module")
@@ -172,29 +161,23 @@ def test_one_client_global_model_is_the_clients_model():
             replies[int(message.content.config_records["config"]["server-round"])] = reply
         return reply
 
-    scn = parse_scenario(text)
-    grid = LocalGrid(1, {"scenario": scn.to_toml()}, keep)
-    strategy = build_strategy(scn)
-    strategy.bind(discover(grid, scn))
-    state = LoopState(arrays=initial_arrays(scn))
     from fedsparse.sparse.wire import decode_values
 
-    def check(rnd, row):
+    def check(rnd, grid, strategy, state):
         masks = {n: m.numpy() for n, m in strategy.mask.items()}
         sent = decode_values(to_numpy(replies[rnd].content.array_records["arrays"]),
                              to_numpy(state.arrays), masks)
         for name, value in to_numpy(state.arrays).items():
             np.testing.assert_array_equal(value, sent[name])
 
-    run_rounds(grid, scn, strategy, state, central_evaluator(scn), check)
+    run(text, check, keep)
 
 
 def test_a_malformed_signal_rejects_that_client_only():
     from flwr.app import Array, ArrayRecord
 
     def tamper(message, reply):
-        pid = grid.contexts[message.metadata.dst_node_id].node_config["partition-id"]
-        if pid == 1 and "signal" in reply.content.array_records:
+        if LocalGrid.partition_of(message) == 1 and "signal" in reply.content.array_records:
             signal = reply.content.array_records["signal"]
             name = next(iter(signal))
             bad = signal[name].numpy().copy()
@@ -203,14 +186,7 @@ def test_a_malformed_signal_rejects_that_client_only():
                                                    name: Array(bad)})
         return reply
 
-    scn = parse_scenario(TEXT)
-    grid = LocalGrid(scn.data.num_clients, {"scenario": scn.to_toml()}, tamper)
-    strategy = build_strategy(scn)
-    strategy.bind(discover(grid, scn))
-    state = LoopState(arrays=initial_arrays(scn))
-    rows = []
-    run_rounds(grid, scn, strategy, state, central_evaluator(scn),
-               lambda rnd, row: rows.append(row))
+    _, _, strategy, _, rows = run(tamper=tamper)
     rejected = [r for r in strategy.client_records if r.status == "rejected"]
     assert rejected and all(r.partition_id == 1 and "NaN" in r.reason for r in rejected)
     assert len(rows) == 15 and all(r["clients_ok"] >= 2 for r in rows)

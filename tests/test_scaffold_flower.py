@@ -11,11 +11,10 @@ from flwr.app import Array, Message
 from fedsparse.compress import payload_bytes
 from fedsparse.flat import flatten
 from fedsparse.scenario import Scenario, parse_scenario
-from strategies.loop import LoopState, discover, run_rounds
 from strategies.records import to_numpy
-from strategies.server_app import build_strategy, central_evaluator, initial_arrays
+from strategies.server_app import build_strategy
 from tests.conftest import digits_scenario
-from tests.local_grid import LocalGrid
+from tests.local_grid import LocalGrid, run_federation
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -28,19 +27,9 @@ def scenario(strategy: dict, rounds: int = 4) -> Scenario:
 
 
 def run(scn: Scenario, tamper=None, on_round=None):
-    grid = LocalGrid(scn.data.num_clients, {"scenario": scn.to_toml()}, tamper)
-    strategy = build_strategy(scn)
-    strategy.bind(discover(grid, scn))
-    state = LoopState(arrays=initial_arrays(scn))
-    rows = []
-
-    def hook(rnd, row):
-        rows.append(row)
-        if on_round:
-            on_round(rnd, grid, strategy)
-
-    run_rounds(grid, scn, strategy, state, central_evaluator(scn), hook)
-    return grid, strategy, state, rows
+    hook = None if on_round is None else (lambda rnd, f: on_round(rnd, f.grid, f.strategy))
+    f = run_federation(scn, tamper, hook)
+    return f.grid, f.strategy, f.state, f.rows
 
 
 def committed_c_i(grid: LocalGrid, strategy, pid: int) -> np.ndarray:

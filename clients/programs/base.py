@@ -130,10 +130,14 @@ class ClientProgram(ABC):
     def train(self, content: RecordDict) -> RecordDict:
         """Local training on the instruction ``content``; returns the reply's content."""
 
+    def evaluated_model(self, content: RecordDict) -> nn.Module:
+        """The model a client evaluates: the one sent (a program may personalise it)."""
+        return self.model_from(content)
+
     def evaluate(self, content: RecordDict) -> RecordDict:
-        """Accuracy and loss of the model sent, on the client's local test split."""
+        """Accuracy and loss of :meth:`evaluated_model` on the client's local test split."""
         data = self.data
-        result = evaluate(self.model_from(content), data.x_test, data.y_test)
+        result = evaluate(self.evaluated_model(content), data.x_test, data.y_test)
         return RecordDict({METRICS: MetricRecord({
             NUM_EXAMPLES: result.num_examples, "eval-loss": result.loss,
             "eval-acc": result.accuracy})})

@@ -3,6 +3,10 @@
 Receive w, run E local epochs (or exactly K local steps) of minibatch SGD with batch size B
 on the local training split, send back the local model and the measurements the server
 accounts: number of examples, mean loss, steps, training FLOPs, wall time.
+
+With ``finetune_epochs > 0`` a client evaluates a personalised model: the global model after
+that many epochs of the same local SGD on its training split ("FedAvg + FT", the standard
+personalisation baseline; the fine-tuned model is not sent back and not kept).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ class SGDParams(PluginParams):
     local_steps: int | None = Field(None, ge=1, description="K: exactly K local steps")
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    finetune_epochs: int = Field(0, ge=0, description="FedAvg + fine-tuning: local epochs of "
+                                                       "SGD on the model before it is evaluated")
 
     @model_validator(mode="after")
     def _one_budget(self) -> SGDParams:
@@ -43,13 +49,22 @@ class SGDProgram(ClientProgram):
     Params = SGDParams
     params: SGDParams
 
-    def local_sgd(self, model: nn.Module, content: RecordDict) -> TrainResult:
-        """E local epochs or exactly K local steps of SGD on the local training split."""
+    def local_sgd(self, model: nn.Module, content: RecordDict, epochs: int | None = None
+                  ) -> TrainResult:
+        """E local epochs (or ``epochs``) or exactly K local steps of SGD on the local
+        training split."""
         data, p = self.data, self.params
-        steps = num_steps(len(data.x_train), p.batch_size, p.local_epochs, p.local_steps)
+        steps = num_steps(len(data.x_train), p.batch_size, epochs or p.local_epochs,
+                          None if epochs else p.local_steps)
         return train_sgd(model, data.x_train, data.y_train, lr=p.lr, batch_size=p.batch_size,
                          steps=steps, generator=self.generator(content), momentum=p.momentum,
                          weight_decay=p.weight_decay)
+
+    def evaluated_model(self, content: RecordDict) -> nn.Module:
+        model = self.model_from(content)
+        if self.params.finetune_epochs:
+            self.local_sgd(model, content, epochs=self.params.finetune_epochs)
+        return model
 
     def train(self, content: RecordDict) -> RecordDict:
         started = time.perf_counter()

@@ -37,6 +37,7 @@ class SparseFlops:
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...],
                  masked: list[str]) -> None:
+        self.input_shape = input_shape
         probe = copy.deepcopy(model)
         x = torch.zeros((1, *input_shape))
         root = type(probe).__name__

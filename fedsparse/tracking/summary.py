@@ -13,6 +13,12 @@ FINAL_EVAL = {
     "loss": "final_loss",
     "fed_accuracy_mean": "fed_accuracy_mean",
     "fed_accuracy_weighted": "fed_accuracy_weighted",
+    "fed_accuracy_bottom10": "fed_accuracy_bottom10",
+    "novel_accuracy_mean": "novel_accuracy_mean",
+    "novel_accuracy_bottom10": "novel_accuracy_bottom10",
+    "density_mean": "density_mean",
+    "eval_density_mean": "eval_density_mean",
+    "budget_mean": "budget_mean",
 }
 FINAL_TOTALS = {
     "cum_uplink_bytes": "uplink_bytes",

@@ -1,0 +1,282 @@
+"""pFedGate: block arithmetic, knapsack solvers, gated forward, and the federation through
+the real ServerApp loop and ClientApp on an in-process grid (no Ray)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import tomllib
+
+import numpy as np
+import pytest
+import tomli_w
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from fedsparse.models import build_model
+from fedsparse.models.cnn import CNNParams
+from fedsparse.personal import (
+    BlockPartition,
+    GatedLearner,
+    GatedModel,
+    GatingLayer,
+    exact,
+    greedy,
+    select_blocks,
+)
+from fedsparse.scenario import ScenarioError, parse_scenario
+from fedsparse.training import batches
+from strategies.records import to_numpy
+from strategies.server_app import initial_arrays
+from tests.conftest import DATA
+from tests.local_grid import LocalGrid, run_federation
+
+TEXT = (DATA / "pfedgate_digits.toml").read_text()
+
+
+def two_layer() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(10, 100), nn.ReLU(), nn.Linear(100, 3))
+
+
+# -- blocks, knapsack, selection ----------------------------------------------------------
+
+def test_blocks_follow_the_release_arithmetic():
+    model = build_model(CNNParams(channels=[6, 16], hidden=[120, 84]), (1, 28, 28), 10)
+    partition = BlockPartition(model, 5)
+    for name, param in model.named_parameters():
+        sizes = [b.size for b in partition.blocks if b.tensor == name]
+        n = param.numel()
+        chunk = math.ceil(n / min(5, n))
+        assert sizes == [chunk] * (len(sizes) - 1) + [n - chunk * (len(sizes) - 1)]
+        assert len(sizes) == math.ceil(n / chunk) and sum(sizes) == n
+    bias = [b.size for b in partition.blocks if b.tensor == "0.0.bias"]  # 6 elements
+    assert bias == [2, 2, 2]
+    assert partition.total == sum(p.numel() for p in model.parameters())
+    assert int(partition.first.sum()) == len(list(model.parameters()))
+    linear = {b.tensor for b in partition.blocks if b.group == "linear"}
+    assert linear == {n for n, _ in model.named_parameters() if not n.startswith("0.")}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10), st.integers(1, 50)), min_size=0, max_size=9),
+       st.integers(0, 200))
+def test_knapsack_solvers_against_brute_force(items, capacity):
+    values = np.array([v for v, _ in items], np.int64)
+    sizes = np.array([w for _, w in items], np.int64)
+    best = max((int(values[list(c)].sum()) for r in range(len(items) + 1)
+                for c in itertools.combinations(range(len(items)), r)
+                if sizes[list(c)].sum() <= capacity), default=0)
+    for solver in (greedy, exact):
+        chosen = solver(values, sizes, capacity)
+        assert sizes[chosen].sum() <= capacity  # the budget is never exceeded
+    assert values[exact(values, sizes, capacity)].sum() == best
+    assert values[greedy(values, sizes, capacity)].sum() <= best
+    if len(set(sizes.tolist())) <= 1:  # equal sizes: greedy by value is optimal
+        assert values[greedy(values, sizes, capacity)].sum() == best
+
+
+@pytest.mark.parametrize("budget, rule, kept", [
+    (1.0, "exact", 1.0), (0.5, "exact", 0.4), (0.9, "exact", 0.8), (0.25, "exact", 0.2),
+    (0.5, "release", 0.4), (0.9, "release", 0.6), (1.0, "release", 1.0)])
+def test_selected_density_follows_the_block_arithmetic(budget, rule, kept):
+    """One linear weight of 1000 entries in 5 blocks of 200 (+ a 100-entry bias, 5 x 20):
+    exact: kept <= floor(s * 1000); release: first block + round((s - s_min) * 800)."""
+    model = nn.Sequential(nn.Linear(10, 100, bias=False))
+    partition = BlockPartition(model, 5)
+    importance = np.full(len(partition), 5)
+    keep = select_blocks(partition, importance, budget, rule=rule, s_min=min(0.2, budget))
+    assert partition.kept_fraction(keep) == pytest.approx(kept)
+    assert bool(keep[partition.first].all())
+
+
+@pytest.mark.parametrize("solver", ["greedy", "exact"])
+def test_selection_stays_within_the_budget_per_group(solver):
+    model = build_model(CNNParams(channels=[6, 16], hidden=[120, 84]), (1, 28, 28), 10)
+    partition = BlockPartition(model, 5)
+    rng = np.random.default_rng(0)
+    for budget in (0.3, 0.5, 0.8):
+        keep = select_blocks(partition, rng.integers(0, 11, len(partition)), budget, solver)
+        for group in ("linear", "other"):
+            members = partition.group(group)
+            assert int(partition.sizes[keep & members].sum()) <= \
+                math.floor(budget * int(partition.sizes[members].sum()))
+
+
+# -- gated model --------------------------------------------------------------------------
+
+def test_full_budget_with_fixed_gates_is_the_plain_model():
+    model = two_layer()
+    gated = GatedModel(model, BlockPartition(model, 5), 1.0, gating=None)
+    x = torch.randn(7, 10)
+    assert torch.equal(gated.forward(x).logits, model(x))
+
+
+def test_kept_blocks_are_scaled_by_their_gates_and_dropped_blocks_get_no_gradient():
+    model = two_layer()
+    partition = BlockPartition(model, 5)
+    gating = GatingLayer((10,), len(partition))
+    gated = GatedModel(model, partition, 0.4, gating=gating)
+    x, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    batch = gated.forward(x)
+    assert bool((batch.gates >= gated.s_min).all())
+    assert batch.density <= 0.4
+    scale = partition.expand(batch.keep.float() * batch.gates)
+    manual = torch.func.functional_call(
+        model, {n: p * scale[n] for n, p in model.named_parameters()}, (x,))
+    torch.testing.assert_close(batch.logits, manual)
+    nn.functional.cross_entropy(batch.logits, y).backward()
+    dropped = partition.expand((~batch.keep).float())
+    for name, p in model.named_parameters():
+        assert not p.grad[dropped[name].bool()].any()
+    assert gating.linear.weight.grad.abs().sum() > 0  # the selection trains end to end
+
+
+def test_gated_training_learns_and_reports_truthful_density():
+    torch.manual_seed(1)
+    x = torch.randn(256, 10)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    model = two_layer()
+    partition = BlockPartition(model, 5)
+    learner = GatedLearner(GatedModel(model, partition, 0.5,
+                                      gating=GatingLayer((10,), len(partition))),
+                           lr=0.1, lr_gating=0.1, momentum=0.9, weight_decay=5e-4,
+                           grad_clip=10.0)
+    before = learner.evaluate(x, y, 32)[1]
+    stats = learner.fit(x, y, batches(256, 32, torch.Generator().manual_seed(0)), 200)
+    after = learner.evaluate(x, y, 32)[1]
+    assert after > before + 0.2  # half the parameters in 5 contiguous chunks per tensor
+    assert 0.2 <= stats.density <= 0.5
+    assert partition.kept_fraction(stats.active) >= stats.density - 1e-9
+
+
+# -- the federation -----------------------------------------------------------------------
+
+def run(text: str = TEXT, tamper=None):
+    f = run_federation(parse_scenario(text), tamper)
+    return f.scenario, f.grid, f.strategy, f.state, f.rows
+
+
+@pytest.fixture(scope="module")
+def federation():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    return run()
+
+
+def test_gating_layers_and_optimiser_state_never_leave_the_client(federation):
+    scn, grid, strategy, _, _ = federation
+    model_names = set(to_numpy(initial_arrays(scn)))
+    for message in grid.sent:
+        for record in message.content.array_records.values():
+            assert set(record) <= model_names  # down: the base model only
+    for reply in grid.received:
+        for name, record in reply.content.array_records.items():
+            assert name == "update"
+            assert set(record) - {"values"} <= {f"blocks.idx.{s}"
+                                               for s in ("plain", "delta", "bitmap")}
+    trained = {r.partition_id for r in strategy.client_records if r.phase == "train"}
+    for pid in trained:
+        state = grid.state(pid).array_records
+        assert "pfedgate-gating" in state and "pfedgate-momentum" in state
+
+
+def test_uplink_holds_only_the_blocks_used(federation):
+    scn, _, strategy, _, rows = federation
+    dense = sum(a.nbytes for a in to_numpy(initial_arrays(scn)).values())
+    train = [r for r in strategy.client_records if r.phase == "train"]
+    assert all(r.status == "ok" for r in train)
+    for record in train:
+        expected = record.metrics["active-density"] * dense  # float32 values
+        assert expected <= record.uplink_bytes <= expected + 16  # + the block ids
+        assert record.metrics["active-density"] <= 1.0
+        assert record.metrics["density"] <= 0.5
+    assert all(row["uplink_bytes"] < row["clients_ok"] * dense for row in rows)
+
+
+def test_state_survives_rounds_and_novel_clients_join_at_the_end(federation):
+    scn, grid, strategy, _, rows = federation
+    novel = scn.data.num_clients - 1
+    assert all(r.partition_id != novel for r in strategy.client_records if r.phase != "novel")
+    novel_records = [r for r in strategy.client_records if r.phase == "novel"]
+    assert [r.partition_id for r in novel_records] == [novel]
+    assert novel_records[0].status == "ok"
+    assert 0 <= rows[-1]["novel_accuracy_mean"] <= 1
+    assert "pfedgate-gating" in grid.state(novel).array_records  # it fitted its gates
+    assert "fed_accuracy_bottom10" in rows[-1]
+    assert rows[-1]["fed_accuracy_bottom10"] <= rows[-1]["fed_accuracy_mean"]
+    twice = [pid for pid in range(novel)
+             if sum(r.partition_id == pid for r in strategy.client_records
+                    if r.phase == "train") >= 2]
+    assert twice  # some client trained in two rounds: its momentum was restored in between
+    momentum = grid.state(twice[0]).array_records["pfedgate-momentum"]
+    assert any(k.startswith("gating/") for k in momentum)
+
+
+def edited(**sections: dict) -> str:
+    """TEXT with whole sections replaced."""
+    tree = tomllib.loads(TEXT)
+    tree.update(sections)
+    return tomli_w.dumps(tree)
+
+
+def test_full_budget_with_fixed_gates_is_fedavg():
+    common = {"lr": 0.05, "batch_size": 16, "local_epochs": 1, "momentum": 0.5}
+    sampling = {"fraction_train": 0.6, "fraction_evaluate": 0.0}
+    run_spec = {"rounds": 1, "eval_every": 1}
+    fedavg = edited(strategy={"name": "fedavg", **sampling},
+                    client={"program": "sgd", **common}, run=run_spec)
+    gated = edited(strategy={"name": "pfedgate", **sampling},
+                   client={"program": "pfedgate", **common, "weight_decay": 0.0,
+                           "grad_clip": 0.0, "gates": "fixed", "budget": 1.0}, run=run_spec)
+    first, second = to_numpy(run(fedavg)[3].arrays), to_numpy(run(gated)[3].arrays)
+    assert first.keys() == second.keys()
+    for name, value in first.items():
+        np.testing.assert_array_equal(value, second[name])
+
+
+def test_all_client_weighting_moves_theta_by_the_sampled_share():
+    scn, _, strategy, state, _ = run(TEXT.replace(
+        "novel_clients = 1", 'novel_clients = 1\naggregation = "all_clients"').replace(
+        "rounds = 3", "rounds = 1").replace("eval_every = 3", "eval_every = 1"))
+    assert sorted(strategy.data_sizes) == list(range(5))
+    theta0, theta1 = to_numpy(initial_arrays(scn)), to_numpy(state.arrays)
+    sampled = [r.partition_id for r in strategy.client_records if r.phase == "train"]
+    share = sum(strategy.data_sizes[p] for p in sampled) / sum(strategy.data_sizes.values())
+    assert 0 < share < 1
+    moved = sum(float(np.abs(theta1[n] - theta0[n]).sum()) for n in theta0)
+    assert moved > 0
+
+
+def test_a_malformed_update_rejects_that_client_only():
+    from flwr.app import Array
+
+    def tamper(message, reply):
+        if "update" in reply.content.array_records and LocalGrid.partition_of(message) == 1:
+            values = reply.content.array_records["update"]["values"].numpy()
+            reply.content.array_records["update"]["values"] = Array(values[:-1].copy())
+        return reply
+
+    _, _, strategy, _, rows = run(TEXT.replace("rounds = 3", "rounds = 2"), tamper)
+    rejected = [r for r in strategy.client_records if r.status == "rejected"]
+    assert rejected and all(r.partition_id == 1 for r in rejected)
+    assert "values: length" in rejected[0].reason
+    assert all(row["clients_ok"] >= 1 for row in rows)
+
+
+def test_budgets_per_client_and_drawn_from_levels():
+    from clients.programs.pfedgate import PFedGateParams
+
+    listed = TEXT.replace("budget = 0.5", "budget = [0.3, 0.5, 1.0, 0.5, 0.3, 0.5]")
+    assert parse_scenario(listed).client.budget_of(2, 5) == 1.0
+    with pytest.raises(ScenarioError, match=r"client\.budget lists 2 values"):
+        parse_scenario(TEXT.replace("budget = 0.5", "budget = [0.3, 0.5]"))
+    with pytest.raises(ScenarioError, match=r"must be in \(0, 1\]"):
+        parse_scenario(TEXT.replace("budget = 0.5", "budget = 1.5"))
+    levels = PFedGateParams(budget={"levels": [0.3, 1.0], "weights": [1, 1]})
+    drawn = [levels.budget_of(pid, seed=0) for pid in range(40)]
+    assert set(drawn) == {0.3, 1.0}
+    assert drawn == [levels.budget_of(pid, seed=0) for pid in range(40)]
