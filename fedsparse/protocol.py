@@ -19,6 +19,9 @@ MODEL_SYNC = "model-sync"  # ArrayRecord: the public model, whole or changed coo
                            # (replaces ARRAYS in train instructions with a compressed downlink)
 SIGNAL = "signal"  # ArrayRecord: what a client measured for the server's next mask update
 FROZEN = "frozen"  # ArrayRecord: coded positions whose gradients a client must zero
+ADAPTER = "adapter"  # ArrayRecord: the LoRA adapter vector over the download mask (FLASC)
+GATES = "gates"  # ArrayRecord: SoRA's gates of the alive ranks, dense
+RANKS = "ranks"  # ArrayRecord: SoRA's alive ranks, a packed bitmap over all modules
 CONFIG = "config"  # ConfigRecord: server -> client instructions
 METRICS = "metrics"  # MetricRecord: client -> server measurements
 
@@ -35,6 +38,10 @@ SIGNAL_KIND = "signal-kind"
 # In an evaluate instruction: minibatches a client adapts its personal part (pFedGate's gating
 # layer) on its training split before it is evaluated: a novel client joining at the end.
 ADAPT_STEPS = "adapt-steps"
+# FLASC (strategies/flasc.py): this round's densities, value precision, error feedback and
+# SoRA threshold, which the server decides.
+DOWN_DENSITY, UP_DENSITY = "down-density", "up-density"
+VALUE_DTYPE, ERROR_FEEDBACK, SORA_THRESHOLD = "value-dtype", "error-feedback", "sora-threshold"
 
 # Keys of the MetricRecords sent back.
 NUM_EXAMPLES = "num-examples"

@@ -55,9 +55,10 @@ class Section(BaseModel):
 class DataSpec(Section):
     """Dataset and how it is split over clients (each client also gets a local test split)."""
 
-    dataset: Literal["mnist", "fashion_mnist", "digits"] = "mnist"
+    dataset: Literal["mnist", "fashion_mnist", "digits", "chatterbot_en", "chatterbot"] = "mnist"
     num_clients: int = Field(10, ge=1, le=100_000)
-    partition: Literal["iid", "dirichlet", "shards", "pathological"] = "iid"
+    partition: Literal["iid", "dirichlet", "shards", "pathological", "natural"] = Field(
+        "iid", description="natural: one client per group of the dataset (chatterbot: language)")
     alpha: float | None = Field(None, gt=0, description="Dirichlet concentration (dirichlet)")
     shards_per_client: int | None = Field(
         None, ge=1, description="label-sorted shards per client, McMahan et al. 2017 (shards)"
@@ -82,6 +83,21 @@ class DataSpec(Section):
                              f"not {self.partition!r}")
         if wrong:
             raise ValueError("; ".join(wrong))
+        return self
+
+    @model_validator(mode="after")
+    def _natural_groups(self) -> DataSpec:
+        if self.partition != "natural":
+            return self
+        from fedsparse.data import load_dataset
+
+        groups = getattr(load_dataset(self.dataset), "group_names", ())
+        if not groups:
+            raise ValueError(f"partition = 'natural' needs a dataset with natural groups "
+                             f"(chatterbot), not {self.dataset!r}")
+        if self.num_clients != len(groups):
+            raise ValueError(f"partition = 'natural' on {self.dataset!r} has one client per "
+                             f"group: data.num_clients must be {len(groups)}")
         return self
 
 

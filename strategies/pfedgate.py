@@ -80,7 +80,7 @@ class PFedGate(FedSparseStrategy):
         self.partition = BlockPartition(scenario_model(scenario),
                                         scenario.client.blocks_per_tensor)
         self.pool = range(self.num_clients - params.novel_clients)
-        self.parameters = set(dict(scenario_model(scenario).named_parameters()))
+        self.param_names = set(dict(scenario_model(scenario).named_parameters()))
         self.data_sizes: dict[int, int] = {}  # all_clients: partition id -> n_i
 
     # -- train --------------------------------------------------------------------------
@@ -121,7 +121,7 @@ class PFedGate(FedSparseStrategy):
         values = expect_array(update, VALUES, np.dtype(np.float32), size)
         buffers = {k[len(BUFFER_PREFIX):]: v for k, v in update.items()
                    if k.startswith(BUFFER_PREFIX)}
-        check_dense(buffers, {k: v for k, v in self.current.items() if k not in self.parameters})
+        check_dense(buffers, {k: v for k, v in self.current.items() if k not in self.param_names})
         extra = sorted(set(update) - {f"{BLOCKS}.{indices.KEY}.{scheme}", VALUES}
                        - {BUFFER_PREFIX + k for k in buffers})
         if extra:

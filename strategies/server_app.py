@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from fedsparse.checkpoint import Checkpoint
 from fedsparse.data import held_out_set, load_dataset
-from fedsparse.models import scenario_model
+from fedsparse.models import load_shared_state, scenario_model, shared_state
 from fedsparse.protocol import RUN_CONFIG_DEFAULTS, derive_seed, run_setting
 from fedsparse.registry import STRATEGIES
 from fedsparse.scenario import Scenario, parse_scenario
@@ -60,7 +60,7 @@ def build_strategy(scenario: Scenario) -> FedSparseStrategy:
 def initial_arrays(scenario: Scenario) -> ArrayRecord:
     """The initial global model, seeded by the scenario's seed only."""
     torch.manual_seed(derive_seed(scenario.seed, "model-init"))
-    return ArrayRecord(scenario_model(scenario).state_dict())
+    return ArrayRecord(shared_state(scenario_model(scenario)))
 
 
 def central_evaluator(scenario: Scenario,
@@ -77,7 +77,7 @@ def central_evaluator(scenario: Scenario,
         if spec is not None else None
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
-        model.load_state_dict(arrays.to_torch_state_dict())
+        load_shared_state(model, arrays.to_torch_state_dict())
         weights = sparse_parameters(model).values()
         density = sum(int(w.count_nonzero()) for w in weights) / sum(w.numel() for w in weights)
         if spec is not None and stream is not None:
@@ -90,6 +90,16 @@ def central_evaluator(scenario: Scenario,
         return {"accuracy": result.accuracy, "loss": result.loss, "model_density": density}
 
     return evaluate_global
+
+
+def export_adapter(scenario: Scenario, arrays: ArrayRecord, directory: Path) -> list[Path]:
+    """A model with frozen pretrained weights (LoRA) is exported as a standard peft adapter
+    (SoRA: the pruned one) that ``PeftModel.from_pretrained`` loads on the same base."""
+    model = scenario_model(scenario)
+    if not hasattr(model, "save_adapter"):
+        return []
+    load_shared_state(model, arrays.to_torch_state_dict())
+    return model.save_adapter(directory)
 
 
 def _append_client_rows(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -119,6 +129,11 @@ def _finish(out_dir: Path, scenario: Scenario, state: LoopState, tracker: Mlflow
         save_file({k: v.contiguous() for k, v in state.arrays.to_torch_state_dict().items()},
                   str(weights), metadata={"scenario": scenario.name})
         files.append(weights)
+        adapter = export_adapter(scenario, state.arrays, out_dir / "adapter")
+        for path in adapter:
+            tracker.log_artifact(path, "adapter")
+        if adapter:
+            summary["adapter_dir"] = str(out_dir / "adapter")
     summary_path = out_dir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2))
     files.append(summary_path)

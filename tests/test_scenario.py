@@ -53,7 +53,8 @@ def test_unknown_key_in_a_plugin_section_lists_that_plugins_keys():
 
 @pytest.mark.parametrize(("section", "values", "expected"), [
     ("data", {"dataset": "cifar10"}, "data.dataset = 'cifar10': Input should be 'mnist', "
-                                     "'fashion_mnist' or 'digits'"),
+                                     "'fashion_mnist', 'digits', 'chatterbot_en' or "
+                                     "'chatterbot'"),
     ("data", {"alpha": -1.0}, "data.alpha = -1.0: Input should be greater than 0"),
     ("data", {"partition": "iid"}, "data.alpha only applies to partition = 'dirichlet'"),
     ("data", {"partition": "shards"}, "partition = 'shards' needs data.shards_per_client"),
@@ -62,7 +63,7 @@ def test_unknown_key_in_a_plugin_section_lists_that_plugins_keys():
     ("strategy", {"fraction_train": 1.5}, "strategy.fraction_train = 1.5: Input should be less"),
     ("client", {"program": "adam"}, "unknown client program 'adam'; allowed: "),
     ("client", {"local_steps": 10}, "give client.local_epochs or client.local_steps, not both"),
-    ("model", {"name": "resnet"}, "unknown model 'resnet'; allowed: cnn, mlp"),
+    ("model", {"name": "resnet"}, "unknown model 'resnet'; allowed: cnn, lora, mlp"),
     ("run", {"backend": "dask"}, "run.backend = 'dask': Input should be 'ray'"),
     ("run", {"rounds": "ten"}, "run.rounds = 'ten': Input should be a valid integer"),
 ])

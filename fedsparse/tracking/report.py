@@ -27,6 +27,8 @@ COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("uplink_bytes", "uplink MB", lambda v: f"{v / MB:.2f}"),
     ("uplink_reduction", "uplink reduction x", lambda v: f"{v:.1f}"),
     ("downlink_bytes", "downlink MB", lambda v: f"{v / MB:.2f}"),
+    ("downlink_reduction", "downlink reduction x", lambda v: f"{v:.1f}"),
+    ("ranks_alive", "ranks alive", lambda v: f"{int(v)}"),
     ("train_flops", "train GFLOPs", lambda v: f"{v / 1e9:.2f}"),
     ("train_dense_flops", "dense-equiv. GFLOPs", lambda v: f"{v / 1e9:.2f}"),
     ("flops_reduction", "FLOPs reduction x", lambda v: f"{v:.1f}"),
@@ -51,6 +53,7 @@ def with_comparisons(summaries: Mapping[str, Mapping[str, Any]],
             if reached is not None:
                 summary["rounds_to_target"] = reached
         for key, ratio in (("uplink_bytes", "uplink_reduction"),
+                           ("downlink_bytes", "downlink_reduction"),
                            ("train_flops", "flops_reduction")):
             if reference and summary.get(key) and summaries[reference].get(key):
                 summary[ratio] = summaries[reference][key] / summary[key]
@@ -88,8 +91,8 @@ def write_report(summaries: Mapping[str, Mapping[str, Any]],
     if target is not None:
         notes.append(f"rounds to target: first evaluated round with accuracy >= {target}")
     if reference:
-        notes.append(f"uplink (FLOPs) reduction: uplink bytes (training FLOPs) of {reference} "
-                     f"/ those of the run")
+        notes.append(f"uplink (downlink, FLOPs) reduction: uplink bytes (downlink bytes, "
+                     f"training FLOPs) of {reference} / those of the run")
     body = [f"# {title}\n", markdown_table(table_rows)]
     body += [f"- {n}" for n in notes] + ([""] if notes else [])
     body += [f"![{p.stem}](plots/{p.name})\n" for p in plots]

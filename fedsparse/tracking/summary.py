@@ -19,6 +19,7 @@ FINAL_EVAL = {
     "density_mean": "density_mean",
     "eval_density_mean": "eval_density_mean",
     "budget_mean": "budget_mean",
+    "ranks_alive": "ranks_alive",
 }
 FINAL_TOTALS = {
     "cum_uplink_bytes": "uplink_bytes",

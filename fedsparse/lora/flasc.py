@@ -1,0 +1,76 @@
+"""FLASC: federated LoRA with sparse communication (Kuo, Raje, Rajesh, Smith 2024,
+arXiv 2406.05233; ALGORITHMS.md §3.1), the concrete form of CELLM's "LoRA + sparse updates"
+(Vavekanand & Sam 2024, whose own listing could not be retrieved).
+
+The server holds the dense trainable vector ``P`` (adapters + head, all tensors flattened
+jointly) and a server optimiser. In round ``t``:
+
+1. densities ``d_t = d_0 * decay^((t - 1) // every)`` for the download and the upload;
+2. download mask ``M``: the ``d_down * |P|`` largest ``|P|`` over all tensors jointly; the
+   clients receive ``P * M`` (zeros outside ``M``, not the server's values);
+3. a client trains every adapter entry densely from ``P * M`` and uploads the top
+   ``d_up * |D|`` entries of ``D = P * M - P_i`` (global top-k, no memory; with
+   ``error_feedback`` a residual ``e_i`` is added to ``D`` first and keeps what was not sent,
+   the CELLM-style variant);
+4. ``G = mean_i D_i`` over the clients that replied is a pseudo-gradient: one step of the
+   server optimiser (Adam/AdamW as FedAdam; ``sgd`` at ``server_lr = 1`` is plain averaging
+   of the clients' adapters).
+
+A density of 1 sends the dense float32 vector (the identity compressor), so dense federated
+LoRA is FLASC at ``d_down = d_up = 1``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from fedsparse.compress import Compressor, build_compressor
+from fedsparse.compress.base import ValueDtype
+from fedsparse.compress.identity import IdentitySpec
+from fedsparse.compress.topk import TopKSpec
+
+ServerOptimizerName = Literal["adam", "adamw", "sgd"]
+
+
+def scheduled_density(initial: float, decay: float, every: int, server_round: int) -> float:
+    """``d_0 * decay^((t - 1) // every)``."""
+    return initial * decay ** ((server_round - 1) // every)
+
+
+def sparsifier(density: float, value_dtype: ValueDtype = "float32") -> Compressor:
+    """Global top-k at ``density`` (FLASC's masks), or the dense vector at density 1."""
+    if density >= 1.0:
+        return build_compressor(IdentitySpec(value_dtype=value_dtype), [])
+    return build_compressor(TopKSpec(ratio=density, scope="global", value_dtype=value_dtype), [])
+
+
+class ServerOptimizer:
+    """A torch optimiser stepping the flat vector ``P`` with a pseudo-gradient."""
+
+    def __init__(self, name: ServerOptimizerName, lr: float, size: int) -> None:
+        self.param = torch.nn.Parameter(torch.zeros(size))
+        self.optimizer: torch.optim.Optimizer = {
+            "adam": lambda: torch.optim.Adam([self.param], lr=lr),
+            "adamw": lambda: torch.optim.AdamW([self.param], lr=lr),
+            "sgd": lambda: torch.optim.SGD([self.param], lr=lr),
+        }[name]()
+
+    def step(self, p: np.ndarray, pseudo_gradient: np.ndarray) -> np.ndarray:
+        """``P`` after one optimiser step with gradient ``G``."""
+        with torch.no_grad():
+            self.param.copy_(torch.from_numpy(p))
+        self.param.grad = torch.from_numpy(pseudo_gradient.astype(np.float32))
+        self.optimizer.step()
+        return self.param.detach().numpy().copy()
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        state = self.optimizer.state.get(self.param, {})
+        return {k: torch.as_tensor(v).numpy().copy() for k, v in state.items()}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        if arrays:
+            self.optimizer.state[self.param] = {k: torch.from_numpy(v.copy())
+                                                for k, v in arrays.items()}

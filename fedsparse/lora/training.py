@@ -1,0 +1,93 @@
+"""Local training of a LoRA classifier: the adapters and head with SGD (FLASC's clients:
+momentum 0.9) or AdamW, and, with SoRA, the gates with their own AdamW and a proximal
+soft-threshold after every step (``sora.py``). Pruned ranks (``RankLayout``) get no gradient,
+so they stay exactly zero."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedsparse.lora.model import LoRAClassifier
+from fedsparse.lora.sora import RankLayout, l1_penalty, soft_threshold
+from fedsparse.metrics.flops import StepFlops
+from fedsparse.training import TrainResult, batches
+
+Optimizer = Literal["sgd", "adamw"]
+
+
+@dataclass(frozen=True)
+class GateRule:
+    """SoRA's knobs: ``eta`` (L1 weight), ``xi`` (prox threshold), the gates' learning rate."""
+
+    eta: float
+    xi: float
+    lr: float
+
+
+def _optimizer(kind: Optimizer, params: list[nn.Parameter], lr: float, momentum: float,
+               weight_decay: float) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _mask_pruned(model: LoRAClassifier, layout: RankLayout) -> None:
+    params = dict(model.named_parameters())
+    for m in layout.modules:
+        dead = torch.from_numpy(~layout.alive[m])
+        if not dead.any():
+            continue
+        for name, index in ((layout.a_name[m], (dead, slice(None))),
+                            (layout.b_name[m], (slice(None), dead))):
+            if params[name].grad is not None:
+                params[name].grad[index] = 0.0
+        if layout.sora and params[layout.gate_name[m]].grad is not None:
+            params[layout.gate_name[m]].grad[dead] = 0.0
+
+
+def train_adapter(model: LoRAClassifier, layout: RankLayout, x: torch.Tensor, y: torch.Tensor,
+                  *, optimizer: Optimizer, lr: float, momentum: float, weight_decay: float,
+                  batch_size: int, steps: int, generator: torch.Generator,
+                  gates: GateRule | None = None) -> TrainResult:
+    """``steps`` minibatch steps on ``(x, y)`` in place."""
+    if len(x) == 0 or steps == 0:
+        return TrainResult(steps=0, examples=0, loss=float("nan"), flops=0)
+    main = [p for n, p in model.named_parameters() if p.requires_grad and
+            not n.startswith("gates.")]
+    opt = _optimizer(optimizer, main, lr, momentum, weight_decay)
+    gate_params = list(model.gates.values())
+    gate_opt = torch.optim.AdamW(gate_params, lr=gates.lr, weight_decay=0.0) \
+        if gates is not None and gate_params else None
+    flops = StepFlops(architecture=f"lora:{model.params.model_dump_json()}:{model.num_classes}")
+    model.train()
+    stream = batches(len(x), batch_size, generator)
+    total, examples = 0.0, 0
+    for _ in range(steps):
+        idx = next(stream)
+
+        def step(idx: torch.Tensor = idx) -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            if gate_opt is not None:
+                gate_opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            if gate_opt is not None and gates is not None and gates.eta:
+                loss = loss + l1_penalty(gate_params, gates.eta)
+            loss.backward()
+            return loss
+
+        loss = flops.run(tuple(x[idx].shape), step)
+        _mask_pruned(model, layout)
+        opt.step()
+        if gate_opt is not None and gates is not None:
+            gate_opt.step()
+            with torch.no_grad():
+                for g in gate_params:
+                    g.copy_(soft_threshold(g, gates.xi))
+        total += float(loss.detach())
+        examples += len(idx)
+    return TrainResult(steps=steps, examples=examples, loss=total / steps, flops=flops.total)

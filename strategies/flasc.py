@@ -1,0 +1,180 @@
+"""Sparse federated LoRA: FLASC with a server optimiser, optional client error feedback and
+SoRA rank gates (maths in ``fedsparse/lora/flasc.py`` and ``fedsparse/lora/sora.py``; client
+in ``clients/programs/lora.py``).
+
+Per round: the scheduled densities; the download ``P * M`` (global top-k of ``|P|`` over the
+alive coordinates, or dense at density 1), with SoRA the alive ranks and their gates; the
+replies' ``D_i`` (top-k at the upload density) are averaged uniformly over the clients that
+replied (FLASC's mean over the sampled clients) into the pseudo-gradient of one server
+optimiser step. With SoRA the global gates become ``T_xi(mean_i g_i)`` and a rank whose gate
+is zero is pruned for the rest of the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from pydantic import Field
+
+from fedsparse.compress.base import ValueDtype, expect_array
+from fedsparse.lora.flasc import (
+    ServerOptimizer,
+    ServerOptimizerName,
+    scheduled_density,
+    sparsifier,
+)
+from fedsparse.lora.model import LoRAClassifier
+from fedsparse.lora.sora import RankLayout, linear_schedule, soft_threshold
+from fedsparse.models import scenario_model
+from fedsparse.payload import PayloadError
+from fedsparse.protocol import (
+    ADAPTER,
+    CONFIG,
+    DOWN_DENSITY,
+    ERROR_FEEDBACK,
+    GATES,
+    RANKS,
+    SORA_THRESHOLD,
+    UP_DENSITY,
+    UPDATE,
+    VALUE_DTYPE,
+)
+from fedsparse.registry import STRATEGIES, StrategyParams
+from fedsparse.scenario import Scenario
+from strategies.base import FedSparseStrategy, Reply
+from strategies.records import from_numpy, to_numpy
+
+OPTIMIZER_PREFIX, ALIVE = "optimizer/", "alive"
+
+
+class FlascParams(StrategyParams):
+    name: Literal["flasc"] = "flasc"
+    down_density: float = Field(1.0, gt=0, le=1, description="d_down at round 1")
+    up_density: float = Field(1.0, gt=0, le=1, description="d_up at round 1")
+    density_decay: float = Field(1.0, gt=0, le=1, description="densities x decay ...")
+    decay_every: int = Field(1, ge=1, description="... every this many rounds")
+    error_feedback: bool = Field(False, description="clients keep what top-k did not send")
+    value_dtype: ValueDtype = "float32"
+    server_optimizer: ServerOptimizerName = "adamw"
+    server_lr: float = Field(1e-3, gt=0, description="sgd at 1.0: plain averaging")
+    sora_threshold: float = Field(0.0, ge=0, description="SoRA: xi at round 1")
+    sora_threshold_final: float | None = Field(None, ge=0, description="SoRA: xi at the last "
+                                                                       "round (linear)")
+
+    def check_scenario(self, scenario: Any) -> None:
+        if scenario.model.name != "lora":
+            raise ValueError(f"strategy 'flasc' needs model.name = 'lora', not "
+                             f"{scenario.model.name!r}")
+        if (self.sora_threshold or self.sora_threshold_final) and not scenario.model.sora:
+            raise ValueError("strategy.sora_threshold needs model.sora = true")
+
+
+@STRATEGIES.register("flasc", FlascParams)
+class Flasc(FedSparseStrategy):
+    Params = FlascParams
+    params: FlascParams
+    client_programs: ClassVar[tuple[str, ...]] = ("lora",)
+
+    def __init__(self, params: FlascParams, scenario: Scenario) -> None:
+        super().__init__(params, scenario)
+        model = scenario_model(scenario)
+        assert isinstance(model, LoRAClassifier)
+        self.layout = RankLayout(model)
+        self.optimizer = ServerOptimizer(params.server_optimizer, params.server_lr,
+                                         self.layout.size)
+        self.round_config: dict[str, Any] = {}
+        self.download: dict[str, np.ndarray] = {}
+
+    # -- schedule -----------------------------------------------------------------------
+    def densities(self, server_round: int) -> tuple[float, float]:
+        p = self.params
+        return (scheduled_density(p.down_density, p.density_decay, p.decay_every, server_round),
+                scheduled_density(p.up_density, p.density_decay, p.decay_every, server_round))
+
+    def threshold(self, server_round: int) -> float:
+        p = self.params
+        final = p.sora_threshold if p.sora_threshold_final is None else p.sora_threshold_final
+        return linear_schedule(p.sora_threshold, final, server_round, self.scenario.run.rounds)
+
+    # -- train --------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        down, up = self.densities(server_round)
+        self.round_config = {DOWN_DENSITY: down, UP_DENSITY: up,
+                             VALUE_DTYPE: self.params.value_dtype,
+                             ERROR_FEEDBACK: self.params.error_feedback,
+                             SORA_THRESHOLD: self.threshold(server_round)}
+        adapter, _ = self.layout.split(to_numpy(arrays))
+        coords = self.layout.coordinates()
+        rng = np.random.default_rng(0)  # top-k and identity draw nothing
+        self.download = sparsifier(down, self.params.value_dtype).compress(adapter[coords], rng)
+        return super().configure_train(server_round, arrays,
+                                       ConfigRecord({**config, **self.round_config}), grid)
+
+    def train_instruction(self, partition_id: int, arrays: ArrayRecord,
+                          config: ConfigRecord) -> RecordDict:
+        content = RecordDict({ADAPTER: ArrayRecord({k: Array(v)
+                                                    for k, v in self.download.items()}),
+                              CONFIG: config})
+        if self.layout.sora:
+            _, gates = self.layout.split(to_numpy(arrays))
+            content[GATES] = ArrayRecord({"g": Array(gates[self.layout.alive_gates()].copy())})
+            content[RANKS] = ArrayRecord({"alive": Array(self.layout.bitmap())})
+        return content
+
+    def check_train_reply(self, content: RecordDict) -> tuple[np.ndarray, np.ndarray]:
+        """``(D_i over all coordinates, the client's gates)``."""
+        if UPDATE not in content.array_records:
+            raise PayloadError(f"no ArrayRecord {UPDATE!r} in reply")
+        coords = self.layout.coordinates()
+        delta = np.zeros(self.layout.size, np.float32)
+        delta[coords] = sparsifier(self.round_config[UP_DENSITY], self.params.value_dtype
+                                   ).decompress(to_numpy(content.array_records[UPDATE]),
+                                                int(coords.sum()))
+        gates = np.zeros(self.layout.rank * len(self.layout.modules), np.float32)
+        if self.layout.sora:
+            if GATES not in content.array_records:
+                raise PayloadError(f"no ArrayRecord {GATES!r} in reply")
+            alive = self.layout.alive_gates()
+            gates[alive] = expect_array(to_numpy(content.array_records[GATES]), "g",
+                                        np.dtype(np.float32), int(alive.sum()))
+        return delta, gates
+
+    def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
+        adapter, gates = self.layout.split(self.current)
+        pseudo_gradient = np.mean([r.decoded[0] for r in replies], axis=0)
+        adapter = self.optimizer.step(adapter, pseudo_gradient)
+        if self.layout.sora:
+            mean = torch.from_numpy(np.mean([r.decoded[1] for r in replies], axis=0))
+            gates = soft_threshold(mean, self.round_config[SORA_THRESHOLD]).numpy()
+            for i, m in enumerate(self.layout.modules):
+                own = gates[i * self.layout.rank:(i + 1) * self.layout.rank]
+                self.layout.alive[m] &= own != 0
+            gates[~self.layout.alive_gates()] = 0.0
+        adapter[~self.layout.coordinates()] = 0.0  # pruned ranks stay exactly zero
+        return from_numpy(self.layout.join(adapter, gates))
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        metrics["down_density"] = self.round_config[DOWN_DENSITY]
+        metrics["up_density"] = self.round_config[UP_DENSITY]
+        metrics["ranks_alive"] = self.layout.ranks_alive()
+        metrics["adapter_coordinates"] = int(self.layout.coordinates().sum())
+        return arrays, metrics
+
+    # -- checkpoint -----------------------------------------------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {ALIVE: self.layout.alive_gates().astype(np.uint8),
+                **{OPTIMIZER_PREFIX + k: v for k, v in self.optimizer.state_arrays().items()}}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        if ALIVE in arrays:
+            self.layout.load_bitmap(np.packbits(arrays[ALIVE].astype(bool)))
+        self.optimizer.load_state_arrays({k[len(OPTIMIZER_PREFIX):]: v for k, v in arrays.items()
+                                          if k.startswith(OPTIMIZER_PREFIX)})

@@ -1,0 +1,250 @@
+"""Sparse federated LoRA: peft adapters on a tiny random BERT, FLASC's sparse communication,
+SoRA's gates and rank pruning, the exported adapter, and the text data (chatterbot topics)."""
+
+from __future__ import annotations
+
+import tomllib
+
+import numpy as np
+import pytest
+import tomli_w
+import torch
+from torch import nn
+
+from fedsparse.compress.base import count
+from fedsparse.data import available, client_data, held_out_set, load_dataset
+from fedsparse.data.text import deduplicate
+from fedsparse.lora.flasc import scheduled_density
+from fedsparse.lora.model import LoRAClassifier, LoRAModelParams, base_model
+from fedsparse.lora.sora import RankLayout, soft_threshold
+from fedsparse.lora.training import train_adapter
+from fedsparse.models import load_shared_state, scenario_model, shared_state
+from fedsparse.protocol import derive_seed
+from fedsparse.scenario import ScenarioError, parse_scenario
+from fedsparse.training import evaluate, num_steps
+from strategies.records import to_numpy
+from strategies.server_app import export_adapter, initial_arrays
+from tests.conftest import DATA
+from tests.local_grid import run_federation
+
+pytestmark = [pytest.mark.usefixtures("flower_task"),
+              pytest.mark.skipif(not available("chatterbot_en"),
+                                 reason="chatterbot-corpus or the MiniLM tokenizer missing")]
+
+TEXT = (DATA / "lora_tiny.toml").read_text()
+
+
+def scenario(**sections: dict):
+    tree = tomllib.loads(TEXT)
+    for name, values in sections.items():
+        tree[name].update(values)
+    return parse_scenario(tomli_w.dumps(tree))
+
+
+def tiny(sora: bool = False, rank: int = 4) -> LoRAClassifier:
+    torch.manual_seed(0)
+    return LoRAClassifier(LoRAModelParams(base="tiny_bert", rank=rank, alpha=8.0, sora=sora), 5)
+
+
+def tokens(n: int = 6) -> torch.Tensor:
+    x = torch.randint(1000, 2000, (n, 12), generator=torch.Generator().manual_seed(1))
+    x[:, 9:] = 0  # padding
+    return x
+
+
+# -- text data ----------------------------------------------------------------------------
+
+def test_texts_are_deduplicated_before_the_split():
+    rows = [("english", "a", "Hello  there"), ("english", "a", "hello there"),
+            ("english", "b", "Same"), ("english", "c", "same"), ("english", "b", "other")]
+    assert deduplicate(rows) == [("english", "a", "Hello  there"), ("english", "b", "other")]
+    data = load_dataset("chatterbot_en")
+    train = {tuple(row) for row in data.x_train.tolist()}
+    assert not any(tuple(row) in train for row in data.x_test.tolist())
+    assert data.num_classes == len(data.classes) == 15
+    assert data.x_train.dtype == np.int64 and data.x_train.shape[1] == 48
+    share = np.bincount(data.y_test, minlength=15) / np.bincount(data.y_train, minlength=15)
+    assert np.allclose(share, 0.25, atol=0.05)  # stratified 80/20
+
+
+def test_natural_split_is_one_client_per_language():
+    data = load_dataset("chatterbot")
+    spec = parse_scenario(TEXT.replace('dataset = "chatterbot_en"', 'dataset = "chatterbot"')
+                          .replace("num_clients = 4", f"num_clients = {len(data.group_names)}")
+                          .replace('partition = "dirichlet"\nalpha = 1.0', 'partition = "natural"')
+                          ).data
+    english = data.group_names.index("english")
+    local = client_data(spec, 0, english)
+    assert len(local.x_train) + len(local.x_test) == int((data.groups == english).sum())
+    with pytest.raises(ScenarioError, match=r"data\.num_clients must be 27"):
+        parse_scenario(TEXT.replace('dataset = "chatterbot_en"', 'dataset = "chatterbot"')
+                       .replace('partition = "dirichlet"\nalpha = 1.0', 'partition = "natural"'))
+
+
+# -- model, SoRA --------------------------------------------------------------------------
+
+def test_only_adapters_head_and_gates_are_shared():
+    model = tiny(sora=True)
+    shared = shared_state(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(shared) == trainable
+    assert all(".lora_" in n or "classifier" in n or n.startswith("gates.") for n in shared)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert sum(v.numel() for v in shared.values()) < frozen / 50
+
+
+def test_soft_threshold_zeroes_small_gates_exactly():
+    g = torch.tensor([-1.0, -0.2, 0.0, 0.1, 0.3, 2.0])
+    out = soft_threshold(g, 0.25)
+    torch.testing.assert_close(out, torch.tensor([-0.75, 0.0, 0.0, 0.0, 0.05, 1.75]))
+    assert (out[1:4] == 0).all()
+
+
+def test_sora_pruning_keeps_the_outputs_and_shrinks_the_rank(tmp_path):
+    from peft import PeftModel
+
+    model = tiny(sora=True)
+    with torch.no_grad():
+        for i, (name, layer) in enumerate(model.lora_layers().items()):
+            layer.lora_B["default"].weight.normal_()
+            model.gate(name)[: i + 1] = 0.0  # module i keeps rank - i - 1
+        model.gate(name).zero_()  # the last module loses every rank
+    model.eval()
+    x = tokens()
+    expected = model(x)
+    config, _ = model.pruned()
+    ranks = model.rank_counts()
+    assert config.rank_pattern == {n: k for n, k in ranks.items() if k}
+    assert max(ranks.values()) < 4 and min(ranks.values()) == 0
+    model.save_adapter(tmp_path)
+    reloaded = PeftModel.from_pretrained(base_model("tiny_bert", 5), str(tmp_path)).eval()
+    got = reloaded(input_ids=x, attention_mask=(x != 0).long()).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    adapted = [n for n, _ in reloaded.named_modules() if n.endswith("lora_A.default")]
+    assert len(adapted) == sum(1 for k in ranks.values() if k)
+
+
+def test_pruned_ranks_get_no_gradient_and_stay_zero():
+    model = tiny(sora=True)
+    layout = RankLayout(model)
+    first = layout.modules[0]
+    layout.alive[first][:2] = False
+    state = {k: v.numpy().copy() for k, v in shared_state(model).items()}
+    adapter, gates = layout.split(state)
+    adapter[~layout.coordinates()] = 0.0
+    gates[~layout.alive_gates()] = 0.0
+    load_shared_state(model, {k: torch.from_numpy(v) for k, v in
+                              layout.join(adapter, gates).items()})
+    x, y = tokens(32), torch.randint(0, 5, (32,))
+    from fedsparse.lora.training import GateRule
+
+    train_adapter(model, layout, x, y, optimizer="sgd", lr=0.1, momentum=0.9,
+                  weight_decay=0.0, batch_size=8, steps=8,
+                  generator=torch.Generator().manual_seed(0), gates=GateRule(0.1, 1e-3, 0.05))
+    after_adapter, after_gates = layout.split({k: v.numpy() for k, v in
+                                               shared_state(model).items()})
+    assert not after_adapter[~layout.coordinates()].any()
+    assert not after_gates[~layout.alive_gates()].any()
+    assert np.abs(after_adapter[layout.coordinates()] - adapter[layout.coordinates()]).max() > 0
+
+
+# -- the federation -----------------------------------------------------------------------
+
+def test_base_weights_never_cross_the_wire_and_uploads_hit_the_density():
+    scn = scenario()
+    f = run_federation(scn)
+    layout = RankLayout(scenario_model(scn))
+    k = count(0.25, int(layout.coordinates().sum()))
+    for message in [*f.grid.sent, *f.grid.received]:
+        for record in message.content.array_records.values():
+            sizes = {name: a.numpy().size for name, a in record.items()}
+            assert sum(sizes.values()) <= layout.size + 16  # adapters + head, never the base
+            if "val" in sizes:
+                assert sizes["val"] == k  # exactly d * (alive coordinates), both ways
+    assert all(r.status == "ok" for r in f.strategy.client_records)
+    assert all(row["uplink_bytes"] < 0.35 * 4 * layout.size * row["clients_ok"]
+               for row in f.rows)
+
+
+def test_density_one_is_dense_federated_lora_with_the_same_server_optimiser():
+    scn = scenario(strategy={"down_density": 1.0, "up_density": 1.0}, run={"rounds": 1,
+                                                                           "eval_every": 1})
+    f = run_federation(scn)
+    theta0 = {k: torch.from_numpy(v) for k, v in to_numpy(initial_arrays(scn)).items()}
+    layout = RankLayout(scenario_model(scn))
+    start, _ = layout.split({k: v.numpy() for k, v in theta0.items()})
+    trained = []
+    for pid in sorted({r.partition_id for r in f.strategy.client_records}):
+        model = scenario_model(scn)
+        load_shared_state(model, theta0)
+        data = client_data(scn.data, scn.seed, pid)
+        train_adapter(model, layout, data.x_train, data.y_train, optimizer="sgd", lr=0.05,
+                      momentum=0.9, weight_decay=0.0, batch_size=16,
+                      steps=num_steps(len(data.x_train), 16, 1, None),
+                      generator=torch.Generator().manual_seed(derive_seed(scn.seed, pid, 1)))
+        trained.append(layout.split({k: v.numpy() for k, v in shared_state(model).items()})[0])
+    p = nn.Parameter(torch.from_numpy(start.copy()))
+    optimizer = torch.optim.AdamW([p], lr=0.01)
+    p.grad = torch.from_numpy(np.mean([start - t for t in trained], axis=0))
+    optimizer.step()
+    got, _ = layout.split(to_numpy(f.state.arrays))
+    np.testing.assert_array_equal(got, p.detach().numpy())
+
+
+def test_sora_prunes_ranks_and_stops_sending_them():
+    scn = scenario(model={"sora": True}, strategy={"down_density": 1.0, "up_density": 1.0,
+                                                   "sora_threshold": 0.02},
+                   client={"sora_l1": 0.5, "gate_lr": 0.5}, run={"rounds": 3, "eval_every": 3})
+    f = run_federation(scn)
+    alive = [row["ranks_alive"] for row in f.rows]
+    assert alive[0] <= 16 and alive[-1] < 16 and alive == sorted(alive, reverse=True)
+    down = [row["downlink_bytes"] / row["clients_sampled"] for row in f.rows]
+    assert down[-1] < down[0]  # fewer coordinates once ranks are pruned
+    final = {k: v for k, v in to_numpy(f.state.arrays).items()}
+    layout = f.strategy.layout
+    adapter, gates = layout.split(final)
+    assert not adapter[~layout.coordinates()].any() and not gates[~layout.alive_gates()].any()
+
+
+def test_error_feedback_keeps_what_top_k_did_not_send():
+    f = run_federation(scenario(strategy={"error_feedback": True}))
+    trained = {r.partition_id for r in f.strategy.client_records}
+    for pid in trained:
+        state = f.grid.state(pid).array_records["lora-ef"]
+        residual = state["counted"].numpy()
+        assert np.count_nonzero(residual) > 0.5 * residual.size  # most of D stayed behind
+
+
+def test_exported_adapter_reproduces_the_final_accuracy(tmp_path):
+    from peft import PeftModel
+
+    scn = scenario(model={"sora": True}, strategy={"sora_threshold": 0.01},
+                   client={"sora_l1": 0.1})
+    f = run_federation(scn)
+    x, y = held_out_set(scn.data)
+    final = f.rows[-1]["accuracy"]
+    files = export_adapter(scn, f.state.arrays, tmp_path)
+    assert {p.name for p in files} >= {"adapter_config.json", "adapter_model.safetensors"}
+    torch.manual_seed(0)
+    reloaded = PeftModel.from_pretrained(base_model("tiny_bert", load_dataset(
+        scn.data.dataset).num_classes), str(tmp_path))
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.peft = reloaded
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.peft(input_ids=ids, attention_mask=(ids != 0).long()).logits
+
+    assert evaluate(Classifier(), x, y).accuracy == pytest.approx(final, abs=1e-12)
+
+
+def test_density_schedule_and_cross_section_checks():
+    assert scheduled_density(0.5, 0.5, 2, 1) == 0.5 == scheduled_density(0.5, 0.5, 2, 2)
+    assert scheduled_density(0.5, 0.5, 2, 3) == 0.25
+    with pytest.raises(ScenarioError, match=r"needs model\.sora = true"):
+        scenario(strategy={"sora_threshold": 0.1})
+    with pytest.raises(ScenarioError, match=r"needs model\.name = 'lora'"):
+        parse_scenario(TEXT.replace('name = "lora"\nbase = "tiny_bert"\nrank = 4\nalpha = 8.0',
+                                    'name = "mlp"'))
