@@ -16,6 +16,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from fedsparse.protocol import ARRAYS, METRICS, NUM_EXAMPLES
 from fedsparse.registry import STRATEGIES, StrategyParams
 from strategies.base import FedSparseStrategy, Reply
+from strategies.records import cast_like, from_numpy, to_numpy
 
 
 class FedAvgParams(StrategyParams):
@@ -36,9 +37,13 @@ class FedAvg(FedSparseStrategy):
 
 def sample_weighted_mean(models: list[ArrayRecord], num_examples: list[int]) -> ArrayRecord:
     """``sum_k (n_k / n) w_k``: Flower's weighted average, given only the models and their
-    weights (a reply may carry other records; only its model is averaged)."""
-    return aggregate_arrayrecords(
+    weights (a reply may carry other records; only its model is averaged). Each array keeps
+    the models' dtype; integer ones (e.g. BatchNorm's batch counter) are rounded."""
+    mean = to_numpy(aggregate_arrayrecords(
         [RecordDict({ARRAYS: model, METRICS: MetricRecord({NUM_EXAMPLES: n})})
          for model, n in zip(models, num_examples, strict=True)],
         NUM_EXAMPLES,
-    )
+    ))
+    reference = models[0]
+    return from_numpy({key: cast_like(value, reference[key].numpy().dtype)
+                       for key, value in mean.items()})

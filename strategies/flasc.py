@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fedsparse.compress.base import ValueDtype, expect_array
 from fedsparse.lora.flasc import (
@@ -65,6 +65,13 @@ class FlascParams(StrategyParams):
     sora_threshold: float = Field(0.0, ge=0, description="SoRA: xi at round 1")
     sora_threshold_final: float | None = Field(None, ge=0, description="SoRA: xi at the last "
                                                                        "round (linear)")
+
+    @model_validator(mode="after")
+    def _no_downlink_compression(self) -> FlascParams:
+        if self.downlink is not None:
+            raise ValueError("strategy.downlink: flasc sends the adapter over its own download "
+                             "mask (down_density); leave downlink unset")
+        return self
 
     def check_scenario(self, scenario: Any) -> None:
         if scenario.model.name != "lora":

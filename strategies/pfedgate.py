@@ -21,6 +21,7 @@ evaluated the same way (``novel_accuracy_*``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
@@ -51,9 +52,10 @@ from fedsparse.registry import STRATEGIES, StrategyParams
 from fedsparse.scenario import Scenario
 from strategies.base import EVALUATE, FedSparseStrategy, Reply, personal_accuracy
 from strategies.fedavg import sample_weighted_mean
-from strategies.records import from_numpy, to_numpy
+from strategies.records import cast_like, from_numpy, to_numpy
 
 NOVEL = "novel"
+log = logging.getLogger("fedsparse.strategy")
 
 
 class PFedGateParams(StrategyParams):
@@ -86,25 +88,28 @@ class PFedGate(FedSparseStrategy):
     # -- train --------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        if self.params.aggregation == "all_clients" and not self.data_sizes:
-            self.data_sizes = self._ask_sizes(grid)
+        if self.params.aggregation == "all_clients":
+            self._ask_sizes(grid)
         return super().configure_train(server_round, arrays, config, grid)
 
-    def _ask_sizes(self, grid: Grid) -> dict[int, int]:
+    def _ask_sizes(self, grid: Grid) -> None:
+        """Ask the clients whose training-set size is not known yet (once each; a client
+        that does not answer is asked again next round and left out of ``n`` meanwhile)."""
+        missing = [pid for pid in self.pool if pid not in self.data_sizes]
+        if not missing:
+            return
         queries = [Message(RecordDict({CONFIG: ConfigRecord({QUERY: NUM_EXAMPLES})}),
                            dst_node_id=self.node_of[pid], message_type=MessageType.QUERY)
-                   for pid in self.pool]
-        sizes = {}
+                   for pid in missing]
         for reply in grid.send_and_receive(queries, timeout=self.scenario.run.round_timeout_s):
-            pid = self.partition_of[reply.metadata.src_node_id]
-            if reply.has_error():
-                raise RuntimeError(f"client {pid} did not report its size: {reply.error.reason}")
-            sizes[pid] = check_count(reply.content.metric_records[METRICS][NUM_EXAMPLES],
-                                     NUM_EXAMPLES)
-        missing = sorted(set(self.pool) - set(sizes))
-        if missing:
-            raise RuntimeError(f"clients {missing} did not report their sizes")
-        return sizes
+            pid = self.partition_of.get(reply.metadata.src_node_id)
+            try:
+                if pid is None or reply.has_error():
+                    raise PayloadError(reply.error.reason if reply.has_error() else "unknown node")
+                self.data_sizes[pid] = check_count(
+                    reply.content.metric_records[METRICS][NUM_EXAMPLES], NUM_EXAMPLES)
+            except (PayloadError, KeyError) as err:
+                log.warning("client %s did not report its size: %s", pid, err)
 
     def check_train_reply(self, content: RecordDict) -> dict[str, np.ndarray]:
         """The client's ``theta_i``: its used blocks over the ``theta`` that was sent."""
@@ -134,12 +139,14 @@ class PFedGate(FedSparseStrategy):
         models = [from_numpy(r.decoded) for r in replies]
         if self.params.aggregation == "sampled":
             return sample_weighted_mean(models, [r.num_examples for r in replies])
-        total = sum(self.data_sizes.values())
+        sizes = {r.partition_id: self.data_sizes.get(r.partition_id, r.num_examples)
+                 for r in replies}
+        total = sum((self.data_sizes | sizes).values())
         model = {}
         for name, theta in self.current.items():
-            step = sum((self.data_sizes[r.partition_id] / total)
+            step = sum((sizes[r.partition_id] / total)
                        * (r.decoded[name].astype(np.float64) - theta) for r in replies)
-            model[name] = (theta + step).astype(theta.dtype)
+            model[name] = cast_like(theta + step, theta.dtype)
         return from_numpy(model)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]

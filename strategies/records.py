@@ -15,7 +15,15 @@ def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def from_numpy(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+    """C-contiguous copies where needed; 0-d arrays (e.g. BatchNorm's counter) stay 0-d."""
+    return ArrayRecord({key: Array(np.require(value, requirements="C"))
+                        for key, value in arrays.items()})
+
+
+def cast_like(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """An aggregate back in a model's dtype; integer arrays (e.g. BatchNorm's batch counter)
+    are rounded, not truncated."""
+    return (np.rint(value) if np.dtype(dtype).kind in "iu" else value).astype(dtype)
 
 
 def array_bytes(record: ArrayRecord) -> int:

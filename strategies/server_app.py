@@ -99,7 +99,11 @@ def export_adapter(scenario: Scenario, arrays: ArrayRecord, directory: Path) -> 
     if not hasattr(model, "save_adapter"):
         return []
     load_shared_state(model, arrays.to_torch_state_dict())
-    return model.save_adapter(directory)
+    try:
+        return model.save_adapter(directory)
+    except ValueError as err:  # e.g. SoRA pruned every rank: nothing to export
+        log.warning("no adapter exported: %s", err)
+        return []
 
 
 def _append_client_rows(path: Path, rows: list[dict[str, Any]]) -> None:

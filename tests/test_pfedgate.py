@@ -267,6 +267,37 @@ def test_a_malformed_update_rejects_that_client_only():
     assert all(row["clients_ok"] >= 1 for row in rows)
 
 
+class BatchNormCNN(nn.Module):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.Flatten())
+        self.head = nn.Linear(4 * 8 * 8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("strategy", ["pfedgate", "fedavg"])
+def test_models_with_buffers_train_and_keep_their_dtypes(strategy):
+    from fedsparse.registry import MODELS, PluginParams
+
+    class Params(PluginParams):
+        name: str = "bn_cnn"
+
+    if "bn_cnn" not in MODELS.names():
+        MODELS.register("bn_cnn", Params)(lambda params, shape, classes: BatchNormCNN(classes))
+    client = {"program": "sgd", "lr": 0.05, "batch_size": 16} if strategy == "fedavg" else \
+        tomllib.loads(TEXT)["client"]
+    f = run(edited(model={"name": "bn_cnn"}, strategy={"name": strategy, "fraction_train": 0.6},
+                   client=client, run={"rounds": 2, "eval_every": 2}))
+    assert all(r.status == "ok" for r in f[2].client_records)
+    final = to_numpy(f[3].arrays)
+    counter = final["body.1.num_batches_tracked"]
+    assert counter.shape == () and counter.dtype == np.int64 and counter > 0
+    assert final["body.1.running_var"].dtype == np.float32
+
+
 def test_budgets_per_client_and_drawn_from_levels():
     from clients.programs.pfedgate import PFedGateParams
 

@@ -7,7 +7,8 @@ blocks of ``theta`` that were kept in at least one minibatch of the round: their
 coded like the index sets of ``fedsparse/compress/indices.py``, and their values (plus the
 model's buffers, if any, dense). The gating layer (weights and normalisation statistics),
 the momentum of both optimisers and ``s_i`` stay in ``Context.state`` and never leave the
-client. Evaluate: the client's own gated sparse model on its local test split; with
+client. Every tensor's first block is always sent (it is always kept), even by a client that
+trained no step. Evaluate: the client's own gated sparse model on its local test split; with
 ``adapt-steps`` in the instruction (a novel client), first fit only the gating layer for that
 many minibatches, the base model frozen.
 """
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from clients.programs.base import ClientProgram
 from fedsparse.compress import indices
 from fedsparse.metrics.sparse_flops import SparseFlops
+from fedsparse.models import shared_state
 from fedsparse.personal import (
     BlockPartition,
     BudgetRule,
@@ -39,6 +41,7 @@ from fedsparse.registry import CLIENT_PROGRAMS, PluginParams
 from fedsparse.scenario import Scenario
 from fedsparse.sparse import sparse_parameters
 from fedsparse.training import batches, num_steps
+from strategies.records import from_numpy
 
 GATING, MOMENTUM = "pfedgate-gating", "pfedgate-momentum"
 BLOCKS, VALUES, BUFFER_PREFIX = "blocks", "values", "buffer/"
@@ -181,7 +184,8 @@ class PFedGateProgram(ClientProgram):
         key, coded = indices.encode(np.flatnonzero(stats.active.numpy()), len(partition))
         update = {f"{BLOCKS}.{key}": coded,
                   VALUES: partition.flatten(params, stats.active).numpy().astype(np.float32)}
-        update |= {BUFFER_PREFIX + n: b.numpy() for n, b in learner.gated.model.named_buffers()}
+        update |= {BUFFER_PREFIX + n: v.numpy() for n, v in
+                   shared_state(learner.gated.model).items() if n not in params}
         metrics = {
             NUM_EXAMPLES: len(data.x_train), "train-loss": stats.loss,
             "train-steps": stats.steps, "train-examples": stats.examples,
@@ -189,9 +193,7 @@ class PFedGateProgram(ClientProgram):
             "budget": self.budget, "density": stats.density,
             "active-density": partition.kept_fraction(stats.active),
             "train-s": time.perf_counter() - started}
-        return RecordDict({UPDATE: ArrayRecord({k: Array(np.ascontiguousarray(v))
-                                                for k, v in update.items()}),
-                           METRICS: MetricRecord(metrics)})
+        return RecordDict({UPDATE: from_numpy(update), METRICS: MetricRecord(metrics)})
 
     def evaluate(self, content: RecordDict) -> RecordDict:
         """The personalised gated model on the local test split (a novel client first fits

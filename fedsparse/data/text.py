@@ -7,7 +7,7 @@ is dropped) before the fixed, stratified 80/20 train/test split, so no test text
 training. Two datasets:
 
 - ``chatterbot_en``: the English files, topics with at least 30 distinct texts (15 topics,
-  about 1,800 texts); for Dirichlet label skew over clients;
+  about 1,700 texts); for Dirichlet label skew over clients;
 - ``chatterbot``: every language, the 18 topics that at least 8 languages have (about
   12,000 texts); each training text's language is its *group*, so ``partition = "natural"``
   makes one client per language (27 clients of very different sizes, the way LEAF splits by
@@ -78,8 +78,10 @@ def corpus() -> list[tuple[str, str, str]]:
         topic = os.path.splitext(os.path.basename(path))[0]
         with open(path, encoding="utf-8") as fh:
             doc = yaml.safe_load(fh) or {}
-        rows += [(language, topic, text) for conversation in doc.get("conversations") or []
-                 for text in conversation if isinstance(text, str) and text.strip()]
+        for conversation in doc.get("conversations") or []:
+            turns = [conversation] if isinstance(conversation, str) else conversation
+            rows += [(language, topic, text) for text in turns
+                     if isinstance(text, str) and text.strip()]
     return rows
 
 

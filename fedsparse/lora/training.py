@@ -75,10 +75,10 @@ def train_adapter(model: LoRAClassifier, layout: RankLayout, x: torch.Tensor, y:
             if gate_opt is not None:
                 gate_opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x[idx]), y[idx])
-            if gate_opt is not None and gates is not None and gates.eta:
-                loss = loss + l1_penalty(gate_params, gates.eta)
-            loss.backward()
-            return loss
+            penalty = l1_penalty(gate_params, gates.eta) \
+                if gate_opt is not None and gates is not None and gates.eta else 0.0
+            (loss + penalty).backward()
+            return loss  # the task loss (reported without SoRA's L1 term)
 
         loss = flops.run(tuple(x[idx].shape), step)
         _mask_pruned(model, layout)

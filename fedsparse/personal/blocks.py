@@ -41,7 +41,7 @@ class BlockPartition:
         if blocks_per_tensor < 1:
             raise ValueError(f"blocks_per_tensor = {blocks_per_tensor}: must be >= 1")
         self.blocks_per_tensor = blocks_per_tensor
-        linear = {f"{name}.{p}" for name, module in model.named_modules()
+        linear = {f"{name}.{p}" if name else p for name, module in model.named_modules()
                   if isinstance(module, nn.Linear) for p, _ in module.named_parameters(
                       recurse=False)}
         self.shapes: dict[str, torch.Size] = {}

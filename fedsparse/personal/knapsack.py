@@ -37,6 +37,7 @@ def greedy(values: np.ndarray, sizes: np.ndarray, capacity: int) -> np.ndarray:
 def exact(values: np.ndarray, sizes: np.ndarray, capacity: int) -> np.ndarray:
     """An optimal 0-1 selection: ``lightest[v]`` is the least total size reaching value ``v``."""
     values = np.asarray(values, np.int64)
+    capacity = max(0, capacity)
     if (values < 0).any():
         raise ValueError("knapsack values must be non-negative integers")
     n, top = len(values), int(values.sum())

@@ -27,10 +27,11 @@ Choices, where the release is not the only reading (README "Notes and deviations
   unclipped gate and uses the clipped one only for the importance);
 - ``budget_rule = "exact"`` (default): in each group the kept blocks, first blocks
   included, hold at most ``floor(s * size of the group)`` parameters, so the density is
-  the budget up to block granularity. ``"release"``: the release's capacity
-  ``round((s - s_min) * size of the non-first blocks)`` for the selected blocks on top of
-  the first ones (density about ``0.04 + 0.8 s`` for ``B = 5``), and no selection at
-  ``s = 1``.
+  the budget up to block granularity (but never below the first blocks' share, about
+  ``1/B``: at ``s = 0.1`` and ``B = 5`` the density is about 0.2). ``"release"``: the
+  release's capacity ``round((s - s_min) * size of the non-first blocks)`` for the selected
+  blocks on top of the first ones (density about ``0.04 + 0.8 s`` for ``B = 5``), and no
+  selection at ``s = 1``.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def select_blocks(partition: BlockPartition, importance: np.ndarray, budget: flo
         if not candidates.any():
             continue
         if rule == "exact":
-            capacity = math.floor(budget * sizes[members.numpy()].sum()) \
+            capacity = math.floor(budget * sizes[members.numpy()].sum() + 1e-9) \
                 - int(sizes[(members & partition.first).numpy()].sum())
         else:
             capacity = round((budget - s_min) * sizes[candidates].sum())
@@ -219,7 +220,7 @@ class GatedLearner:
         self.gated.train()
         if not train_model:
             self.gated.model.eval()
-        stats = RoundStats(active=torch.zeros(len(self.gated.partition), dtype=torch.bool))
+        stats = RoundStats(active=self.gated.partition.first.clone())
         per_tensor = {name: 0.0 for name in self.gated.partition.shapes}
         for _ in range(steps):
             idx = next(batches)
@@ -238,8 +239,8 @@ class GatedLearner:
                 sparse = self.flops.per_example(densities, densities)
                 stats.flops += len(idx) * (sparse + self.gating_flops)
                 stats.dense_flops += len(idx) * (self.flops.dense + self.gating_flops)
+        stats.loss = stats.loss / stats.steps if stats.steps else float("nan")
         if stats.steps:
-            stats.loss /= stats.steps
             stats.density /= stats.steps
             stats.layer_density = {n: d / stats.steps for n, d in per_tensor.items()}
         return stats
@@ -247,7 +248,10 @@ class GatedLearner:
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int
                  ) -> tuple[float, float, float]:
-        """``(loss, accuracy, mean density)`` of the gated model, gated per test batch."""
+        """``(loss, accuracy, mean density)`` of the gated model, gated per test batch (NaN
+        for an empty test split)."""
+        if len(x) == 0:
+            return float("nan"), float("nan"), float("nan")
         self.gated.train(False)
         loss_sum, correct, density = 0.0, 0, 0.0
         starts = range(0, len(x), batch_size)
