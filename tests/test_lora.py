@@ -248,3 +248,23 @@ def test_density_schedule_and_cross_section_checks():
     with pytest.raises(ScenarioError, match=r"needs model\.name = 'lora'"):
         parse_scenario(TEXT.replace('name = "lora"\nbase = "tiny_bert"\nrank = 4\nalpha = 8.0',
                                     'name = "mlp"'))
+
+
+def test_pretrained_minilm_adapter_round_trips(tmp_path):
+    """The real MiniLM: 22.7 M frozen parameters, only the adapters and head are shared, and
+    the saved peft adapter reloads on the same base with identical outputs."""
+    from peft import PeftModel
+
+    torch.manual_seed(3)
+    model = LoRAClassifier(LoRAModelParams(base="minilm", rank=4), 3).eval()
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert frozen == 22_713_216 + 3 * 385  # the encoder + peft's frozen copy of the head
+    assert sum(v.numel() for v in shared_state(model).values()) == 12 * 2 * 4 * 384 + 3 * 385
+    with torch.no_grad():
+        for layer in model.lora_layers().values():
+            layer.lora_B["default"].weight.normal_(std=0.01)
+    x = tokens()
+    model.save_adapter(tmp_path)
+    reloaded = PeftModel.from_pretrained(base_model("minilm", 3), str(tmp_path)).eval()
+    torch.testing.assert_close(reloaded(input_ids=x, attention_mask=(x != 0).long()).logits,
+                               model(x), atol=1e-6, rtol=0)
