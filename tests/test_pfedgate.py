@@ -33,6 +33,8 @@ from strategies.server_app import initial_arrays
 from tests.conftest import DATA
 from tests.local_grid import LocalGrid, run_federation
 
+pytestmark = pytest.mark.usefixtures("flower_task")
+
 TEXT = (DATA / "pfedgate_digits.toml").read_text()
 
 

@@ -110,6 +110,7 @@ class GatedBatch:
     keep: torch.Tensor  # bool per block
     gates: torch.Tensor  # clipped gate per block (no grad)
     density: float  # share of the parameters in kept blocks
+    loss: float = float("nan")  # the minibatch's cross-entropy, once a step computed it
 
 
 @dataclass
@@ -210,7 +211,7 @@ class GatedLearner:
                 nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip)
             optimizer.step()
         batch.logits = batch.logits.detach()
-        self.last_loss = float(loss.detach())
+        batch.loss = float(loss.detach())
         return batch
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, batches: Iterator[torch.Tensor],
@@ -229,7 +230,7 @@ class GatedLearner:
             batch = self.step(x[idx], y[idx], train_model=train_model)
             stats.steps += 1
             stats.examples += len(idx)
-            stats.loss += self.last_loss
+            stats.loss += batch.loss
             stats.density += batch.density
             stats.active |= batch.keep
             densities = self.gated.partition.tensor_densities(batch.keep)
