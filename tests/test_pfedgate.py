@@ -281,14 +281,15 @@ class BatchNormCNN(nn.Module):
 
 
 @pytest.mark.parametrize("strategy", ["pfedgate", "fedavg"])
-def test_models_with_buffers_train_and_keep_their_dtypes(strategy):
-    from fedsparse.registry import MODELS, PluginParams
+def test_models_with_buffers_train_and_keep_their_dtypes(strategy, monkeypatch):
+    from fedsparse.registry import MODELS, Entry, PluginParams
 
     class Params(PluginParams):
         name: str = "bn_cnn"
 
-    if "bn_cnn" not in MODELS.names():
-        MODELS.register("bn_cnn", Params)(lambda params, shape, classes: BatchNormCNN(classes))
+    # Registered for this test only: other tests list the registry's names.
+    build = lambda params, shape, classes: BatchNormCNN(classes)  # noqa: E731
+    monkeypatch.setitem(MODELS._entries, "bn_cnn", Entry("bn_cnn", Params, build))
     client = {"program": "sgd", "lr": 0.05, "batch_size": 16} if strategy == "fedavg" else \
         tomllib.loads(TEXT)["client"]
     f = run(edited(model={"name": "bn_cnn"}, strategy={"name": strategy, "fraction_train": 0.6},
