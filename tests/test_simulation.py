@@ -24,15 +24,14 @@ def fedsparse(*args: str) -> int:
     return main([str(a) for a in args])
 
 
-def flower_processes() -> list[psutil.Process]:
+def flower_processes(workdir: Path) -> list[int]:
+    """Pids of the Flower and Ray processes working in ``workdir``: those a run started there
+    (not the ones of other runs on the same machine)."""
     names = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr run", "raylet",
              "gcs_server")
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if any(name in cmdline for name in names):
-            found.append(proc)
-    return found
+    return [proc.pid for proc in psutil.process_iter(["cmdline", "cwd"])
+            if proc.info["cwd"] and Path(proc.info["cwd"]).is_relative_to(workdir.resolve())
+            and any(name in " ".join(proc.info["cmdline"] or []) for name in names)]
 
 
 def deterministic(rows: list[dict]) -> list[dict]:
@@ -48,6 +47,7 @@ def first_run(tmp_path_factory: pytest.TempPathFactory):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         assert fedsparse("run", DATA / "digits.toml", "--run-dir", "runs/a",
                          "--summary", "a.json", "--quiet") == 0
+        assert not flower_processes(workdir)  # every process the run started is gone
         yield workdir, json.loads((workdir / "a.json").read_text())
 
 
@@ -58,7 +58,6 @@ def test_summary_has_the_required_keys(first_run):
         assert key in summary
     assert summary["rounds"] == 3 and 0.7 < summary["final_accuracy"] <= 1.0
     assert summary["clients_failed"] == summary["clients_rejected"] == 0
-    assert not flower_processes()  # every process the run started is gone
 
 
 def test_bytes_and_flops_are_accounted_per_client_and_round(first_run):
@@ -213,4 +212,4 @@ def test_continual_run_tracks_the_accuracy_matrix(tmp_path, monkeypatch):
         <= artifacts
     density = client.get_metric_history(summary["mlflow_run_id"], "model_density")
     assert len(density) == 5 and all(m.value <= 0.2601 for m in density)
-    assert not flower_processes()
+    assert not flower_processes(tmp_path)
