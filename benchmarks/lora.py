@@ -3,14 +3,15 @@ MLflow experiment (``lora-chatterbot``), on the Ray simulation.
 
 Arms: dense federated LoRA, FLASC at density 1/4 and 1/16 (both ways), FLASC at 1/16 with
 client error feedback, SoRA (rank gates, pruned ranks no longer sent), and FLASC with a dense
-download and uploads at 1/16, without and with error feedback, and at 1/8 with error feedback
-and float16 values. MiniLM with LoRA (r = 8 on query and value) + head, English chatterbot
-topics, 20 clients with Dirichlet(0.5) label skew. The report (``--out``, by default
+download and uploads at 1/16 (without and with error feedback), at 1/8 with error feedback
+and float16 values, and at 1/4 and 1/8 with error feedback and int8 values. MiniLM with LoRA
+(r = 8 on query and value) + head, English chatterbot topics, 20 clients with Dirichlet(0.5)
+label skew. The report (``--out``, by default
 ``reports/lora-chatterbot/``) gives final accuracy, cumulative uplink and downlink bytes and
 their reduction against dense LoRA, surviving ranks and wall time; the script then prints
 each arm's accuracy gap to dense LoRA.
 
-    python benchmarks/lora.py [--rounds 40] [--arms dense flasc_4 ...] [--out DIR]
+    python benchmarks/lora.py [--rounds 40] [--seed 0] [--arms dense flasc_4 ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -23,22 +24,24 @@ from fedsparse.tracking.plots import MB
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios" / "lora"
 ARMS = ("dense", "flasc_4", "flasc_16", "flasc_16_ef", "sora", "flasc_up16", "flasc_up16_ef",
-        "flasc_up8_ef_fp16")
+        "flasc_up8_ef_fp16", "flasc_up4_ef_int8", "flasc_up8_ef_int8")
 REFERENCE = "lora-dense"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0, help="scenario seed: the split, the "
+                        "client sampling and the training (default: %(default)s)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--out", type=Path, default=Path("reports") / "lora-chatterbot",
                         help="report folder (default: %(default)s)")
     args = parser.parse_args()
     result = compare([SCENARIOS / f"{arm}.toml" for arm in args.arms],
-                     overrides=[f"run.rounds={args.rounds}"], experiment="lora-chatterbot",
-                     out=args.out,
+                     overrides=[f"run.rounds={args.rounds}", f"seed={args.seed}"],
+                     experiment="lora-chatterbot", out=args.out,
                      reference=REFERENCE if "dense" in args.arms else "", quiet=True)
-    print(f"## {args.rounds} rounds (MLflow experiment {result.experiment!r})")
+    print(f"## {args.rounds} rounds, seed {args.seed} (MLflow experiment {result.experiment!r})")
     print(result.report.read_text())
     dense = result.summaries.get(REFERENCE)
     print("| run | accuracy gap to dense (points) | uplink reduction x | downlink reduction x "

@@ -38,10 +38,11 @@ SIGNAL_KIND = "signal-kind"
 # In an evaluate instruction: minibatches a client adapts its personal part (pFedGate's gating
 # layer) on its training split before it is evaluated: a novel client joining at the end.
 ADAPT_STEPS = "adapt-steps"
-# FLASC (strategies/flasc.py): this round's densities, value precision, error feedback and
-# SoRA threshold, which the server decides.
+# FLASC (strategies/flasc.py): this round's densities, value precisions (download, upload),
+# error feedback and SoRA threshold, which the server decides.
 DOWN_DENSITY, UP_DENSITY = "down-density", "up-density"
-VALUE_DTYPE, ERROR_FEEDBACK, SORA_THRESHOLD = "value-dtype", "error-feedback", "sora-threshold"
+VALUE_DTYPE, UP_VALUE_DTYPE = "value-dtype", "up-value-dtype"
+ERROR_FEEDBACK, SORA_THRESHOLD = "error-feedback", "sora-threshold"
 
 # Keys of the MetricRecords sent back.
 NUM_EXAMPLES = "num-examples"

@@ -41,8 +41,10 @@ from fedsparse.protocol import (
     RANKS,
     SORA_THRESHOLD,
     UP_DENSITY,
+    UP_VALUE_DTYPE,
     UPDATE,
     VALUE_DTYPE,
+    derive_seed,
 )
 from fedsparse.registry import STRATEGIES, StrategyParams
 from fedsparse.scenario import Scenario
@@ -59,7 +61,10 @@ class FlascParams(StrategyParams):
     density_decay: float = Field(1.0, gt=0, le=1, description="densities x decay ...")
     decay_every: int = Field(1, ge=1, description="... every this many rounds")
     error_feedback: bool = Field(False, description="clients keep what top-k did not send")
-    value_dtype: ValueDtype = "float32"
+    value_dtype: ValueDtype = Field("float32", description="values sent (both ways unless "
+                                                           "up_value_dtype is set)")
+    up_value_dtype: ValueDtype | None = Field(None, description="values uploaded, if not "
+                                                                "value_dtype (int8 with EF)")
     server_optimizer: ServerOptimizerName = "adamw"
     server_lr: float = Field(1e-3, gt=0, description="sgd at 1.0: plain averaging")
     sora_threshold: float = Field(0.0, ge=0, description="SoRA: xi at round 1")
@@ -112,14 +117,15 @@ class Flasc(FedSparseStrategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         down, up = self.densities(server_round)
-        self.round_config = {DOWN_DENSITY: down, UP_DENSITY: up,
-                             VALUE_DTYPE: self.params.value_dtype,
+        p = self.params
+        self.round_config = {DOWN_DENSITY: down, UP_DENSITY: up, VALUE_DTYPE: p.value_dtype,
+                             UP_VALUE_DTYPE: p.up_value_dtype or p.value_dtype,
                              ERROR_FEEDBACK: self.params.error_feedback,
                              SORA_THRESHOLD: self.threshold(server_round)}
         adapter, _ = self.layout.split(to_numpy(arrays))
         coords = self.layout.coordinates()
-        rng = np.random.default_rng(0)  # top-k and identity draw nothing
-        self.download = sparsifier(down, self.params.value_dtype).compress(adapter[coords], rng)
+        rng = np.random.default_rng(derive_seed(self.scenario.seed, server_round, "download"))
+        self.download = sparsifier(down, p.value_dtype).compress(adapter[coords], rng)
         return super().configure_train(server_round, arrays,
                                        ConfigRecord({**config, **self.round_config}), grid)
 
@@ -140,9 +146,9 @@ class Flasc(FedSparseStrategy):
             raise PayloadError(f"no ArrayRecord {UPDATE!r} in reply")
         coords = self.layout.coordinates()
         delta = np.zeros(self.layout.size, np.float32)
-        delta[coords] = sparsifier(self.round_config[UP_DENSITY], self.params.value_dtype
-                                   ).decompress(to_numpy(content.array_records[UPDATE]),
-                                                int(coords.sum()))
+        upload = sparsifier(self.round_config[UP_DENSITY], self.round_config[UP_VALUE_DTYPE])
+        delta[coords] = upload.decompress(to_numpy(content.array_records[UPDATE]),
+                                          int(coords.sum()))
         gates = np.zeros(self.layout.rank * len(self.layout.modules), np.float32)
         if self.layout.sora:
             if GATES not in content.array_records:

@@ -73,10 +73,27 @@ def test_malformed_indices_are_rejected(scheme, data, d, reason):
         codec.decode(scheme, data, d)
 
 
-SPECS = [IdentitySpec(), IdentitySpec(value_dtype="float16"), TopKSpec(ratio=0.1),
-         TopKSpec(ratio=0.05, value_dtype="float16"), TopKSpec(ratio=0.2, scope="per_tensor"),
-         TopKSpec(ratio=0.0), TopKSpec(ratio=1.0), RandKSpec(ratio=0.1), QSGDSpec(levels=1),
-         QSGDSpec(levels=200), ScaledSignSpec()]
+SPECS = [IdentitySpec(), IdentitySpec(value_dtype="float16"), IdentitySpec(value_dtype="int8"),
+         TopKSpec(ratio=0.1), TopKSpec(ratio=0.05, value_dtype="float16"),
+         TopKSpec(ratio=0.1, value_dtype="int8"), TopKSpec(ratio=0.2, scope="per_tensor"),
+         TopKSpec(ratio=0.2, scope="per_tensor", value_dtype="int8"), TopKSpec(ratio=0.0),
+         TopKSpec(ratio=1.0), RandKSpec(ratio=0.1), RandKSpec(ratio=0.1, value_dtype="int8"),
+         QSGDSpec(levels=1), QSGDSpec(levels=200), ScaledSignSpec()]
+
+
+def assert_at_wire_precision(decoded, v, spec, payload, prefix="", factor=1.0):
+    """``decoded`` is ``factor`` times ``v`` as ``spec.value_dtype`` carries it: cast, or for
+    int8 the levels times the scale max|v| / 127, each within one level of v."""
+    if spec.value_dtype != "int8":
+        assert np.array_equal(decoded, v.astype(spec.value_dtype).astype(np.float32) * factor)
+        return
+    scale = payload[prefix + "scale"][0]
+    assert scale == np.float32(np.abs(v).max(initial=0) / 127)
+    levels = payload[prefix + "val"]
+    assert levels.dtype == np.int8 and np.abs(levels.astype(int)).max(initial=0) <= 127
+    wire = levels.astype(np.float32) * scale
+    assert np.array_equal(decoded, wire * factor)
+    assert np.all(np.abs(wire.astype(np.float64) - v) <= scale * (1 + 1e-5))
 
 
 def segments(d: int) -> list[int]:
@@ -95,7 +112,7 @@ def test_decode_of_encode_is_exactly_what_was_meant(spec, v, seed):
     assert all(a.dtype != object for a in payload.values())
     kept = decoded != 0
     if spec.name == "identity":
-        assert np.array_equal(decoded, v.astype(spec.value_dtype).astype(np.float32))
+        assert_at_wire_precision(decoded, v, spec, payload)
     elif spec.name == "topk":
         parts = [("", 0, v.size)] if spec.scope == "global" else [
             (f"t{j}.", int(s), n) for j, (s, n) in enumerate(zip(
@@ -106,18 +123,17 @@ def test_decode_of_encode_is_exactly_what_was_meant(spec, v, seed):
             k = 0 if spec.ratio == 0 or size == 0 else min(size, max(1, round(spec.ratio * size)))
             assert idx.size == k
             # kept: v's values at the wire precision; dropped: zero, and no larger than kept
-            assert np.array_equal(out[idx], part[idx].astype(spec.value_dtype).astype(np.float32))
+            assert_at_wire_precision(out[idx], part[idx], spec, payload, prefix)
             dropped = np.setdiff1d(np.arange(size), idx)
             assert not out[dropped].any()
             if k:
                 assert np.abs(part[dropped]).max(initial=0) <= np.abs(part[idx]).min()
     elif spec.name == "randk":
         k = max(1, round(spec.ratio * v.size)) if v.size else 0
-        expected = np.zeros_like(v)
-        if k:
-            idx = coordinates(int(payload["seed"][0]), v.size, k)
-            expected[idx] = v[idx] * np.float32(v.size / k)
-        assert np.array_equal(decoded, expected)
+        idx = coordinates(int(payload["seed"][0]), v.size, k) if k else np.zeros(0, int)
+        assert not np.delete(decoded, idx).any()
+        assert_at_wire_precision(decoded[idx], v[idx], spec, payload,
+                                 factor=np.float32(v.size / max(k, 1)))
     elif spec.name == "qsgd":
         norm = np.linalg.norm(v.astype(np.float64))
         levels = np.rint(np.abs(decoded) / max(norm, 1e-30) * spec.levels)
@@ -149,11 +165,14 @@ def test_top_k_ties_are_deterministic():
     assert np.count_nonzero(compressor.decompress(a, 100)) == 10
 
 
-@pytest.mark.parametrize("spec", [RandKSpec(ratio=0.1), QSGDSpec(levels=1), QSGDSpec(levels=4)],
-                         ids=lambda s: f"{s.name}")
+@pytest.mark.parametrize("spec", [RandKSpec(ratio=0.1), QSGDSpec(levels=1), QSGDSpec(levels=4),
+                                  IdentitySpec(value_dtype="int8"),
+                                  RandKSpec(ratio=0.1, value_dtype="int8")],
+                         ids=lambda s: f"{s.name}-{s.value_dtype}")
 def test_unbiased_compressors_average_to_the_vector(spec):
     rng = np.random.default_rng(0)
     v = rng.normal(size=50).astype(np.float32)
+    v[0] = 127.0  # int8: a step of 1, so the rounding is genuinely random
     compressor = build_compressor(spec)
     samples = np.stack([compressor.decompress(compressor.compress(v, rng), v.size)
                         for _ in range(20000)])
@@ -196,6 +215,15 @@ def payload_of(spec):
      "beyond"),
     (ScaledSignSpec(), lambda p: p.update(sign=np.zeros(4, np.uint8)), "length 4, expected 5"),
     (IdentitySpec(), lambda p: p.update(val=p["val"].reshape(4, 10)), "1-D"),
+    (TopKSpec(ratio=0.1, value_dtype="int8"), lambda p: p.pop("scale"), "lacks 'scale'"),
+    (TopKSpec(ratio=0.1, value_dtype="int8"),
+     lambda p: p.update(scale=np.array([-0.5], np.float32)), "negative"),
+    (TopKSpec(ratio=0.1, value_dtype="int8"),
+     lambda p: p.update(scale=np.array([np.inf], np.float32)), "NaN or Inf"),
+    (TopKSpec(ratio=0.1, value_dtype="int8"),
+     lambda p: p["val"].__setitem__(0, -128), "beyond"),
+    (IdentitySpec(value_dtype="int8"), lambda p: p.update(val=p["val"].astype(np.int16)),
+     "dtype int16"),
 ])
 def test_malformed_payloads_are_rejected_with_a_reason(spec, tamper, reason):
     payload = payload_of(spec)

@@ -166,6 +166,28 @@ def test_base_weights_never_cross_the_wire_and_uploads_hit_the_density():
                for row in f.rows)
 
 
+def test_int8_uploads_cost_one_byte_a_value_while_the_download_stays_float32():
+    scn = scenario(strategy={"up_value_dtype": "int8", "error_feedback": True})
+    f = run_federation(scn)
+    d = int(RankLayout(scenario_model(scn)).coordinates().sum())
+    k = count(0.25, d)
+    for message in f.grid.sent:
+        if "adapter" in message.content.array_records:
+            assert message.content.array_records["adapter"]["val"].numpy().dtype == np.float32
+    replies = [m.content.array_records["update"] for m in f.grid.received
+               if "update" in m.content.array_records]
+    assert replies
+    for update in replies:
+        payload = to_numpy(update)
+        assert payload["val"].dtype == np.int8 and payload["val"].size == k
+        assert payload["scale"].dtype == np.float32 and payload["scale"].size == 1
+        index_bytes = sum(a.nbytes for name, a in payload.items() if name.startswith("idx."))
+        assert index_bytes <= (d + 7) // 8  # never more than a bitmap
+    assert all(row["uplink_bytes"] <= row["clients_ok"] * (k + (d + 7) // 8 + 4)
+               for row in f.rows)
+    assert all(r.status == "ok" for r in f.strategy.client_records)
+
+
 def test_density_one_is_dense_federated_lora_with_the_same_server_optimiser():
     scn = scenario(strategy={"down_density": 1.0, "up_density": 1.0}, run={"rounds": 1,
                                                                            "eval_every": 1})

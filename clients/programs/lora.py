@@ -38,6 +38,7 @@ from fedsparse.protocol import (
     SERVER_ROUND,
     SORA_THRESHOLD,
     UP_DENSITY,
+    UP_VALUE_DTYPE,
     UPDATE,
     VALUE_DTYPE,
     derive_seed,
@@ -113,9 +114,9 @@ class LoRAProgram(ClientProgram):
             residual = saved["counted" if counted else "lost"]
         rng = np.random.default_rng(derive_seed(self.scenario.seed, self.partition_id,
                                                 server_round, "compress"))
-        message = ef_message((sent - trained)[coords], residual[coords],
-                             sparsifier(float(config[UP_DENSITY]), str(config[VALUE_DTYPE])),
-                             rng, bool(config[ERROR_FEEDBACK]))
+        upload = sparsifier(float(config[UP_DENSITY]), str(config[UP_VALUE_DTYPE]))
+        message = ef_message((sent - trained)[coords], residual[coords], upload, rng,
+                             bool(config[ERROR_FEEDBACK]))
         if bool(config[ERROR_FEEDBACK]):
             full = {"counted": np.zeros(layout.size, np.float32),
                     "lost": np.zeros(layout.size, np.float32)}

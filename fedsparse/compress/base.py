@@ -4,6 +4,11 @@ A payload is what crosses the wire, as arrays of an ArrayRecord (no pickle); its
 :func:`payload_bytes`, the sum of the arrays' ``nbytes``. ``decompress`` validates the
 payload it is given (keys, dtypes, shapes, index range and order, finiteness, lengths) and
 raises :class:`~fedsparse.payload.PayloadError` with a reason instead of decoding garbage.
+
+Values travel at a configured precision (``value_dtype``): float32, float16 (rounded to
+nearest) or int8: ``q_j = floor(v_j / s + u_j)`` with ``u_j ~ U[0, 1)`` and one float32 scale
+``s = max_j |v_j| / 127`` per value array, so ``E[s q_j] = v_j`` (stochastic rounding keeps
+unbiased compressors unbiased) and every value costs one byte.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from pydantic import BaseModel, ConfigDict
 from fedsparse.payload import PayloadError
 
 Payload = dict[str, np.ndarray]
-ValueDtype = Literal["float32", "float16"]
+ValueDtype = Literal["float32", "float16", "int8"]
+INT8_LEVELS = 127
 
 
 class CompressorSpec(BaseModel):
@@ -85,3 +91,37 @@ def count(ratio: float, d: int) -> int:
     if d == 0 or ratio == 0:
         return 0
     return min(d, max(1, round(ratio * d)))
+
+
+def encode_values(v: np.ndarray, dtype: np.dtype, rng: np.random.Generator,
+                  prefix: str = "") -> Payload:
+    """``v`` at the wire precision ``dtype``: ``{prefix}val`` (and ``{prefix}scale`` for int8)."""
+    if dtype != np.int8:
+        return {prefix + "val": v.astype(dtype)}
+    top = float(np.abs(v).max(initial=0.0))
+    scale = np.float32(top / INT8_LEVELS)
+    if scale == 0:
+        levels = np.zeros(v.size, np.int8)
+    else:
+        levels = np.floor(v.astype(np.float64) / float(scale) + rng.random(v.size))
+        levels = np.clip(levels, -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+    return {prefix + "val": levels, prefix + "scale": np.array([scale], np.float32)}
+
+
+def value_keys(dtype: np.dtype, prefix: str = "") -> set[str]:
+    """The payload keys :func:`encode_values` writes."""
+    return {prefix + "val", prefix + "scale"} if dtype == np.int8 else {prefix + "val"}
+
+
+def decode_values(payload: Mapping[str, np.ndarray], dtype: np.dtype, size: int,
+                  prefix: str = "") -> np.ndarray:
+    """The float32 values :func:`encode_values` sent; raises PayloadError if malformed."""
+    values = expect_array(payload, prefix + "val", dtype, size)
+    if dtype != np.int8:
+        return values.astype(np.float32)
+    scale = expect_array(payload, prefix + "scale", np.dtype(np.float32), 1)[0]
+    if scale < 0:
+        raise PayloadError(f"{prefix}scale: {scale} is negative")
+    if values.size and values.min() < -INT8_LEVELS:
+        raise PayloadError(f"{prefix}val: level {values.min()} beyond +-{INT8_LEVELS}")
+    return values.astype(np.float32) * scale

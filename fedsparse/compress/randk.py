@@ -18,8 +18,11 @@ from fedsparse.compress.base import (
     CompressorSpec,
     Payload,
     count,
+    decode_values,
+    encode_values,
     expect_array,
     expect_keys,
+    value_keys,
 )
 
 
@@ -43,13 +46,13 @@ class RandK(Compressor):
     def compress(self, v: np.ndarray, rng: np.random.Generator) -> Payload:
         seed = int(rng.integers(0, 2**63))
         idx = coordinates(seed, v.size, count(self.ratio, v.size))
-        return {"seed": np.array([seed], np.uint64), "val": v[idx].astype(self.value_dtype)}
+        return {"seed": np.array([seed], np.uint64), **encode_values(v[idx], self.value_dtype, rng)}
 
     def decompress(self, payload: Mapping[str, np.ndarray], d: int) -> np.ndarray:
-        expect_keys(payload, {"seed", "val"})
+        expect_keys(payload, {"seed"} | value_keys(self.value_dtype))
         k = count(self.ratio, d)
         seed = int(expect_array(payload, "seed", np.dtype(np.uint64), 1)[0])
-        values = expect_array(payload, "val", self.value_dtype, k).astype(np.float32)
+        values = decode_values(payload, self.value_dtype, k)
         out = np.zeros(d, np.float32)
         if k:
             out[coordinates(seed, d, k)] = values * np.float32(d / k)

@@ -20,8 +20,10 @@ from fedsparse.compress.base import (
     CompressorSpec,
     Payload,
     count,
-    expect_array,
+    decode_values,
+    encode_values,
     expect_keys,
+    value_keys,
 )
 from fedsparse.payload import PayloadError
 
@@ -67,7 +69,7 @@ class TopK(Compressor):
             idx = top_k(part, count(self.ratio, size))
             key, data = indices.encode(idx, size)
             payload[prefix + key] = data
-            payload[prefix + "val"] = part[idx].astype(self.value_dtype)
+            payload.update(encode_values(part[idx], self.value_dtype, rng, prefix))
         return payload
 
     def decompress(self, payload: Mapping[str, np.ndarray], d: int) -> np.ndarray:
@@ -80,7 +82,7 @@ class TopK(Compressor):
             if idx.size != k:
                 raise PayloadError(f"{prefix}{indices.KEY}: {idx.size} indices, the configured "
                                    f"ratio {self.ratio} of {size} gives k={k}")
-            out[start + idx] = expect_array(payload, prefix + "val", self.value_dtype, k)
-            keys |= {f"{prefix}{indices.KEY}.{scheme}", prefix + "val"}
+            out[start + idx] = decode_values(payload, self.value_dtype, k, prefix)
+            keys |= {f"{prefix}{indices.KEY}.{scheme}"} | value_keys(self.value_dtype, prefix)
         expect_keys(payload, keys)
         return out
