@@ -88,7 +88,7 @@ def assert_at_wire_precision(decoded, v, spec, payload, prefix="", factor=1.0):
         assert np.array_equal(decoded, v.astype(spec.value_dtype).astype(np.float32) * factor)
         return
     scale = payload[prefix + "scale"][0]
-    assert scale == np.float32(np.abs(v).max(initial=0) / 127)
+    assert scale == np.float32(float(np.abs(v).max(initial=0)) / 127)
     levels = payload[prefix + "val"]
     assert levels.dtype == np.int8 and np.abs(levels.astype(int)).max(initial=0) <= 127
     wire = levels.astype(np.float32) * scale
