@@ -30,7 +30,8 @@ REFERENCE = "lora-dense"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=40,
+                        help="federated rounds of every arm (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="scenario seed: the split, the "
                         "client sampling and the training (default: %(default)s)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)

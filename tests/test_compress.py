@@ -221,6 +221,8 @@ def payload_of(spec):
     (TopKSpec(ratio=0.1, value_dtype="int8"),
      lambda p: p.update(scale=np.array([np.inf], np.float32)), "NaN or Inf"),
     (TopKSpec(ratio=0.1, value_dtype="int8"),
+     lambda p: p.update(scale=np.array([3e38], np.float32)), "overflows"),
+    (TopKSpec(ratio=0.1, value_dtype="int8"),
      lambda p: p["val"].__setitem__(0, -128), "beyond"),
     (IdentitySpec(value_dtype="int8"), lambda p: p.update(val=p["val"].astype(np.int16)),
      "dtype int16"),

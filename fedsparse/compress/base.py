@@ -120,8 +120,9 @@ def decode_values(payload: Mapping[str, np.ndarray], dtype: np.dtype, size: int,
     if dtype != np.int8:
         return values.astype(np.float32)
     scale = expect_array(payload, prefix + "scale", np.dtype(np.float32), 1)[0]
-    if scale < 0:
-        raise PayloadError(f"{prefix}scale: {scale} is negative")
+    if not 0 <= scale <= np.finfo(np.float32).max / INT8_LEVELS:
+        raise PayloadError(f"{prefix}scale: {scale} is negative or overflows float32 "
+                           f"at level {INT8_LEVELS}")
     if values.size and values.min() < -INT8_LEVELS:
         raise PayloadError(f"{prefix}val: level {values.min()} beyond +-{INT8_LEVELS}")
     return values.astype(np.float32) * scale
