@@ -7,8 +7,9 @@ raises :class:`~fedsparse.payload.PayloadError` with a reason instead of decodin
 
 Values travel at a configured precision (``value_dtype``): float32, float16 (rounded to
 nearest) or int8: ``q_j = floor(v_j / s + u_j)`` with ``u_j ~ U[0, 1)`` and one float32 scale
-``s = max_j |v_j| / 127`` per value array, so ``E[s q_j] = v_j`` (stochastic rounding keeps
-unbiased compressors unbiased) and every value costs one byte.
+``s = max_j |v_j| / 127`` per value array (at least the smallest float32 step), so
+``E[s q_j] = v_j`` (stochastic rounding keeps unbiased compressors unbiased) and every value
+costs one byte.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def encode_values(v: np.ndarray, dtype: np.dtype, rng: np.random.Generator,
         return {prefix + "val": v.astype(dtype)}
     top = float(np.abs(v).max(initial=0.0))
     scale = np.float32(top / INT8_LEVELS)
+    if scale == 0 and top > 0:  # top / 127 underflows float32: the smallest step instead
+        scale = np.nextafter(np.float32(0), np.float32(1))
     if scale == 0:
         levels = np.zeros(v.size, np.int8)
     else:
