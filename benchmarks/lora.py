@@ -6,10 +6,9 @@ client error feedback, SoRA (rank gates, pruned ranks no longer sent), and FLASC
 download and uploads at 1/16 (without and with error feedback), at 1/8 with error feedback
 and float16 values, and at 1/4 and 1/8 with error feedback and int8 values. MiniLM with LoRA
 (r = 8 on query and value) + head, English chatterbot topics, 20 clients with Dirichlet(0.5)
-label skew. The report (``--out``, by default
-``reports/lora-chatterbot/``) gives final accuracy, cumulative uplink and downlink bytes and
-their reduction against dense LoRA, surviving ranks and wall time; the script then prints
-each arm's accuracy gap to dense LoRA.
+label skew. The report (``--out``, by default ``reports/lora-chatterbot/``) gives final
+accuracy, cumulative uplink and downlink bytes and their reduction against dense LoRA,
+surviving ranks and wall time; the script then prints each arm's accuracy gap to dense LoRA.
 
     python benchmarks/lora.py [--rounds 40] [--seed 0] [--arms dense flasc_4 ...] [--out DIR]
 """

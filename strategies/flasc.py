@@ -120,7 +120,7 @@ class Flasc(FedSparseStrategy):
         p = self.params
         self.round_config = {DOWN_DENSITY: down, UP_DENSITY: up, VALUE_DTYPE: p.value_dtype,
                              UP_VALUE_DTYPE: p.up_value_dtype or p.value_dtype,
-                             ERROR_FEEDBACK: self.params.error_feedback,
+                             ERROR_FEEDBACK: p.error_feedback,
                              SORA_THRESHOLD: self.threshold(server_round)}
         adapter, _ = self.layout.split(to_numpy(arrays))
         coords = self.layout.coordinates()

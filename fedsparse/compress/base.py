@@ -100,14 +100,13 @@ def encode_values(v: np.ndarray, dtype: np.dtype, rng: np.random.Generator,
     if dtype != np.int8:
         return {prefix + "val": v.astype(dtype)}
     top = float(np.abs(v).max(initial=0.0))
-    scale = np.float32(top / INT8_LEVELS)
-    if scale == 0 and top > 0:  # top / 127 underflows float32: the smallest step instead
-        scale = np.nextafter(np.float32(0), np.float32(1))
-    if scale == 0:
-        levels = np.zeros(v.size, np.int8)
-    else:
-        levels = np.floor(v.astype(np.float64) / float(scale) + rng.random(v.size))
-        levels = np.clip(levels, -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+    if top == 0:
+        return {prefix + "val": np.zeros(v.size, np.int8),
+                prefix + "scale": np.zeros(1, np.float32)}
+    # where top / 127 underflows float32, the smallest step instead
+    scale = max(np.float32(top / INT8_LEVELS), np.finfo(np.float32).smallest_subnormal)
+    levels = np.floor(v.astype(np.float64) / float(scale) + rng.random(v.size))
+    levels = np.clip(levels, -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
     return {prefix + "val": levels, prefix + "scale": np.array([scale], np.float32)}
 
 
