@@ -64,7 +64,7 @@ class FlascParams(StrategyParams):
     value_dtype: ValueDtype = Field("float32", description="values sent (both ways unless "
                                                            "up_value_dtype is set)")
     up_value_dtype: ValueDtype | None = Field(None, description="values uploaded, if not "
-                                                                "value_dtype (int8 with EF)")
+                                                                "value_dtype (intb with EF)")
     server_optimizer: ServerOptimizerName = "adamw"
     server_lr: float = Field(1e-3, gt=0, description="sgd at 1.0: plain averaging")
     sora_threshold: float = Field(0.0, ge=0, description="SoRA: xi at round 1")

@@ -74,25 +74,37 @@ def test_malformed_indices_are_rejected(scheme, data, d, reason):
 
 
 SPECS = [IdentitySpec(), IdentitySpec(value_dtype="float16"), IdentitySpec(value_dtype="int8"),
+         IdentitySpec(value_dtype="int4"), IdentitySpec(value_dtype="int3"),
+         IdentitySpec(value_dtype="int2"),
          TopKSpec(ratio=0.1), TopKSpec(ratio=0.05, value_dtype="float16"),
-         TopKSpec(ratio=0.1, value_dtype="int8"), TopKSpec(ratio=0.2, scope="per_tensor"),
-         TopKSpec(ratio=0.2, scope="per_tensor", value_dtype="int8"), TopKSpec(ratio=0.0),
+         TopKSpec(ratio=0.1, value_dtype="int8"), TopKSpec(ratio=0.3, value_dtype="int3"),
+         TopKSpec(ratio=0.2, scope="per_tensor"),
+         TopKSpec(ratio=0.2, scope="per_tensor", value_dtype="int8"),
+         TopKSpec(ratio=0.2, scope="per_tensor", value_dtype="int4"), TopKSpec(ratio=0.0),
          TopKSpec(ratio=1.0), RandKSpec(ratio=0.1), RandKSpec(ratio=0.1, value_dtype="int8"),
+         RandKSpec(ratio=0.1, value_dtype="int2"),
          QSGDSpec(levels=1), QSGDSpec(levels=200), ScaledSignSpec()]
+BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
 
 
 def assert_at_wire_precision(decoded, v, spec, payload, prefix="", factor=1.0):
     """``decoded`` is ``factor`` times ``v`` as ``spec.value_dtype`` carries it: cast, or for
-    int8 the levels times the scale max|v| / 127 (never 0 for a non-zero v, even where it
-    underflows), each within one level of v."""
-    if spec.value_dtype != "int8":
+    b-bit integers the levels (within +-L = 2^(b-1) - 1) times the scale max|v| / L (never 0
+    for a non-zero v, even where it underflows), each within one level of v, in b bits apiece
+    (int8: one int8 each; narrower: packed into ceil(b n / 8) uint8 bytes)."""
+    if spec.value_dtype not in BITS:
         assert np.array_equal(decoded, v.astype(spec.value_dtype).astype(np.float32) * factor)
         return
+    bits = BITS[spec.value_dtype]
+    top_level = 2 ** (bits - 1) - 1
     scale = payload[prefix + "scale"][0]
     top = float(np.abs(v).max(initial=0))
-    assert scale == max(np.float32(top / 127), np.float32(1e-45) if top else np.float32(0))
-    levels = payload[prefix + "val"]
-    assert levels.dtype == np.int8 and np.abs(levels.astype(int)).max(initial=0) <= 127
+    assert scale == max(np.float32(top / top_level), np.float32(1e-45) if top else np.float32(0))
+    sent = payload[prefix + "val"]
+    assert sent.dtype == (np.int8 if bits == 8 else np.uint8)
+    assert sent.nbytes == (bits * v.size + 7) // 8
+    levels = np.rint(decoded / (np.float64(scale) * factor)) if scale else np.zeros(v.size)
+    assert np.abs(levels).max(initial=0) <= top_level
     wire = levels.astype(np.float32) * scale
     assert np.array_equal(decoded, wire * factor)
     assert np.all(np.abs(wire.astype(np.float64) - v) <= scale * (1 + 1e-5))
@@ -170,12 +182,14 @@ def test_top_k_ties_are_deterministic():
 
 @pytest.mark.parametrize("spec", [RandKSpec(ratio=0.1), QSGDSpec(levels=1), QSGDSpec(levels=4),
                                   IdentitySpec(value_dtype="int8"),
+                                  IdentitySpec(value_dtype="int4"),
+                                  IdentitySpec(value_dtype="int2"),
                                   RandKSpec(ratio=0.1, value_dtype="int8")],
                          ids=lambda s: f"{s.name}-{s.value_dtype}")
 def test_unbiased_compressors_average_to_the_vector(spec):
     rng = np.random.default_rng(0)
     v = rng.normal(size=50).astype(np.float32)
-    v[0] = 127.0  # int8: a step of 1, so the rounding is genuinely random
+    v[0] = 127.0  # int8: a step of 1 (int4: 18.1, int2: 127), so the rounding is random
     compressor = build_compressor(spec)
     samples = np.stack([compressor.decompress(compressor.compress(v, rng), v.size)
                         for _ in range(20000)])
@@ -229,6 +243,16 @@ def payload_of(spec):
      lambda p: p["val"].__setitem__(0, -128), "beyond"),
     (IdentitySpec(value_dtype="int8"), lambda p: p.update(val=p["val"].astype(np.int16)),
      "dtype int16"),
+    (IdentitySpec(value_dtype="int4"), lambda p: p.update(val=p["val"].view(np.int8)),
+     "dtype int8, expected uint8"),
+    (IdentitySpec(value_dtype="int4"), lambda p: p.update(val=p["val"][:-1]),
+     "length 19, expected 20"),
+    (IdentitySpec(value_dtype="int4"), lambda p: p["val"].__setitem__(3, 0xF7), "level 8 "),
+    (IdentitySpec(value_dtype="int2"), lambda p: p["val"].__setitem__(0, 0xFF), "level 2 "),
+    (TopKSpec(ratio=0.1, value_dtype="int3"), lambda p: p["val"].__setitem__(1, 0x80),
+     "padding bits"),
+    (TopKSpec(ratio=0.1, value_dtype="int3"),
+     lambda p: p.update(scale=np.array([2e38], np.float32)), "overflows"),
 ])
 def test_malformed_payloads_are_rejected_with_a_reason(spec, tamper, reason):
     payload = payload_of(spec)

@@ -166,11 +166,15 @@ def test_base_weights_never_cross_the_wire_and_uploads_hit_the_density():
                for row in f.rows)
 
 
-def test_int8_uploads_cost_one_byte_a_value_while_the_download_stays_float32():
-    scn = scenario(strategy={"up_value_dtype": "int8", "error_feedback": True})
+@pytest.mark.parametrize(("dtype", "bits", "density"), [("int8", 8, 0.25), ("int3", 3, 1.0)])
+def test_integer_uploads_cost_their_bits_while_the_download_stays_float32(dtype, bits, density):
+    scn = scenario(strategy={"up_value_dtype": dtype, "up_density": density,
+                             "error_feedback": True})
     f = run_federation(scn)
     d = int(RankLayout(scenario_model(scn)).coordinates().sum())
-    k = count(0.25, d)
+    k = count(density, d)
+    value_bytes = (bits * k + 7) // 8
+    index_bound = (d + 7) // 8 if density < 1 else 0  # never more than a bitmap; dense: none
     for message in f.grid.sent:
         if "adapter" in message.content.array_records:
             assert message.content.array_records["adapter"]["val"].numpy().dtype == np.float32
@@ -179,11 +183,12 @@ def test_int8_uploads_cost_one_byte_a_value_while_the_download_stays_float32():
     assert replies
     for update in replies:
         payload = to_numpy(update)
-        assert payload["val"].dtype == np.int8 and payload["val"].size == k
+        assert payload["val"].dtype == (np.int8 if bits == 8 else np.uint8)
+        assert payload["val"].nbytes == value_bytes
         assert payload["scale"].dtype == np.float32 and payload["scale"].size == 1
         index_bytes = sum(a.nbytes for name, a in payload.items() if name.startswith("idx."))
-        assert index_bytes <= (d + 7) // 8  # never more than a bitmap
-    assert all(row["uplink_bytes"] <= row["clients_ok"] * (k + (d + 7) // 8 + 4)
+        assert index_bytes <= index_bound
+    assert all(row["uplink_bytes"] <= row["clients_ok"] * (value_bytes + index_bound + 4)
                for row in f.rows)
     assert all(r.status == "ok" for r in f.strategy.client_records)
 

@@ -6,10 +6,14 @@ payload it is given (keys, dtypes, shapes, index range and order, finiteness, le
 raises :class:`~fedsparse.payload.PayloadError` with a reason instead of decoding garbage.
 
 Values travel at a configured precision (``value_dtype``): float32, float16 (rounded to
-nearest) or int8: ``q_j = floor(v_j / s + u_j)`` with ``u_j ~ U[0, 1)`` and one float32 scale
-``s = max_j |v_j| / 127`` per value array (at least the smallest float32 step), so
-``E[s q_j] = v_j`` (stochastic rounding keeps unbiased compressors unbiased) and every value
-costs one byte.
+nearest) or a signed b-bit integer ``intb`` (b = 8, 4, 3, 2) with ``L = 2^(b-1) - 1`` levels
+on either side of zero (127, 7, 3, 1): ``q_j = floor(v_j / s + u_j)`` with ``u_j ~ U[0, 1)``
+and one float32 scale ``s = max_j |v_j| / L`` per value array (at least the smallest float32
+step), so ``E[s q_j] = v_j``: stochastic rounding keeps unbiased compressors unbiased (int2 is
+TernGrad's ternary code, Wen et al. 2017). int8 values are one int8 each; narrower ones travel
+as the codes ``q_j + L`` packed b bits apiece, least significant bit first, into uint8 bytes.
+Sparsification followed by such quantisation, with error feedback, is Qsparse-local-SGD
+(Basu et al. 2019).
 """
 
 from __future__ import annotations
@@ -24,8 +28,13 @@ from pydantic import BaseModel, ConfigDict
 from fedsparse.payload import PayloadError
 
 Payload = dict[str, np.ndarray]
-ValueDtype = Literal["float32", "float16", "int8"]
-INT8_LEVELS = 127
+ValueDtype = Literal["float32", "float16", "int8", "int4", "int3", "int2"]
+INT_BITS: dict[str, int] = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
+
+
+def int_levels(bits: int) -> int:
+    """``L = 2^(b-1) - 1``: the largest level of a signed b-bit code."""
+    return 2 ** (bits - 1) - 1
 
 
 class CompressorSpec(BaseModel):
@@ -44,7 +53,7 @@ class Compressor(ABC):
 
     def __init__(self, spec: CompressorSpec) -> None:
         self.spec = spec
-        self.value_dtype = np.dtype(spec.value_dtype)
+        self.value_dtype: ValueDtype = spec.value_dtype
 
     @abstractmethod
     def compress(self, v: np.ndarray, rng: np.random.Generator) -> Payload:
@@ -94,37 +103,63 @@ def count(ratio: float, d: int) -> int:
     return min(d, max(1, round(ratio * d)))
 
 
-def encode_values(v: np.ndarray, dtype: np.dtype, rng: np.random.Generator,
+def encode_values(v: np.ndarray, dtype: ValueDtype, rng: np.random.Generator,
                   prefix: str = "") -> Payload:
-    """``v`` at the wire precision ``dtype``: ``{prefix}val`` (and ``{prefix}scale`` for int8)."""
-    if dtype != np.int8:
+    """``v`` at the wire precision ``dtype``: ``{prefix}val`` (and ``{prefix}scale`` for intb)."""
+    if dtype not in INT_BITS:
         return {prefix + "val": v.astype(dtype)}
+    bits = INT_BITS[dtype]
+    top_level = int_levels(bits)
+    scale, levels = stochastic_levels(v, top_level, rng)
+    if bits == 8:
+        values = levels.astype(np.int8)
+    else:
+        codes = (levels + top_level).astype(np.uint8)
+        values = np.packbits((codes[:, None] >> np.arange(bits, dtype=np.uint8)) & 1,
+                             axis=None, bitorder="little")
+    return {prefix + "val": values, prefix + "scale": np.array([scale], np.float32)}
+
+
+def stochastic_levels(v: np.ndarray, top_level: int,
+                      rng: np.random.Generator) -> tuple[np.float32, np.ndarray]:
+    """``s = max|v| / L`` (the smallest float32 step where that underflows, 0 for v = 0) and
+    ``q = floor(v / s + u)`` clipped to ``[-L, L]``, as int64."""
     top = float(np.abs(v).max(initial=0.0))
     if top == 0:
-        return {prefix + "val": np.zeros(v.size, np.int8),
-                prefix + "scale": np.zeros(1, np.float32)}
-    # where top / 127 underflows float32, the smallest step instead
-    scale = max(np.float32(top / INT8_LEVELS), np.finfo(np.float32).smallest_subnormal)
+        return np.float32(0), np.zeros(v.size, np.int64)
+    scale = max(np.float32(top / top_level), np.finfo(np.float32).smallest_subnormal)
     levels = np.floor(v.astype(np.float64) / float(scale) + rng.random(v.size))
-    levels = np.clip(levels, -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
-    return {prefix + "val": levels, prefix + "scale": np.array([scale], np.float32)}
+    return scale, np.clip(levels, -top_level, top_level).astype(np.int64)
 
 
-def value_keys(dtype: np.dtype, prefix: str = "") -> set[str]:
+def value_keys(dtype: ValueDtype, prefix: str = "") -> set[str]:
     """The payload keys :func:`encode_values` writes."""
-    return {prefix + "val", prefix + "scale"} if dtype == np.int8 else {prefix + "val"}
+    return {prefix + "val", prefix + "scale"} if dtype in INT_BITS else {prefix + "val"}
 
 
-def decode_values(payload: Mapping[str, np.ndarray], dtype: np.dtype, size: int,
+def decode_values(payload: Mapping[str, np.ndarray], dtype: ValueDtype, size: int,
                   prefix: str = "") -> np.ndarray:
     """The float32 values :func:`encode_values` sent; raises PayloadError if malformed."""
-    values = expect_array(payload, prefix + "val", dtype, size)
-    if dtype != np.int8:
-        return values.astype(np.float32)
+    if dtype not in INT_BITS:
+        return expect_array(payload, prefix + "val", np.dtype(dtype), size).astype(np.float32)
+    bits = INT_BITS[dtype]
+    top_level = int_levels(bits)
     scale = expect_array(payload, prefix + "scale", np.dtype(np.float32), 1)[0]
-    if not 0 <= scale <= np.finfo(np.float32).max / INT8_LEVELS:
+    if not 0 <= scale <= np.finfo(np.float32).max / top_level:
         raise PayloadError(f"{prefix}scale: {scale} is negative or overflows float32 "
-                           f"at level {INT8_LEVELS}")
-    if values.size and values.min() < -INT8_LEVELS:
-        raise PayloadError(f"{prefix}val: level {values.min()} beyond +-{INT8_LEVELS}")
-    return values.astype(np.float32) * scale
+                           f"at level {top_level}")
+    if bits == 8:
+        levels = expect_array(payload, prefix + "val", np.dtype(np.int8), size).astype(np.int64)
+    else:
+        packed = expect_array(payload, prefix + "val", np.dtype(np.uint8),
+                              (size * bits + 7) // 8)
+        unpacked = np.unpackbits(packed, bitorder="little")
+        if unpacked[size * bits:].any():
+            raise PayloadError(f"{prefix}val: padding bits after {size} {dtype} codes are set")
+        codes = unpacked[:size * bits].reshape(size, bits).astype(np.int64) @ (
+            1 << np.arange(bits, dtype=np.int64))
+        levels = codes - top_level
+    beyond = levels[np.abs(levels) > top_level]
+    if beyond.size:
+        raise PayloadError(f"{prefix}val: level {beyond[0]} beyond +-{top_level} for {dtype}")
+    return levels.astype(np.float32) * scale

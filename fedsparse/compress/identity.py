@@ -1,5 +1,5 @@
-"""Identity: the dense vector, at the configured value precision (float16 halves it, int8
-quarters it)."""
+"""Identity: the dense vector, at the configured value precision (float16 halves it, a b-bit
+integer code costs b/32 of it)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class IdentitySpec(CompressorSpec):
 
 
 class Identity(Compressor):
-    unbiased = True  # exactly so at float32 and in expectation at int8; float16 rounds
+    unbiased = True  # exactly so at float32 and in expectation for intb; float16 rounds
 
     def compress(self, v: np.ndarray, rng: np.random.Generator) -> Payload:
         return encode_values(v, self.value_dtype, rng)

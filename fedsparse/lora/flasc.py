@@ -12,7 +12,8 @@ jointly) and a server optimiser. In round ``t``:
    ``d_up * |D|`` entries of ``D = P * M - P_i`` (global top-k, no memory; with
    ``error_feedback`` a residual ``e_i`` is added to ``D`` first and keeps what was not sent,
    the CELLM-style variant); values travel at ``value_dtype`` (``up_value_dtype`` for the
-   upload): float32 as in FLASC, or float16 / int8 (our addition, the codec of #3);
+   upload): float32 as in FLASC, or float16 or b-bit integers (our addition, the codec of
+   #3; with error feedback this is Qsparse-local-SGD's top-k then quantise);
 4. ``G = mean_i D_i`` over the clients that replied is a pseudo-gradient: one step of the
    server optimiser (Adam/AdamW as FedAdam; ``sgd`` at ``server_lr = 1`` is plain averaging
    of the clients' adapters).
