@@ -103,6 +103,18 @@ def count(ratio: float, d: int) -> int:
     return min(d, max(1, round(ratio * d)))
 
 
+def stochastic_levels(v: np.ndarray, top_level: int,
+                      rng: np.random.Generator) -> tuple[np.float32, np.ndarray]:
+    """``s = max|v| / L`` (the smallest float32 step where that underflows, 0 for v = 0) and
+    ``q = floor(v / s + u)`` clipped to ``[-L, L]``, as int64."""
+    top = float(np.abs(v).max(initial=0.0))
+    if top == 0:
+        return np.float32(0), np.zeros(v.size, np.int64)
+    scale = max(np.float32(top / top_level), np.finfo(np.float32).smallest_subnormal)
+    levels = np.floor(v.astype(np.float64) / float(scale) + rng.random(v.size))
+    return scale, np.clip(levels, -top_level, top_level).astype(np.int64)
+
+
 def encode_values(v: np.ndarray, dtype: ValueDtype, rng: np.random.Generator,
                   prefix: str = "") -> Payload:
     """``v`` at the wire precision ``dtype``: ``{prefix}val`` (and ``{prefix}scale`` for intb)."""
@@ -118,18 +130,6 @@ def encode_values(v: np.ndarray, dtype: ValueDtype, rng: np.random.Generator,
         values = np.packbits((codes[:, None] >> np.arange(bits, dtype=np.uint8)) & 1,
                              axis=None, bitorder="little")
     return {prefix + "val": values, prefix + "scale": np.array([scale], np.float32)}
-
-
-def stochastic_levels(v: np.ndarray, top_level: int,
-                      rng: np.random.Generator) -> tuple[np.float32, np.ndarray]:
-    """``s = max|v| / L`` (the smallest float32 step where that underflows, 0 for v = 0) and
-    ``q = floor(v / s + u)`` clipped to ``[-L, L]``, as int64."""
-    top = float(np.abs(v).max(initial=0.0))
-    if top == 0:
-        return np.float32(0), np.zeros(v.size, np.int64)
-    scale = max(np.float32(top / top_level), np.finfo(np.float32).smallest_subnormal)
-    levels = np.floor(v.astype(np.float64) / float(scale) + rng.random(v.size))
-    return scale, np.clip(levels, -top_level, top_level).astype(np.int64)
 
 
 def value_keys(dtype: ValueDtype, prefix: str = "") -> set[str]:
