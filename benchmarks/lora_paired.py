@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fedsparse.data import held_out_set, load_dataset
-from fedsparse.lora.model import base_model
+from fedsparse.lora.model import base_model, classify
 from fedsparse.scenario import load_scenario
 
 
@@ -40,8 +40,7 @@ def correct(run: Path) -> tuple[int, np.ndarray]:
         base_model(scenario.model.base, load_dataset(scenario.data.dataset).num_classes),
         str(run / "adapter")).eval()
     with torch.no_grad():
-        predicted = torch.cat([model(input_ids=ids, attention_mask=(ids != 0).long()).logits
-                               .argmax(dim=1) for ids in x.split(256)])
+        predicted = torch.cat([classify(model, ids).argmax(dim=1) for ids in x.split(256)])
     right = (predicted == y).numpy()
     logged = json.loads((run / "summary.json").read_text())["final_accuracy"]
     if abs(right.mean() - logged) > 1e-9:

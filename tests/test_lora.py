@@ -15,7 +15,7 @@ from fedsparse.compress.base import count
 from fedsparse.data import available, client_data, held_out_set, load_dataset
 from fedsparse.data.text import deduplicate
 from fedsparse.lora.flasc import scheduled_density
-from fedsparse.lora.model import LoRAClassifier, LoRAModelParams, base_model
+from fedsparse.lora.model import LoRAClassifier, LoRAModelParams, base_model, classify
 from fedsparse.lora.sora import RankLayout, soft_threshold
 from fedsparse.lora.training import train_adapter
 from fedsparse.models import load_shared_state, scenario_model, shared_state
@@ -118,7 +118,7 @@ def test_sora_pruning_keeps_the_outputs_and_shrinks_the_rank(tmp_path):
     assert max(ranks.values()) < 4 and min(ranks.values()) == 0
     model.save_adapter(tmp_path)
     reloaded = PeftModel.from_pretrained(base_model("tiny_bert", 5), str(tmp_path)).eval()
-    got = reloaded(input_ids=x, attention_mask=(x != 0).long()).logits
+    got = classify(reloaded, x)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     adapted = [n for n, _ in reloaded.named_modules() if n.endswith("lora_A.default")]
     assert len(adapted) == sum(1 for k in ranks.values() if k)
@@ -262,7 +262,7 @@ def test_exported_adapter_reproduces_the_final_accuracy(tmp_path):
             self.peft = reloaded
 
         def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.peft(input_ids=ids, attention_mask=(ids != 0).long()).logits
+            return classify(self.peft, ids)
 
     assert evaluate(Classifier(), x, y).accuracy == pytest.approx(final, abs=1e-12)
 
@@ -293,5 +293,5 @@ def test_pretrained_minilm_adapter_round_trips(tmp_path):
     x = tokens()
     model.save_adapter(tmp_path)
     reloaded = PeftModel.from_pretrained(base_model("minilm", 3), str(tmp_path)).eval()
-    torch.testing.assert_close(reloaded(input_ids=x, attention_mask=(x != 0).long()).logits,
+    torch.testing.assert_close(classify(reloaded, x),
                                model(x), atol=1e-6, rtol=0)

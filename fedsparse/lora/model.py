@@ -76,6 +76,12 @@ def base_model(base: str, num_classes: int):  # -> transformers.PreTrainedModel
     return model
 
 
+def classify(peft_model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a peft sequence classifier for token ids, padding (id 0) masked out of
+    attention."""
+    return peft_model(input_ids=input_ids, attention_mask=(input_ids != 0).long()).logits
+
+
 class LoRAClassifier(nn.Module):
     """``forward(input_ids) -> logits``; padding (id 0) is masked out of attention."""
 
@@ -97,7 +103,7 @@ class LoRAClassifier(nn.Module):
                 layer.lora_A[ADAPTER].register_forward_hook(_gate_hook(gate))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.peft(input_ids=input_ids, attention_mask=(input_ids != 0).long()).logits
+        return classify(self.peft, input_ids)
 
     def lora_layers(self) -> dict[str, nn.Module]:
         """peft's LoRA layers by their module name inside the base model."""
