@@ -98,3 +98,18 @@ def test_report_rounds_to_target_and_uplink_reduction(tmp_path: Path):
     assert rows["dense"]["uplink_reduction"] == 1 and rows["cheap"]["uplink_reduction"] == 10
     report = (tmp_path / "report.md").read_text()
     assert "rounds to target" in report and "| cheap |" in report
+
+
+def _experiment_in_fresh_store(uri: str) -> str:
+    from fedsparse.tracking.mlflow_run import experiment_id
+
+    return experiment_id(uri, "together")
+
+
+def test_runs_starting_together_on_a_fresh_store_both_get_the_experiment(tmp_path: Path):
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        ids = pool.map(_experiment_in_fresh_store, [uri] * 3)
+    assert len(set(ids)) == 1

@@ -9,6 +9,7 @@ active-run state), so it is safe inside a long-lived ServerApp process.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,9 +25,18 @@ for _name in ("mlflow.store.db.utils", "alembic"):
 
 
 def _client(tracking_uri: str):  # -> mlflow.MlflowClient
+    """A client whose store is ready. A new SQLite store is created (schema migrations)
+    under an exclusive lock on ``<db>.lock``: two runs starting together on a fresh store
+    would otherwise both migrate it, and one fails."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri or None)
+    if not tracking_uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=tracking_uri or None)
+    with open(f"{tracking_uri.removeprefix('sqlite:///')}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.search_experiments(max_results=1)
+    return client
 
 
 def experiment_id(tracking_uri: str, name: str, artifact_location: str = "") -> str:
