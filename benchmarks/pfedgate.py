@@ -3,27 +3,121 @@
 
 Arms: FedAvg (one global model), FedAvg + local fine-tuning (one epoch before evaluation),
 pFedGate at budgets s = 1, 0.5 and 0.3, pFedGate with heterogeneous budgets drawn from
-{0.3, 0.5, 1.0}, and pFedGate at s = 0.5 with 5 novel clients that only fit their gating
-layer after the last round. 50 clients, Dirichlet(0.1) label skew, LeNet-style CNN, 20%
-participation. The report (``reports/personal-<dataset>/``) gives the personalised accuracy
-(each client's own model on its own test split: weighted, mean and mean of the worst 10% of
-clients), the global model's accuracy, the budget and the share of parameters actually used,
-uplink bytes and training FLOPs; the script then prints pFedGate's gap to FedAvg + FT.
+{0.3, 0.5, 1.0}, pFedGate at s = 0.5 with 5 novel clients that only fit their gating layer
+after the last round, and pFedGate + fine-tuning at s = 0.5 (one epoch of local gated
+training before evaluation, as FedAvg + FT gets). 50 clients, Dirichlet(0.1) label skew,
+LeNet-style CNN, 20% participation. The report (``reports/personal-<dataset>/``) gives the
+personalised accuracy (each client's own model on its own test split: weighted, mean and
+mean of the worst 10% of clients), the global model's accuracy, the budget and the share of
+parameters actually used, uplink bytes and training FLOPs; the script then prints each
+pFedGate arm's gap to FedAvg + FT, paired client by client at the last evaluation (mean,
+standard error over clients, clients better and worse): one run's mean hides a per-client
+spread of several points.
 
-    python benchmarks/pfedgate.py [--datasets mnist fashion_mnist] [--rounds 100]
+    python benchmarks/pfedgate.py [--datasets mnist fashion_mnist] [--rounds 100] [--arms ...]
+                                  [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from fedsparse.data import client_data
 from fedsparse.data.datasets import available
 from fedsparse.experiments import compare
+from fedsparse.models import scenario_model
+from fedsparse.scenario import load_scenario
+from fedsparse.tracking.history import read_csv
+from fedsparse.training import num_steps, train_sgd
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios" / "personal"
 ARMS = ("fedavg", "fedavg_ft", "pfedgate_s1", "pfedgate_s05", "pfedgate_s03", "pfedgate_hetero",
-        "pfedgate_novel")
+        "pfedgate_novel", "pfedgate_s05_ft")
+LATE = 5  # evaluations averaged for the late gap
+CEILING_EPOCHS, CEILING_BATCH = 8, 64  # the central model: lr x 0.1 for the last quarter
+
+
+def ceiling(dataset: str, seed: int) -> str:
+    """A reference point for personalised accuracy, not a federated method: one CNN trained
+    centrally on the union of the clients' training splits, then evaluated on each client's
+    test split with its logits restricted to the classes of that client's training split
+    (the global knowledge plus each client's label set)."""
+    scenario = load_scenario(SCENARIOS / "fedavg.toml", [f"data.dataset={dataset}",
+                                                         f"seed={seed}"])
+    clients = [client_data(scenario.data, seed, pid) for pid in
+               range(scenario.data.num_clients)]
+    x, y = torch.cat([c.x_train for c in clients]), torch.cat([c.y_train for c in clients])
+    torch.manual_seed(seed)
+    model = scenario_model(scenario)
+    for epoch in range(CEILING_EPOCHS):
+        lr = scenario.client.lr * (0.1 if epoch >= 3 * CEILING_EPOCHS // 4 else 1.0)
+        train_sgd(model, x, y, lr=lr, batch_size=CEILING_BATCH,
+                  steps=num_steps(len(x), CEILING_BATCH, 1, None),
+                  generator=torch.Generator().manual_seed(seed + epoch),
+                  momentum=scenario.client.momentum, weight_decay=scenario.client.weight_decay)
+    model.eval()
+    plain, restricted = [], []
+    with torch.no_grad():
+        for c in clients:
+            logits = model(c.x_test)
+            absent = torch.bincount(c.y_train, minlength=logits.shape[1]) == 0
+            plain.append(float((logits.argmax(1) == c.y_test).float().mean()))
+            restricted.append(float((logits.masked_fill(absent, -math.inf).argmax(1)
+                                     == c.y_test).float().mean()))
+    return (f"central CNN ({CEILING_EPOCHS} epochs on the union of the training splits), "
+            f"per-client mean accuracy {np.mean(plain):.4f}; restricted to each client's "
+            f"classes {np.mean(restricted):.4f} (bottom 10% "
+            f"{np.mean(sorted(restricted)[:max(1, len(restricted) // 10)]):.4f})")
+
+
+def final_accuracy(run_dir: str) -> dict[int, float]:
+    """Each client's personalised accuracy at the run's last evaluation (``clients.csv``)."""
+    rows = [r for r in read_csv(Path(run_dir) / "clients.csv")
+            if r["phase"] == "evaluate" and r["status"] == "ok"]
+    last = max(r["round"] for r in rows)
+    return {r["partition_id"]: r["eval_acc"] for r in rows if r["round"] == last}
+
+
+def late_mean(run_dir: str, evaluations: int = LATE) -> float:
+    """Personalised mean accuracy averaged over the run's last ``evaluations`` evaluations
+    (``metrics.csv``): FedAvg + FT moves by 1-2 points from one evaluation to the next."""
+    rows = [r for r in read_csv(Path(run_dir) / "metrics.csv") if "fed_accuracy_mean" in r]
+    return float(np.mean([r["fed_accuracy_mean"] for r in rows[-evaluations:]]))
+
+
+def paired_gap(arm: dict[int, float], reference: dict[int, float]) -> str:
+    """Mean per-client accuracy gap in points, its standard error, clients better/worse."""
+    gaps = 100 * np.array([arm[p] - reference[p] for p in sorted(arm.keys() & reference)])
+    se = gaps.std(ddof=1) / math.sqrt(len(gaps))
+    return (f"{gaps.mean():+.2f} +- {se:.2f} points per client (SE over {len(gaps)}; "
+            f"better on {(gaps > 0).sum()}, worse on {(gaps < 0).sum()})")
+
+
+def compare_arms(dataset: str, arms: list[str], rounds: int, seed: int) -> None:
+    """Run ``arms`` as one MLflow experiment; print the report and the gaps to FedAvg + FT."""
+    experiment = f"personal-{dataset}" + (f"-seed{seed}" if seed else "")
+    result = compare([SCENARIOS / f"{arm}.toml" for arm in arms],
+                     overrides=[f"data.dataset={dataset}", f"run.rounds={rounds}",
+                                f"seed={seed}"],
+                     experiment=experiment, out=Path("reports") / experiment, quiet=True)
+    print(f"## {dataset} ({rounds} rounds, seed {seed}, MLflow experiment "
+          f"{result.experiment!r})")
+    print(result.report.read_text())
+    ft = result.summaries.get("personal-fedavg-ft")
+    for label, summary in result.summaries.items():
+        if ft is not None and label.startswith("personal-pfedgate"):
+            gap = 100 * (summary["fed_accuracy_mean"] - ft["fed_accuracy_mean"])
+            paired = paired_gap(final_accuracy(summary["run_dir"]),
+                                final_accuracy(ft["run_dir"]))
+            late = 100 * (late_mean(summary["run_dir"]) - late_mean(ft["run_dir"]))
+            print(f"- {label}: personalised mean accuracy {gap:+.2f} points vs FedAvg + FT "
+                  f"at {summary.get('eval_density_mean', 1.0):.3f} of the parameters "
+                  f"({late:+.2f} over the last {LATE} evaluations); {paired}")
 
 
 def main() -> None:
@@ -31,25 +125,26 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"],
                         choices=["mnist", "fashion_mnist"])
     parser.add_argument("--rounds", type=int, default=100)
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=ARMS,
+                        help="the arms to run (none: only --ceiling)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the scenarios' seed (partition, sampling, initialisation); a "
+                             "seed other than 0 gets its own experiment, personal-<dataset>-"
+                             "seed<S>")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also train one CNN centrally on the clients' pooled data and "
+                             "report its per-client accuracy restricted to each client's "
+                             "classes: a reference for what personalisation can reach")
     args = parser.parse_args()
     for dataset in args.datasets:
         if dataset == "fashion_mnist" and not available(dataset):
             print("## fashion_mnist: not installed (apt-get install dataset-fashion-mnist); "
                   "skipped")
             continue
-        result = compare([SCENARIOS / f"{arm}.toml" for arm in args.arms],
-                         overrides=[f"data.dataset={dataset}", f"run.rounds={args.rounds}"],
-                         experiment=f"personal-{dataset}",
-                         out=Path("reports") / f"personal-{dataset}", quiet=True)
-        print(f"## {dataset} ({args.rounds} rounds, MLflow experiment {result.experiment!r})")
-        print(result.report.read_text())
-        ft = result.summaries.get("personal-fedavg-ft")
-        for label, summary in result.summaries.items():
-            if ft is not None and label.startswith("personal-pfedgate"):
-                gap = 100 * (summary["fed_accuracy_mean"] - ft["fed_accuracy_mean"])
-                print(f"- {label}: personalised mean accuracy {gap:+.2f} points vs FedAvg + FT "
-                      f"at {summary.get('eval_density_mean', 1.0):.3f} of the parameters")
+        if args.arms:
+            compare_arms(dataset, args.arms, args.rounds, args.seed)
+        if args.ceiling:
+            print(f"- {dataset}, reference: {ceiling(dataset, args.seed)}")
 
 
 if __name__ == "__main__":

@@ -310,7 +310,27 @@ def test_budgets_per_client_and_drawn_from_levels():
         parse_scenario(TEXT.replace("budget = 0.5", "budget = [0.3, 0.5]"))
     with pytest.raises(ScenarioError, match=r"must be in \(0, 1\]"):
         parse_scenario(TEXT.replace("budget = 0.5", "budget = 1.5"))
+    with pytest.raises(ScenarioError, match=r'finetune = "gating" needs a gating layer'):
+        parse_scenario(TEXT.replace("budget = 0.5", 'budget = 0.5\ngates = "fixed"\n'
+                                                    'finetune_epochs = 1\nfinetune = "gating"'))
     levels = PFedGateParams(budget={"levels": [0.3, 1.0], "weights": [1, 1]})
     drawn = [levels.budget_of(pid, seed=0) for pid in range(40)]
     assert set(drawn) == {0.3, 1.0}
     assert drawn == [levels.budget_of(pid, seed=0) for pid in range(40)]
+
+
+@pytest.mark.parametrize("finetune", ["gating", "all"])
+def test_finetuning_before_evaluation_changes_the_evaluation_only(federation, finetune):
+    _, grid, _, state, rows = federation
+    _, tuned_grid, _, tuned_state, tuned_rows = run(TEXT.replace(
+        "budget = 0.5", f'budget = 0.5\nfinetune_epochs = 1\nfinetune = "{finetune}"'))
+    for name, value in to_numpy(state.arrays).items():  # the same training ...
+        np.testing.assert_array_equal(value, to_numpy(tuned_state.arrays)[name])
+    for pid in range(6):
+        kept, tuned_kept = grid.state(pid).array_records, tuned_grid.state(pid).array_records
+        assert kept.keys() == tuned_kept.keys()
+        for key in kept:
+            for name, array in kept[key].items():
+                np.testing.assert_array_equal(array.numpy(), tuned_kept[key][name].numpy())
+    # ... and the clients evaluate after tuning
+    assert rows[-1]["fed_loss_weighted"] != tuned_rows[-1]["fed_loss_weighted"]

@@ -10,7 +10,11 @@ the momentum of both optimisers and ``s_i`` stay in ``Context.state`` and never 
 client. Every tensor's first block is always sent (it is always kept), even by a client that
 trained no step. Evaluate: the client's own gated sparse model on its local test split; with
 ``adapt-steps`` in the instruction (a novel client), first fit only the gating layer for that
-many minibatches, the base model frozen.
+many minibatches, the base model frozen (kept in ``Context.state``). pFedGate + fine-tuning
+(``finetune_epochs``, the counterpart of FedAvg + fine-tuning): first ``finetune_epochs``
+epochs of gated training of the gating layer and the base model (or the gating layer only),
+under the same budget; the tuned models are evaluated and dropped, so training never sees
+them.
 """
 
 from __future__ import annotations
@@ -84,6 +88,13 @@ class PFedGateParams(PluginParams):
                                                          "the released code's capacity")
     gates: Literal["learned", "fixed"] = Field("learned", description="fixed: every gate is 1 "
                                                                      "(no gating layer)")
+    finetune_epochs: int = Field(0, ge=0, description="pFedGate + fine-tuning: local epochs of "
+                                                      "gated training before each evaluation "
+                                                      "(not kept)")
+    finetune: Literal["all", "gating"] = Field("all", description="what fine-tuning trains: "
+                                                                  "the gating layer and the "
+                                                                  "base model, or the gating "
+                                                                  "layer only")
 
     @model_validator(mode="after")
     def _budgets_in_range(self) -> PFedGateParams:
@@ -91,6 +102,9 @@ class PFedGateParams(PluginParams):
             [self.budget] if isinstance(self.budget, float | int) else []
         if any(not 0 < s <= 1 for s in values):
             raise ValueError(f"client.budget = {self.budget}: each budget must be in (0, 1]")
+        if self.finetune_epochs and self.finetune == "gating" and self.gates == "fixed":
+            raise ValueError('client.finetune = "gating" needs a gating layer (gates = '
+                             '"learned"); with gates = "fixed" use finetune = "all"')
         return self
 
     def check_scenario(self, scenario: Scenario) -> None:
@@ -197,15 +211,19 @@ class PFedGateProgram(ClientProgram):
 
     def evaluate(self, content: RecordDict) -> RecordDict:
         """The personalised gated model on the local test split (a novel client first fits
-        its gating layer for ``adapt-steps`` minibatches)."""
+        its gating layer for ``adapt-steps`` minibatches; with ``finetune_epochs`` a client
+        first fine-tunes a copy)."""
         p, data = self.params, self.data
         learner = self.learner(content)
         adapt = int(self.config(content).get(ADAPT_STEPS, 0))
+        stream = batches(len(data.x_train), p.batch_size, self.generator(content))
         if adapt and learner.gated.gating is not None:
-            learner.fit(data.x_train, data.y_train,
-                        batches(len(data.x_train), p.batch_size, self.generator(content)),
-                        adapt, train_model=False)
+            learner.fit(data.x_train, data.y_train, stream, adapt, train_model=False)
             self._save(learner)
+        elif p.finetune_epochs:
+            learner.fit(data.x_train, data.y_train, stream,
+                        num_steps(len(data.x_train), p.batch_size, p.finetune_epochs, None),
+                        train_model=p.finetune == "all")
         loss, accuracy, density = learner.evaluate(data.x_test, data.y_test, p.batch_size)
         return RecordDict({METRICS: MetricRecord({
             NUM_EXAMPLES: len(data.x_test), "eval-loss": loss, "eval-acc": accuracy,
