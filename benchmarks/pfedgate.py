@@ -10,12 +10,12 @@ LeNet-style CNN, 20% participation. The report (``reports/personal-<dataset>/``)
 personalised accuracy (each client's own model on its own test split: weighted, mean and
 mean of the worst 10% of clients), the global model's accuracy, the budget and the share of
 parameters actually used, uplink bytes and training FLOPs; the script then prints each
-pFedGate arm's gap to FedAvg + FT, paired client by client at the last evaluation (mean,
-standard error over clients, clients better and worse): one run's mean hides a per-client
-spread of several points.
+pFedGate arm's gap to FedAvg + FT at the last evaluation, over the last 5 evaluations, and
+paired client by client at the last evaluation (mean, standard error over clients, clients
+better and worse): one run's mean hides a per-client spread of several points.
 
     python benchmarks/pfedgate.py [--datasets mnist fashion_mnist] [--rounds 100] [--arms ...]
-                                  [--seed 0]
+                                  [--seed 0] [--ceiling]
 """
 
 from __future__ import annotations
