@@ -30,6 +30,7 @@ import torch
 from fedsparse.data import client_data
 from fedsparse.data.datasets import available
 from fedsparse.experiments import compare
+from fedsparse.metrics.aggregate import bottom_decile_mean
 from fedsparse.models import scenario_model
 from fedsparse.scenario import load_scenario
 from fedsparse.tracking.history import read_csv
@@ -72,7 +73,7 @@ def ceiling(dataset: str, seed: int) -> str:
     return (f"central CNN ({CEILING_EPOCHS} epochs on the union of the training splits), "
             f"per-client mean accuracy {np.mean(plain):.4f}; restricted to each client's "
             f"classes {np.mean(restricted):.4f} (bottom 10% "
-            f"{np.mean(sorted(restricted)[:max(1, len(restricted) // 10)]):.4f})")
+            f"{bottom_decile_mean(restricted):.4f})")
 
 
 def final_accuracy(run_dir: str) -> dict[int, float]:

@@ -31,7 +31,11 @@ from flwr.serverapp.strategy import Strategy
 from fedsparse.compress import build_compressor
 from fedsparse.downlink import PublicModel
 from fedsparse.flat import flatten
-from fedsparse.metrics.aggregate import aggregate_client_metrics, unweighted_mean
+from fedsparse.metrics.aggregate import (
+    aggregate_client_metrics,
+    bottom_decile_mean,
+    unweighted_mean,
+)
 from fedsparse.payload import PayloadError, check_count, check_dense
 from fedsparse.protocol import (
     ARRAYS,
@@ -96,8 +100,7 @@ def personal_accuracy(replies: list[Reply]) -> dict[str, float]:
         out[f"{name}_weighted"] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
         out[f"{name}_mean"] = unweighted_mean(values)
         if name == "accuracy":
-            worst = sorted(values)[:max(1, len(values) // 10)]
-            out[f"{name}_bottom10"] = unweighted_mean(worst)
+            out[f"{name}_bottom10"] = bottom_decile_mean(values)
     return out
 
 

@@ -180,4 +180,5 @@ def test_federated_evaluation_mean_and_weighted():
     assert metrics["fed_accuracy_mean"] == pytest.approx(np.mean(accs))
     assert metrics["fed_accuracy_weighted"] == pytest.approx(np.average(accs, weights=counts))
     assert metrics["fed_loss_weighted"] == pytest.approx(1 - np.average(accs, weights=counts))
+    assert metrics["fed_accuracy_bottom10"] == 0.0  # the worst of 6 clients: at least one
     assert metrics["eval_downlink_bytes"] == 6 * nbytes(arrays)

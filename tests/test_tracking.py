@@ -113,3 +113,11 @@ def test_runs_starting_together_on_a_fresh_store_both_get_the_experiment(tmp_pat
     with multiprocessing.get_context("spawn").Pool(3) as pool:
         ids = pool.map(_experiment_in_fresh_store, [uri] * 3)
     assert len(set(ids)) == 1
+
+
+def test_bottom_decile_is_the_mean_of_the_worst_tenth_and_at_least_one():
+    from fedsparse.metrics.aggregate import bottom_decile_mean
+
+    assert bottom_decile_mean([0.9, 0.1, 0.5]) == 0.1
+    assert bottom_decile_mean([i / 100 for i in range(20, 0, -1)]) == pytest.approx(0.015)
+    assert np.isnan(bottom_decile_mean([]))

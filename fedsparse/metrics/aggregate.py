@@ -27,3 +27,9 @@ def aggregate_client_metrics(metrics: Sequence[Mapping[str, float]], weights: Se
 
 def unweighted_mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values) if values else float("nan")
+
+
+def bottom_decile_mean(values: Sequence[float]) -> float:
+    """Mean of the worst 10% of ``values`` (at least one): the fairness figure of
+    personalised FL."""
+    return unweighted_mean(sorted(values)[:max(1, len(values) // 10)])
