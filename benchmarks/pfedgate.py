@@ -110,12 +110,14 @@ def compare_arms(dataset: str, arms: list[str], rounds: int, seed: int) -> None:
           f"{result.experiment!r})")
     print(result.report.read_text())
     ft = result.summaries.get("personal-fedavg-ft")
+    if ft is None:
+        return
+    ft_clients, ft_late = final_accuracy(ft["run_dir"]), late_mean(ft["run_dir"])
     for label, summary in result.summaries.items():
-        if ft is not None and label.startswith("personal-pfedgate"):
+        if label.startswith("personal-pfedgate"):
             gap = 100 * (summary["fed_accuracy_mean"] - ft["fed_accuracy_mean"])
-            paired = paired_gap(final_accuracy(summary["run_dir"]),
-                                final_accuracy(ft["run_dir"]))
-            late = 100 * (late_mean(summary["run_dir"]) - late_mean(ft["run_dir"]))
+            paired = paired_gap(final_accuracy(summary["run_dir"]), ft_clients)
+            late = 100 * (late_mean(summary["run_dir"]) - ft_late)
             print(f"- {label}: personalised mean accuracy {gap:+.2f} points vs FedAvg + FT "
                   f"at {summary.get('eval_density_mean', 1.0):.3f} of the parameters "
                   f"({late:+.2f} over the last {LATE} evaluations); {paired}")
