@@ -11,6 +11,7 @@ from fedsparse.data import (
     client_indices,
     held_out_set,
     load_dataset,
+    partition,
     partition_indices,
 )
 from fedsparse.data.partition import local_split
@@ -143,6 +144,28 @@ def test_client_view_matches_the_full_partition():
     assert len(data.x_train) == len(client_indices(spec, 9, 2).train)
     with pytest.raises(ValueError, match="partition-id 5 out of range"):
         client_indices(spec, 9, 5)
+
+
+def test_a_split_that_needs_resampling_is_the_same_whichever_client_comes_first(monkeypatch):
+    """DirichletPartitioner makes 10 draws per call and keeps its generator when they all
+    fail; for this seed the first three calls fail. Every process must still hold the one
+    partition that ``partition_indices`` gives, whichever client it serves first."""
+    spec = DataSpec(dataset="digits", num_clients=10, partition="dirichlet", alpha=0.1,
+                    min_partition_size=50)
+    y = labels("digits")
+    with monkeypatch.context() as m:
+        m.setattr(partition, "RESAMPLING_CALLS", 2)
+        with pytest.raises(ValueError, match=r"data\.min_partition_size=50, 20 draws"):
+            partition_indices(y, spec, seed=23)
+    parts = partition_indices(y, spec, seed=23)
+    check_disjoint_cover(parts, len(y))
+    assert min(len(p) for p in parts) >= 50
+    for order in (range(10), reversed(range(10))):  # a fresh process serving these clients
+        partition._cached_partitioner.cache_clear()
+        client_indices.cache_clear()
+        for pid in order:
+            idx = client_indices(spec, 23, pid)
+            assert np.array_equal(np.sort(np.concatenate([idx.train, idx.test])), parts[pid])
 
 
 def test_impossible_split_names_the_keys():

@@ -2,7 +2,8 @@
 
 - ``iid``: a seeded shuffle cut into equal parts (``IidPartitioner`` on shuffled data).
 - ``dirichlet``: label skew, client class proportions ~ Dir(alpha) (Hsu et al. 2019;
-  ``DirichletPartitioner``, resampled until every client has ``min_partition_size``).
+  ``DirichletPartitioner``, resampled until every client has ``min_partition_size``: up to
+  ``RESAMPLING_CALLS`` calls of its 10 draws each, on one generator).
 - ``shards``: sort by label, cut into equal shards, deal ``shards_per_client`` to each client
   (McMahan et al. 2017; ``ShardPartitioner``), so a client sees at most that many classes.
 - ``pathological``: exactly ``classes_per_client`` classes per client
@@ -11,7 +12,8 @@
   (``NaturalIdPartitioner``; groups in sorted order).
 
 Each client's partition is then split into a local train and a local test part. The same
-spec and seed always give the same partition.
+spec and seed always give the same partition, in every process and whichever client a
+process serves first.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from functools import lru_cache
 import numpy as np
 
 from fedsparse.scenario import DataSpec
+
+RESAMPLING_CALLS = 10  # DirichletPartitioner draws 10 times per call before it raises
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,9 @@ def _partitioner(spec: DataSpec, seed: int):  # -> flwr_datasets.partitioner.Par
 
 def _assigned_partitioner(labels: np.ndarray, spec: DataSpec, seed: int,
                           groups: np.ndarray | None = None):
-    """A partitioner over a seeded shuffle of ``labels`` (the iid partitioner cuts in order);
-    ``groups``: each example's natural group, for ``partition = "natural"``."""
+    """A partitioner over a seeded shuffle of ``labels`` (the iid partitioner cuts in order),
+    with every client's partition already determined; ``groups``: each example's natural
+    group, for ``partition = "natural"``."""
     from datasets import Dataset
 
     order = np.random.default_rng(seed).permutation(len(labels))
@@ -70,27 +75,43 @@ def _assigned_partitioner(labels: np.ndarray, spec: DataSpec, seed: int,
     if groups is not None:
         columns["group"] = groups[order]
     partitioner.dataset = Dataset.from_dict(columns)
-    return partitioner
+    return _determined(partitioner, spec, len(labels))
 
 
-def _load(partitioner, spec: DataSpec, n_examples: int, partition_id: int) -> np.ndarray:
-    try:
-        with warnings.catch_warnings():  # its resampling notices; a final failure raises below
-            warnings.simplefilter("ignore", UserWarning)
-            part = partitioner.load_partition(partition_id)["index"]
-    except ValueError as err:
-        raise ValueError(
-            f"cannot split {n_examples} examples into data.num_clients={spec.num_clients} "
-            f"with data.partition={spec.partition!r}: {err}"
-        ) from None
-    return np.sort(np.asarray(part, dtype=np.int64))
+def _determined(partitioner, spec: DataSpec, n_examples: int):
+    """``partitioner`` once it has split the data, before any client is served.
+
+    ``DirichletPartitioner`` makes 10 draws per ``load_partition`` call and raises if none
+    gives every client ``min_partition_size``, but its generator keeps its state, so the
+    next call draws anew. Left to the clients, a process whose first client met that error
+    would hold another partition than one that did not (and that client would fail). Calling
+    until a split succeeds, here, makes the partition a function of the spec and the seed.
+    """
+    for _ in range(RESAMPLING_CALLS):
+        try:
+            with warnings.catch_warnings():  # its resampling notices; a final failure raises
+                warnings.simplefilter("ignore", UserWarning)
+                partitioner.load_partition(0)
+            return partitioner
+        except ValueError as err:
+            error = err
+    knobs = (f" (data.alpha={spec.alpha}, data.min_partition_size={spec.min_partition_size},"
+             f" {RESAMPLING_CALLS * 10} draws)" if spec.partition == "dirichlet" else "")
+    raise ValueError(
+        f"cannot split {n_examples} examples into data.num_clients={spec.num_clients} with "
+        f"data.partition={spec.partition!r}{knobs}: {error}"
+    ) from None
+
+
+def _load(partitioner, partition_id: int) -> np.ndarray:
+    return np.sort(np.asarray(partitioner.load_partition(partition_id)["index"], dtype=np.int64))
 
 
 def partition_indices(labels: np.ndarray, spec: DataSpec, seed: int,
                       groups: np.ndarray | None = None) -> list[np.ndarray]:
     """Indices of each client's partition (sorted), for all ``spec.num_clients`` clients."""
     partitioner = _assigned_partitioner(labels, spec, seed, groups)
-    return [_load(partitioner, spec, len(labels), i) for i in range(spec.num_clients)]
+    return [_load(partitioner, i) for i in range(spec.num_clients)]
 
 
 def local_split(indices: np.ndarray, test_fraction: float, seed: int,
@@ -122,5 +143,4 @@ def client_indices(spec: DataSpec, seed: int, partition_id: int) -> ClientIndice
             f"partition-id {partition_id} out of range for data.num_clients={spec.num_clients}"
         )
     partitioner = _cached_partitioner(spec, seed)
-    part = _load(partitioner, spec, len(partitioner.dataset), partition_id)
-    return local_split(part, spec.test_fraction, seed, partition_id)
+    return local_split(_load(partitioner, partition_id), spec.test_fraction, seed, partition_id)
