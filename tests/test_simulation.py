@@ -58,6 +58,7 @@ def test_summary_has_the_required_keys(first_run):
         assert key in summary
     assert summary["rounds"] == 3 and 0.7 < summary["final_accuracy"] <= 1.0
     assert summary["clients_failed"] == summary["clients_rejected"] == 0
+    assert summary["replies_dropped"] == 0
 
 
 def test_bytes_and_flops_are_accounted_per_client_and_round(first_run):

@@ -21,7 +21,8 @@ HISTORY = [
      "cum_train_flops": 2e9, "round_s": 1.0, "accuracy": 0.8, "loss": 0.5,
      "fed_accuracy_weighted": 0.7, "clients_failed": 0, "clients_rejected": 2},
     {"round": 3, "uplink_bytes": 50, "cum_uplink_bytes": 200, "cum_downlink_bytes": 600,
-     "cum_train_flops": 3e9, "round_s": 1.0, "clients_failed": 0, "clients_rejected": 0},
+     "cum_train_flops": 3e9, "round_s": 1.0, "clients_failed": 0, "clients_rejected": 0,
+     "eval_clients_failed": 1, "eval_clients_rejected": 0},
 ]
 
 
@@ -60,6 +61,7 @@ def test_summary_takes_the_last_evaluation_and_the_totals():
     assert summary["uplink_bytes"] == 200 and summary["downlink_bytes"] == 600
     assert summary["train_flops"] == 3e9 and summary["rounds"] == 3
     assert summary["clients_failed"] == 1 and summary["clients_rejected"] == 2
+    assert summary["eval_clients_failed"] == 1 and summary["replies_dropped"] == 4
     assert summary["wall_s"] == 9.5 and summary["rounds_s"] == 3.5
     assert summary["mlflow_run_id"] == "r1"
     json.dumps(summary)  # flat and serialisable
@@ -83,6 +85,7 @@ def test_report_has_a_table_and_overlay_plots(tmp_path: Path):
                                        "accuracy_vs_round.png", "accuracy_vs_uplink.png"}
     table = markdown_table(summaries)
     assert "| a | 0.8000 |" in table and "| r2 |" in table
+    assert "| replies dropped |" in table and "| 3 | 4 |" in table  # a: 3 rounds, 4 dropped
     assert [row["run"] for row in read_csv(tmp_path / "summary.csv")] == ["a", "b"]
     assert read_csv(tmp_path / "metrics/a.csv") == HISTORY
 

@@ -23,6 +23,7 @@ COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("budget_mean", "budget s", lambda v: f"{v:.2f}"),
     ("eval_density_mean", "density used", lambda v: f"{v:.3f}"),
     ("rounds", "rounds", lambda v: f"{int(v)}"),
+    ("replies_dropped", "replies dropped", lambda v: f"{int(v)}"),
     ("rounds_to_target", "rounds to target", lambda v: f"{int(v)}"),
     ("uplink_bytes", "uplink MB", lambda v: f"{v / MB:.2f}"),
     ("uplink_reduction", "uplink reduction x", lambda v: f"{v:.1f}"),

@@ -28,7 +28,8 @@ FINAL_TOTALS = {
 }
 # ... and these when the run's clients report them (sparse training).
 FINAL_TOTALS_IF_REPORTED = {"cum_train_dense_flops": "train_dense_flops"}
-SUMMED = ("clients_failed", "clients_rejected", "eval_uplink_bytes", "eval_downlink_bytes")
+DROPPED = ("clients_failed", "clients_rejected", "eval_clients_failed", "eval_clients_rejected")
+SUMMED = (*DROPPED, "eval_uplink_bytes", "eval_downlink_bytes")
 
 
 def summarize(history: Sequence[Row], wall_s: float, mlflow_run_id: str) -> dict[str, Any]:
@@ -42,6 +43,7 @@ def summarize(history: Sequence[Row], wall_s: float, mlflow_run_id: str) -> dict
     summary |= {out: last[key] for key, out in FINAL_TOTALS.items()}
     summary |= {out: last[key] for key, out in FINAL_TOTALS_IF_REPORTED.items() if key in last}
     summary |= {key: sum(row.get(key, 0) for row in history) for key in SUMMED}
+    summary["replies_dropped"] = sum(summary[key] for key in DROPPED)  # clients.csv says why
     summary["rounds_s"] = sum(row["round_s"] for row in history)
     summary["wall_s"] = wall_s
     summary["mlflow_run_id"] = mlflow_run_id
