@@ -12,9 +12,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedsparse.compress import CompressorConfig
 
@@ -46,6 +46,15 @@ class StrategyParams(PluginParams):
     min_evaluate_clients: int = Field(1, ge=1)
     downlink: CompressorConfig | None = Field(
         None, description="compress the model sent for training (fedsparse/downlink.py)")
+    # Set by a strategy whose downlink is its own: why ``downlink`` does not apply to it.
+    own_downlink: ClassVar[str] = ""
+
+    @model_validator(mode="after")
+    def _downlink_applies(self) -> StrategyParams:
+        if self.downlink is not None and self.own_downlink:
+            raise ValueError(f"strategy.downlink: {self.name} {self.own_downlink}; leave "
+                             f"downlink unset")
+        return self
 
 
 @dataclass(frozen=True)

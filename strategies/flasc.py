@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from fedsparse.compress.base import ValueDtype, expect_array
 from fedsparse.lora.flasc import (
@@ -56,6 +56,7 @@ OPTIMIZER_PREFIX, ALIVE = "optimizer/", "alive"
 
 class FlascParams(StrategyParams):
     name: Literal["flasc"] = "flasc"
+    own_downlink: ClassVar[str] = "sends the adapter over its own download mask (down_density)"
     down_density: float = Field(1.0, gt=0, le=1, description="d_down at round 1")
     up_density: float = Field(1.0, gt=0, le=1, description="d_up at round 1")
     density_decay: float = Field(1.0, gt=0, le=1, description="densities x decay ...")
@@ -70,13 +71,6 @@ class FlascParams(StrategyParams):
     sora_threshold: float = Field(0.0, ge=0, description="SoRA: xi at round 1")
     sora_threshold_final: float | None = Field(None, ge=0, description="SoRA: xi at the last "
                                                                        "round (linear)")
-
-    @model_validator(mode="after")
-    def _no_downlink_compression(self) -> FlascParams:
-        if self.downlink is not None:
-            raise ValueError("strategy.downlink: flasc sends the adapter over its own download "
-                             "mask (down_density); leave downlink unset")
-        return self
 
     def check_scenario(self, scenario: Any) -> None:
         if scenario.model.name != "lora":

@@ -8,9 +8,11 @@ value is ``theta``'s). Aggregation (``aggregation``, recorded with the run):
 
 - ``"sampled"`` (default): the sample-weighted mean over the clients that replied,
   ``theta <- sum_i (n_i / sum_j n_j) theta_i``;
-- ``"all_clients"``: the release's default, weights ``n_i / n`` over *all* clients, a client
-  not sampled contributing the current ``theta``: ``theta <- theta + sum_i (n_i / n)
-  (theta_i - theta)``; the clients' sizes are asked once.
+- ``"all_clients"``: the release's weights ``n_i / n`` over *all* clients in its "online"
+  mode, a client not sampled contributing the current ``theta``: ``theta <- theta + sum_i
+  (n_i / n) (theta_i - theta)``; the clients' sizes are asked once. (The release's default
+  "load-all" mode, where a client not sampled contributes the stale model it last held, is
+  not implemented.)
 
 Evaluation is personalised: each client evaluates its own gated sparse model on its local
 test split (``fed_accuracy_*``); the centralised evaluation is the global ``theta`` without
@@ -60,6 +62,8 @@ log = logging.getLogger("fedsparse.strategy")
 
 class PFedGateParams(StrategyParams):
     name: Literal["pfedgate"] = "pfedgate"
+    own_downlink: ClassVar[str] = ("sends the dense base model, over which the server places "
+                                   "the blocks a client sends")
     aggregation: Literal["sampled", "all_clients"] = Field(
         "sampled", description="weights over the sampled clients, or over all clients")
     novel_clients: int = Field(0, ge=0, description="last partitions held out of training")

@@ -68,6 +68,7 @@ STORE_PREFIX, TASK_MASK_PREFIX = "store/", "task-mask/"
 
 class SparseFedAvgParams(StrategyParams):
     name: Literal["sparse_fedavg"] = "sparse_fedavg"
+    own_downlink: ClassVar[str] = "already sends only the mask's values"
     sparsity: float = Field(0.75, ge=0, lt=1, description="fraction of masked weights at zero")
     init: Literal["magnitude", "erk", "uniform"] = "magnitude"
     dense_layers: list[str] = Field(default_factory=list,
@@ -90,13 +91,6 @@ class SparseFedAvgParams(StrategyParams):
         if self.isolation and (self.mask_update == "tdm" or self.init == "magnitude"):
             raise ValueError("strategy.isolation = true needs mask_update = 'dst' or 'fixed' "
                              "and init = 'erk' or 'uniform' (a fresh random mask per task)")
-        return self
-
-    @model_validator(mode="after")
-    def _no_downlink_compression(self) -> SparseFedAvgParams:
-        if self.downlink is not None:
-            raise ValueError("strategy.downlink: sparse_fedavg already sends only the mask's "
-                             "values; leave downlink unset")
         return self
 
 

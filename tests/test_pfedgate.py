@@ -99,12 +99,17 @@ def test_selection_stays_within_the_budget_per_group(solver):
     model = build_model(CNNParams(channels=[6, 16], hidden=[120, 84]), (1, 28, 28), 10)
     partition = BlockPartition(model, 5)
     rng = np.random.default_rng(0)
-    for budget in (0.3, 0.5, 0.8):
+    for budget in (0.05, 0.1, 0.3, 0.5, 0.8):
         keep = select_blocks(partition, rng.integers(0, 11, len(partition)), budget, solver)
         for group in ("linear", "other"):
             members = partition.group(group)
-            assert int(partition.sizes[keep & members].sum()) <= \
-                math.floor(budget * int(partition.sizes[members].sum()))
+            cap = math.floor(budget * int(partition.sizes[members].sum()))
+            first = int(partition.sizes[members & partition.first].sum())
+            kept = int(partition.sizes[keep & members].sum())
+            if first <= cap:
+                assert first <= kept <= cap
+            else:  # below the first blocks' share (about 1/B) only they are kept
+                assert bool((keep & members == members & partition.first).all())
 
 
 # -- gated model --------------------------------------------------------------------------
@@ -152,6 +157,13 @@ def test_gated_training_learns_and_reports_truthful_density():
     assert after > before + 0.2  # half the parameters in 5 contiguous chunks per tensor
     assert 0.2 <= stats.density <= 0.5
     assert partition.kept_fraction(stats.active) >= stats.density - 1e-9
+    few = x[[1, 2, 0]]  # test batches of 2 and 1 examples
+    density = learner.evaluate(few, y[[1, 2, 0]], 2)[2]
+    learner.gated.train(False)
+    with torch.no_grad():
+        pair, single = (learner.gated.forward(batch).density for batch in (few[:2], few[2:]))
+    assert pair != single  # the two batches' gates select differently
+    assert density == pytest.approx((2 * pair + single) / 3, abs=1e-12)  # per example
 
 
 # -- the federation -----------------------------------------------------------------------
@@ -241,16 +253,29 @@ def test_full_budget_with_fixed_gates_is_fedavg():
 
 
 def test_all_client_weighting_moves_theta_by_the_sampled_share():
+    """``theta_1 = theta_0 + sum_i (n_i / n) (theta_i - theta_0)``, ``n`` over all five
+    training clients, the sum over the sampled ones (ALGORITHMS.md §2.4.3)."""
+    sent = {}
+
+    def keep(message, reply):
+        if "update" in reply.content.array_records:
+            sent[LocalGrid.partition_of(message)] = reply.content
+        return reply
+
     scn, _, strategy, state, _ = run(TEXT.replace(
         "novel_clients = 1", 'novel_clients = 1\naggregation = "all_clients"').replace(
-        "rounds = 3", "rounds = 1").replace("eval_every = 3", "eval_every = 1"))
+        "rounds = 3", "rounds = 1").replace("eval_every = 3", "eval_every = 1"), keep)
     assert sorted(strategy.data_sizes) == list(range(5))
     theta0, theta1 = to_numpy(initial_arrays(scn)), to_numpy(state.arrays)
-    sampled = [r.partition_id for r in strategy.client_records if r.phase == "train"]
-    share = sum(strategy.data_sizes[p] for p in sampled) / sum(strategy.data_sizes.values())
-    assert 0 < share < 1
-    moved = sum(float(np.abs(theta1[n] - theta0[n]).sum()) for n in theta0)
-    assert moved > 0
+    assert 0 < len(sent) < 5
+    strategy.current = theta0  # decode the replies against the model they trained from
+    n = sum(strategy.data_sizes.values())
+    for name in theta0:
+        step = sum(strategy.data_sizes[pid] / n
+                   * (strategy.check_train_reply(content)[name].astype(np.float64)
+                      - theta0[name]) for pid, content in sent.items())
+        np.testing.assert_allclose(theta1[name], theta0[name] + step, rtol=0, atol=1e-6)
+    assert any(not np.array_equal(theta1[name], theta0[name]) for name in theta0)
 
 
 def test_a_malformed_update_rejects_that_client_only():
@@ -334,3 +359,13 @@ def test_finetuning_before_evaluation_changes_the_evaluation_only(federation, fi
                 np.testing.assert_array_equal(array.numpy(), tuned_kept[key][name].numpy())
     # ... and the clients evaluate after tuning
     assert rows[-1]["fed_loss_weighted"] != tuned_rows[-1]["fed_loss_weighted"]
+
+
+def test_novel_clients_fit_their_gates_only_and_are_never_finetuned():
+    """With ``novel_steps = 0`` a novel client evaluates the global model behind its untrained
+    gating layer, whether or not the other clients fine-tune before they evaluate."""
+    plain = TEXT.replace("novel_steps = 3", "novel_steps = 0")
+    rows = run(plain)[4]
+    tuned = run(plain.replace("budget = 0.5", "budget = 0.5\nfinetune_epochs = 1"))[4]
+    assert rows[-1]["novel_loss_weighted"] == tuned[-1]["novel_loss_weighted"]
+    assert rows[-1]["fed_loss_weighted"] != tuned[-1]["fed_loss_weighted"]

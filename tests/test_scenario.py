@@ -121,6 +121,18 @@ def test_scallion_rejects_a_biased_compressor():
     assert "SCALLION needs an unbiased compressor (identity, randk, qsgd), not 'topk'" in msg
 
 
+@pytest.mark.parametrize(("file", "reason"), [
+    ("personal/pfedgate_s05.toml", "pfedgate sends the dense base model"),
+    ("lora/flasc_16.toml", "flasc sends the adapter over its own download mask"),
+    ("continual/federated_sparcl.toml", "sparse_fedavg already sends only the mask's values"),
+])
+def test_a_strategy_with_its_own_downlink_rejects_downlink_compression(file, reason):
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(REPO / "scenarios" / file, ['strategy.downlink.name="topk"'])
+    assert f"strategy.downlink: {reason}" in "\n".join(info.value.problems)
+    assert "leave downlink unset" in "\n".join(info.value.problems)
+
+
 def test_compressor_sections_are_validated():
     msg = problems(controlled({"name": "scafcom",
                                "compressor": {"name": "topk", "ratio": 2.0, "bits": 3}}))

@@ -5,16 +5,17 @@ Train: receive the dense base model ``theta``, run ``local_epochs`` epochs of ga
 of ``theta`` and the client's gating layer under its budget ``s_i``, and send back only the
 blocks of ``theta`` that were kept in at least one minibatch of the round: their block ids,
 coded like the index sets of ``fedsparse/compress/indices.py``, and their values (plus the
-model's buffers, if any, dense). The gating layer (weights and normalisation statistics),
-the momentum of both optimisers and ``s_i`` stay in ``Context.state`` and never leave the
-client. Every tensor's first block is always sent (it is always kept), even by a client that
-trained no step. Evaluate: the client's own gated sparse model on its local test split; with
-``adapt-steps`` in the instruction (a novel client), first fit only the gating layer for that
-many minibatches, the base model frozen (kept in ``Context.state``). pFedGate + fine-tuning
-(``finetune_epochs``, the counterpart of FedAvg + fine-tuning): first ``finetune_epochs``
-epochs of gated training of the gating layer and the base model (or the gating layer only),
-under the same budget; the tuned models are evaluated and dropped, so training never sees
-them.
+model's buffers, if any, dense). The gating layer (weights and normalisation statistics) and
+the momentum of both optimisers stay in ``Context.state`` and never leave the client;
+``s_i`` follows from the scenario and is reported as the metric ``budget``. Every tensor's
+first block is always sent (it is always kept), even by a client that trained no step.
+Evaluate: the client's own gated sparse model on its local test split; with ``adapt-steps``
+in the instruction (a novel client), first fit only the gating layer for that many
+minibatches, the base model frozen (kept in ``Context.state``), and never fine-tune.
+pFedGate + fine-tuning (``finetune_epochs``, the counterpart of FedAvg + fine-tuning): first
+``finetune_epochs`` epochs of gated training of the gating layer and the base model (or the
+gating layer only), under the same budget; the tuned models are evaluated and dropped, so
+training never sees them.
 """
 
 from __future__ import annotations
@@ -210,16 +211,18 @@ class PFedGateProgram(ClientProgram):
         return RecordDict({UPDATE: from_numpy(update), METRICS: MetricRecord(metrics)})
 
     def evaluate(self, content: RecordDict) -> RecordDict:
-        """The personalised gated model on the local test split (a novel client first fits
-        its gating layer for ``adapt-steps`` minibatches; with ``finetune_epochs`` a client
-        first fine-tunes a copy)."""
+        """The personalised gated model on the local test split. A novel client (``adapt-steps``
+        in the instruction) first fits its gating layer for that many minibatches and is
+        never fine-tuned; with ``finetune_epochs`` any other client first fine-tunes a copy."""
         p, data = self.params, self.data
         learner = self.learner(content)
-        adapt = int(self.config(content).get(ADAPT_STEPS, 0))
+        config = self.config(content)
         stream = batches(len(data.x_train), p.batch_size, self.generator(content))
-        if adapt and learner.gated.gating is not None:
-            learner.fit(data.x_train, data.y_train, stream, adapt, train_model=False)
-            self._save(learner)
+        if ADAPT_STEPS in config:  # a novel client: its gating layer only, never fine-tuning
+            adapt = int(config[ADAPT_STEPS])
+            if adapt and learner.gated.gating is not None:
+                learner.fit(data.x_train, data.y_train, stream, adapt, train_model=False)
+                self._save(learner)
         elif p.finetune_epochs:
             learner.fit(data.x_train, data.y_train, stream,
                         num_steps(len(data.x_train), p.batch_size, p.finetune_epochs, None),

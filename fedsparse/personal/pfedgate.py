@@ -249,17 +249,16 @@ class GatedLearner:
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int
                  ) -> tuple[float, float, float]:
-        """``(loss, accuracy, mean density)`` of the gated model, gated per test batch (NaN
-        for an empty test split)."""
+        """``(loss, accuracy, density)`` of the gated model, gated per test batch, each a mean
+        over the test examples (NaN for an empty test split)."""
         if len(x) == 0:
             return float("nan"), float("nan"), float("nan")
         self.gated.train(False)
         loss_sum, correct, density = 0.0, 0, 0.0
-        starts = range(0, len(x), batch_size)
-        for start in starts:
+        for start in range(0, len(x), batch_size):
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]
             batch = self.gated.forward(xb)
             loss_sum += float(F.cross_entropy(batch.logits, yb, reduction="sum"))
             correct += int((batch.logits.argmax(dim=1) == yb).sum())
-            density += batch.density
-        return loss_sum / len(x), correct / len(x), density / len(starts)
+            density += batch.density * len(xb)
+        return loss_sum / len(x), correct / len(x), density / len(x)
