@@ -49,8 +49,9 @@ def num_steps(n: int, batch_size: int, epochs: int | None, steps: int | None) ->
 
 def train_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float,
               batch_size: int, steps: int, generator: torch.Generator, momentum: float = 0.0,
-              weight_decay: float = 0.0) -> TrainResult:
-    """Run ``steps`` SGD steps of cross-entropy on ``(x, y)`` in place."""
+              weight_decay: float = 0.0, grad_clip: float | None = None) -> TrainResult:
+    """Run ``steps`` SGD steps of cross-entropy on ``(x, y)`` in place, the gradient's norm
+    over all parameters clipped at ``grad_clip`` if given."""
     if len(x) == 0 or steps == 0:
         return TrainResult(steps=0, examples=0, loss=float("nan"), flops=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
@@ -70,6 +71,8 @@ def train_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float,
             return loss
 
         loss = flops.run(tuple(xb.shape), step)
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         total_loss += float(loss.detach())
         examples += len(idx)

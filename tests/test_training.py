@@ -112,3 +112,18 @@ def test_evaluate_counts_correct_predictions():
     assert result.accuracy == pytest.approx(3 / 5) and result.num_examples == 5
     expected_loss = float(nn.functional.cross_entropy(Constant()(torch.zeros(5, 1)), y))
     assert result.loss == pytest.approx(expected_loss)
+
+
+def test_grad_clip_bounds_the_norm_of_a_step():
+    x, y = digits_train()
+    norms = []
+    for clip in (None, 0.01):
+        torch.manual_seed(0)
+        model = build_model(MLPParams(hidden=[8]), (1, 8, 8), 10)
+        before = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+        train_sgd(model, x[:32], y[:32], lr=1.0, batch_size=32, steps=1,
+                  generator=torch.Generator().manual_seed(0), grad_clip=clip)
+        after = nn.utils.parameters_to_vector(model.parameters()).detach()
+        norms.append(float((after - before).norm()))
+    assert norms[0] > 0.1  # plain SGD: the step is the whole gradient (lr 1)
+    assert norms[1] == pytest.approx(0.01, rel=1e-3)  # clipped to norm 0.01

@@ -32,6 +32,7 @@ class SGDParams(PluginParams):
     local_steps: int | None = Field(None, ge=1, description="K: exactly K local steps")
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(0.0, ge=0, description="gradient-norm clip (0: none)")
     finetune_epochs: int = Field(0, ge=0, description="FedAvg + fine-tuning: local epochs of "
                                                        "SGD on the model before it is evaluated")
 
@@ -58,7 +59,7 @@ class SGDProgram(ClientProgram):
                           None if epochs else p.local_steps)
         return train_sgd(model, data.x_train, data.y_train, lr=p.lr, batch_size=p.batch_size,
                          steps=steps, generator=self.generator(content), momentum=p.momentum,
-                         weight_decay=p.weight_decay)
+                         weight_decay=p.weight_decay, grad_clip=p.grad_clip or None)
 
     def evaluated_model(self, content: RecordDict) -> nn.Module:
         model = self.model_from(content)
