@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fedsparse.compress import CompressorConfig
+from fedsparse.compress import CONTRACTIVE, CompressorConfig
 
 T = TypeVar("T")
 
@@ -46,6 +46,15 @@ class StrategyParams(PluginParams):
     min_evaluate_clients: int = Field(1, ge=1)
     downlink: CompressorConfig | None = Field(
         None, description="compress the model sent for training (fedsparse/downlink.py)")
+    @field_validator("downlink")
+    @classmethod
+    def _contractive_downlink(cls, spec: CompressorConfig | None) -> CompressorConfig | None:
+        if spec is not None and spec.name not in CONTRACTIVE:
+            raise ValueError(f"the compressed downlink keeps its error on the server and needs "
+                             f"a contractive compressor ({', '.join(CONTRACTIVE)}), not "
+                             f"{spec.name!r}: a rescaled one makes x_hat diverge from x")
+        return spec
+
     # Set by a strategy whose downlink is its own: why ``downlink`` does not apply to it.
     own_downlink: ClassVar[str] = ""
 

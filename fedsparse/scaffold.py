@@ -36,10 +36,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from fedsparse.compress import Compressor, CompressorConfig, Payload
+from fedsparse.compress import CONTRACTIVE, UNBIASED, Compressor, CompressorConfig, Payload
 from fedsparse.compress.identity import IdentitySpec
 from fedsparse.compress.randk import RandKSpec
 from fedsparse.compress.topk import TopKSpec
@@ -48,7 +48,6 @@ from fedsparse.registry import StrategyParams
 
 Variant = Literal["scaffold", "scallion", "scafcom"]
 Loss = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
-UNBIASED = ("identity", "randk", "qsgd")
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ class ScallionParams(ScaffoldParams):
     """SCALLION: an unbiased compressor and the control scaling alpha."""
 
     name: Literal["scallion"] = "scallion"  # type: ignore[assignment]
-    alpha: float = Field(1.0, gt=0, le=1, description="control scaling, about 1/(1+omega)")
+    alpha: float = Field(0.01, gt=0, le=1, description="control scaling, at most 1/(1+omega)")
     compressor: CompressorConfig = Field(default_factory=lambda: RandKSpec(ratio=0.01))
 
     @field_validator("compressor")
@@ -89,12 +88,23 @@ class ScallionParams(ScaffoldParams):
                              f"not {spec.name!r}; use scafcom for biased ones")
         return spec
 
+    @model_validator(mode="after")
+    def _alpha_within_variance(self) -> ScallionParams:
+        """SCALLION's control step needs alpha <= 1/(1+omega) (Huang et al. 2023, Thm. 1);
+        rand-k has omega = d/k - 1, so alpha <= k/d. (QSGD's omega depends on d: unchecked.)"""
+        if isinstance(self.compressor, RandKSpec) and self.alpha > self.compressor.ratio:
+            raise ValueError(f"strategy.alpha = {self.alpha} exceeds 1/(1+omega) = "
+                             f"{self.compressor.ratio} of rand-k at ratio "
+                             f"{self.compressor.ratio}; the control variates would diverge")
+        return self
+
     def rule(self) -> MessageRule:
         return MessageRule("scallion", self.compressor, alpha=self.alpha)
 
 
 class ScafcomParams(ScaffoldParams):
-    """SCAFCOM: any (biased) compressor, local momentum beta, control scaling alpha."""
+    """SCAFCOM: a contractive (biased) compressor, local momentum beta, control scaling
+    alpha."""
 
     name: Literal["scafcom"] = "scafcom"  # type: ignore[assignment]
     alpha: float = Field(1.0, gt=0, le=1)
@@ -102,6 +112,15 @@ class ScafcomParams(ScaffoldParams):
     compressor: CompressorConfig = Field(default_factory=lambda: TopKSpec(ratio=0.01))
     momentum_in_local_steps: bool = Field(False, description="the alternative reading: "
                                           "local steps move along beta g + (1-beta) v_i")
+
+    @field_validator("compressor")
+    @classmethod
+    def _contractive(cls, spec: CompressorConfig) -> CompressorConfig:
+        if spec.name not in CONTRACTIVE:
+            raise ValueError(f"SCAFCOM needs a contractive compressor "
+                             f"({', '.join(CONTRACTIVE)}), not {spec.name!r}: a rescaled one "
+                             f"makes c_i diverge; use scallion for unbiased ones")
+        return spec
 
     def rule(self) -> MessageRule:
         return MessageRule("scafcom", self.compressor, self.alpha, self.beta,
@@ -202,8 +221,11 @@ def client_message(variant: Variant, g_bar: np.ndarray, state: ControlState,
     """The message of SCAFFOLD / SCALLION / SCAFCOM (updates ``state.v_i`` for SCAFCOM).
 
     ``c_i`` is not changed here: the caller applies ``c_i_step`` once the server has
-    accepted the message, so that c = mean c_i holds even when a message is lost.
+    accepted the message, so that c = mean c_i holds even when a message is lost. A
+    diverged round (``g_bar`` not finite) raises before ``state`` changes.
     """
+    if not np.isfinite(g_bar).all():
+        raise FloatingPointError("the local steps diverged: their mean gradient is not finite")
     if variant == "scafcom":
         state.v_i = ((1 - beta) * state.v_i + beta * g_bar).astype(np.float32)
         target = state.v_i - state.c_i

@@ -77,7 +77,10 @@ class ControlledAveraging(FedSparseStrategy):
     def check_train_reply(self, content: RecordDict) -> np.ndarray:
         if UPDATE not in content.array_records:
             raise PayloadError(f"no ArrayRecord {UPDATE!r} in reply")
-        return self.compressor.decompress(to_numpy(content.array_records[UPDATE]), self.c.size)
+        delta = self.compressor.decompress(to_numpy(content.array_records[UPDATE]), self.c.size)
+        if not np.isfinite(delta).all():  # finite values can overflow once rescaled (d/k)
+            raise PayloadError(f"{UPDATE}: decodes to a vector that is not finite")
+        return delta
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
         deltas = [r.decoded for r in replies]

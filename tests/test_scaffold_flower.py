@@ -86,6 +86,27 @@ def test_a_rejected_message_does_not_move_c_i():
     assert all(row["audit_control_gap"] < 1e-6 for row in rows)
 
 
+def test_an_update_that_overflows_when_decoded_is_rejected():
+    """Finite float32 values that rand-k's d/k rescaling takes to inf."""
+    def huge(message: Message, reply: Message) -> Message:
+        if "update" in reply.content.array_records and LocalGrid.partition_of(message) == 0:
+            update = reply.content.array_records["update"]
+            update["val"] = Array(np.full_like(update["val"].numpy(), 3e38))
+        return reply
+
+    scallion = {"name": "scallion", "alpha": 0.1, "audit": True,
+                "compressor": {"name": "randk", "ratio": 0.1}}
+    with pytest.warns(RuntimeWarning, match="overflow"):  # the server's decode, then refusal
+        _grid, strategy, state, rows = run(scenario(scallion), tamper=huge,
+                                          on_round=check_invariant)
+    assert all(row["audit_control_gap"] < 1e-6 for row in rows)
+    rejected = [r for r in strategy.client_records if r.status == "rejected"]
+    assert rejected and all(r.partition_id == 0 and "not finite" in r.reason
+                            for r in rejected)
+    assert np.isfinite(strategy.c).all()
+    assert all(np.isfinite(a).all() for a in to_numpy(state.arrays).values())
+
+
 def test_uplink_is_the_compressed_payload():
     grid, strategy, state, rows = run(scenario(SCAFCOM_TOPK))
     d = flatten(to_numpy(state.arrays)).size

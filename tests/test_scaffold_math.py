@@ -167,3 +167,11 @@ def test_server_update_scaling():
     np.testing.assert_allclose(x1, -0.5 * (1 + np.array([0.5, 1.0, 0.0])))
     np.testing.assert_allclose(c1, 1 + 0.05 * np.array([1, 2, 0]))
     assert server_update(x, c, [], 10, 0.5) == (x, c)
+
+
+def test_a_diverged_round_raises_before_the_state_changes():
+    state = ControlState(np.ones(4, np.float32), np.full(4, 2.0, np.float32))
+    g_bar = np.array([1.0, np.nan, 0.0, 0.0], np.float32)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        client_message("scafcom", g_bar, state, IDENTITY, np.random.default_rng(0), 1.0, 0.5)
+    assert np.array_equal(state.v_i, np.full(4, 2.0, np.float32))  # momentum untouched

@@ -133,6 +133,20 @@ def test_a_strategy_with_its_own_downlink_rejects_downlink_compression(file, rea
     assert "leave downlink unset" in "\n".join(info.value.problems)
 
 
+def test_error_feedback_needs_a_contractive_compressor_and_scallion_a_small_alpha():
+    msg = problems(controlled({"name": "scafcom", "compressor": {"name": "randk"}}))
+    assert "SCAFCOM needs a contractive compressor (identity, topk, sign), not 'randk'" in msg
+    msg = problems(digits_scenario(strategy={"name": "fedavg",
+                                             "downlink": {"name": "qsgd", "levels": 4}}))
+    assert "strategy.downlink" in msg and "contractive compressor" in msg and "'qsgd'" in msg
+    msg = problems(controlled({"name": "scallion", "alpha": 0.2,
+                               "compressor": {"name": "randk", "ratio": 0.1}}))
+    assert "strategy.alpha = 0.2 exceeds 1/(1+omega) = 0.1 of rand-k at ratio 0.1" in msg
+    assert parse_scenario(controlled({"name": "scallion"})).strategy.alpha == 0.01  # default
+    msg = problems(controlled({"name": "scafcom", "compressor": {"name": "topk", "ratio": 0}}))
+    assert "strategy.compressor.topk.ratio = 0: Input should be greater than 0" in msg
+
+
 def test_compressor_sections_are_validated():
     msg = problems(controlled({"name": "scafcom",
                                "compressor": {"name": "topk", "ratio": 2.0, "bits": 3}}))

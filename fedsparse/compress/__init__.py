@@ -24,8 +24,15 @@ from fedsparse.compress.topk import TopK, TopKSpec
 CompressorConfig = Annotated[IdentitySpec | TopKSpec | RandKSpec | QSGDSpec | ScaledSignSpec,
                              Field(discriminator="name")]
 
-__all__ = ["Compressor", "CompressorConfig", "CompressorSpec", "Payload", "build_compressor",
-           "payload_bytes"]
+__all__ = ["CONTRACTIVE", "UNBIASED", "Compressor", "CompressorConfig", "CompressorSpec",
+           "Payload", "build_compressor", "payload_bytes"]
+
+# E[C(v)] = v (rescaled by d/k or ||v||/s, so E||C(v) - v||^2 = omega ||v||^2 with omega
+# up to d/k - 1): the compressors SCALLION needs.
+UNBIASED = ("identity", "randk", "qsgd")
+# ||C(v) - v||^2 <= (1 - delta) ||v||^2 for some delta > 0: the compressors an error-feedback
+# scheme needs (SCAFCOM, the compressed downlink); a rescaled one makes it diverge.
+CONTRACTIVE = ("identity", "topk", "sign")
 
 
 def build_compressor(spec: CompressorSpec, segments: Sequence[int] = ()) -> Compressor:

@@ -30,7 +30,7 @@ from fedsparse.payload import PayloadError
 
 class TopKSpec(CompressorSpec):
     name: Literal["topk"] = "topk"
-    ratio: float = Field(0.01, ge=0, le=1, description="fraction of coordinates kept")
+    ratio: float = Field(0.01, gt=0, le=1, description="fraction of coordinates kept")
     scope: Literal["global", "per_tensor"] = "global"
 
 
