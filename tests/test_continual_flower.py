@@ -131,7 +131,7 @@ def test_dst_keeps_density_and_asks_for_its_signal_before_each_update(growth):
     text = _dst_text(growth)
     if growth == "momentum":
         text = text.replace("lr = 0.05", "lr = 0.05\nmomentum = 0.9")
-    densities, signals = [], []
+    densities, signals, sent = [], [], []
 
     def check(rnd, grid, strategy, state):
         weights = to_numpy(state.arrays)
@@ -139,11 +139,18 @@ def test_dst_keeps_density_and_asks_for_its_signal_before_each_update(growth):
         assert all(not weights[n][~m.numpy()].any() for n, m in strategy.mask.items())
         signals.append(strategy.requested)
 
-    run(text, check)
+    def keep(message, reply):
+        if "signal" in reply.content.array_records:
+            sent.extend(a.numpy() for a in reply.content.array_records["signal"].values())
+        return reply
+
+    run(text, check, keep)
     assert max(densities) - min(densities) < 1e-3 and abs(densities[0] - 0.25) < 1e-3
     kind = {"gradient": "grad-dense", "momentum": "momentum-dense"}[growth]
     # updates at rounds 2, 3 of every 3-round task -> signals in rounds 1, 2 of each task
     assert signals == [kind, kind, "none"] * 5
+    # a dense signal, not one the mask (25% of the weights) zeroed: regrowth needs it there
+    assert np.mean([np.count_nonzero(v) / v.size for v in sent]) > 0.5
 
 
 def test_momentum_growth_needs_client_momentum():

@@ -172,7 +172,9 @@ class ContinualProgram(ClientProgram):
         dgm = GradientMasking(p.gradient_density, p.gradient_every) \
             if p.gradient_density is not None else None
         weight_mask = Mask.dense(params) if mask is None and dgm is not None else mask
-        hooks = SparseHooks(params, weight_mask, dgm, self.frozen(content, params))
+        kind = str(self.config(content).get(SIGNAL_KIND, "none"))
+        hooks = SparseHooks(params, weight_mask, dgm, self.frozen(content, params),
+                            dense_momentum=p.momentum if kind == "momentum-dense" else None)
         generator = self.generator(content)
         buffer = self._buffer(tuple(data.x_train.shape[1:]))
         learner = self.learner(model, hooks, generator, buffer)
@@ -191,13 +193,13 @@ class ContinualProgram(ClientProgram):
         masks = {} if mask is None else {n: m.numpy() for n, m in mask.items()}
         reply[ARRAYS] = ArrayRecord({n: Array(np.ascontiguousarray(v))
                                      for n, v in encode_values(state, masks).items()})
-        kind = str(self.config(content).get(SIGNAL_KIND, "none"))
         if kind != "none":
-            reply[SIGNAL] = self.signal(kind, learner, params, masks, x, y)
+            reply[SIGNAL] = self.signal(kind, learner, hooks, params, masks, x, y)
         return reply
 
-    def signal(self, kind: str, learner: Learner, params: dict[str, nn.Parameter],
-               masks: dict[str, np.ndarray], x: torch.Tensor, y: torch.Tensor) -> ArrayRecord:
+    def signal(self, kind: str, learner: Learner, hooks: SparseHooks,
+               params: dict[str, nn.Parameter], masks: dict[str, np.ndarray], x: torch.Tensor,
+               y: torch.Tensor) -> ArrayRecord:
         """What the server's next mask update needs (see ``SIGNAL_KIND``)."""
         if kind == "grad":  # the last minibatch's (masked) gradient, as SparCL's TDM uses it
             grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy()
@@ -208,9 +210,8 @@ class ContinualProgram(ClientProgram):
             batch = torch.randperm(len(x), generator=learner.generator)[:self.params.batch_size]
             learner.current_loss(learner.model(x[batch]), y[batch]).backward()
             values = {n: p.grad.numpy() for n, p in params.items()}
-        elif kind == "momentum-dense":  # SNFS: the optimiser's momentum
-            values = {n: learner.optimizer.state[p]["momentum_buffer"].numpy()
-                      for n, p in params.items()}
+        elif kind == "momentum-dense":  # SNFS: the momentum of the dense gradients
+            values = {n: hooks.momentum[n].numpy() for n in params}
         else:
             raise ValueError(f"signal-kind = {kind!r}; allowed: none, grad, grad-dense, "
                              f"momentum-dense")

@@ -2,7 +2,10 @@
 
 - :class:`SparseHooks` is what a learner calls inside its step: after backward, the weight
   mask (and DGM, and per-task isolation) act on the gradients; after the optimiser step the
-  weights outside the mask are zeroed again (ALGORITHMS.md §4.3 last point).
+  weights outside the mask are zeroed again (ALGORITHMS.md §4.3 last point). For SNFS
+  regrowth they also keep the momentum of the dense gradient, taken before the mask acts:
+  the optimiser's own momentum only ever sees masked gradients, zero where weights would
+  regrow.
 - :func:`train_epochs` runs epochs ``e`` of the current task: DDR removes its scheduled
   examples at the start of an epoch, every minibatch of the remaining examples is one
   ``learner.observe``, DDR records whether each example was classified correctly, and the
@@ -28,15 +31,25 @@ from fedsparse.sparse.masks import Mask
 
 class SparseHooks:
     def __init__(self, params: Mapping[str, torch.Tensor], mask: Mask | None = None,
-                 dgm: GradientMasking | None = None, frozen: Mask | None = None) -> None:
+                 dgm: GradientMasking | None = None, frozen: Mask | None = None,
+                 dense_momentum: float | None = None) -> None:
+        """``dense_momentum``: keep ``m <- dense_momentum * m + grad`` of the dense gradients
+        in :attr:`momentum` (SNFS's signal, Dettmers & Zettlemoyer 2019)."""
         self.params = params
         self.mask = mask
         self.dgm = dgm
         self.frozen = frozen
         self.batch_index = 0
+        self.dense_momentum = dense_momentum
+        self.momentum: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def after_backward(self) -> None:
+        if self.dense_momentum is not None:
+            for name, param in self.params.items():
+                buffer = self.momentum.get(name)
+                self.momentum[name] = param.grad.clone() if buffer is None else \
+                    buffer.mul_(self.dense_momentum).add_(param.grad)
         if self.mask is not None:
             if self.dgm is not None:
                 self.dgm(self.params, self.mask, self.batch_index)
