@@ -86,6 +86,17 @@ class SparseFedAvgParams(StrategyParams):
     isolation: bool = Field(False, description="fresh random mask per task, old tasks' "
                                                "weights frozen (dst or fixed, erk or uniform)")
 
+    def check_scenario(self, scenario: Any) -> None:
+        if self.mask_update != "tdm":
+            return
+        rounds = scenario.continual.rounds_per_task if scenario.continual else \
+            scenario.run.rounds
+        freeze = self.freeze_at or rounds - 1
+        if not 1 <= freeze < rounds:
+            raise ValueError(f"strategy.freeze_at = {freeze} must be a round of the task "
+                             f"after its first, 1 to {rounds - 1} (continual.rounds_per_task = "
+                             f"{rounds}): TDM boosts the mask in round 0 and freezes it there")
+
     @model_validator(mode="after")
     def _isolation_needs_fresh_masks(self) -> SparseFedAvgParams:
         if self.isolation and (self.mask_update == "tdm" or self.init == "magnitude"):
@@ -167,8 +178,9 @@ class SparseFedAvg(FedSparseStrategy):
                               self.params.importance_lambda, generator)
         rate = cosine_rate(k / self.rounds_per_task, self.params.drop_rate,
                            self.params.final_drop_rate)
+        frozen = self.isolation.frozen() if self.isolation is not None else None
         return drop_and_grow(self.mask, weights, rate, self.params.growth, generator,
-                             self.signal)
+                             self.signal, None if frozen is None else frozen.masks)
 
     def _advance_mask(self, server_round: int) -> None:
         """Set up the mask for ``server_round``; zero the global weights outside it."""

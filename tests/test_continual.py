@@ -174,6 +174,23 @@ def test_dgm_keeps_the_configured_gradient_density_and_reuses_its_mask():
     assert not all(torch.equal(dgm.masks[n], stored[n]) for n in stored)  # recomputed at 3
 
 
+def test_dgm_never_opens_pruned_positions():
+    """A gradient density above the weight density: the stored mask stays inside the weight
+    mask, so the minibatches that reuse it give pruned weights no gradient either."""
+    model = mlp()
+    params = sparse_parameters(model)
+    mask = Mask.magnitude(params, uniform_densities({n: p.shape for n, p in params.items()}, 0.1))
+    dgm = GradientMasking(0.3, every=3)
+    x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+    for batch in range(2):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x + batch), y).backward()
+        dgm(params, mask, batch)
+        for name, p in params.items():
+            assert not (dgm.masks[name] & ~mask[name]).any()
+            assert not p.grad[~mask[name]].any()
+
+
 def test_ddr_removes_the_scheduled_counts_at_the_scheduled_epochs():
     assert removal_counts(1000, 0.3, every=5, until=20) == {5: 75, 10: 75, 15: 75, 20: 75}
     assert removal_counts(10, 0.3, every=1, until=2) == {1: 2, 2: 1}
@@ -189,6 +206,16 @@ def test_ddr_removes_the_scheduled_counts_at_the_scheduled_epochs():
     assert ddr.kept.tolist() == [2, 3, 4, 5, 6, 7, 8, 9]  # ties: lowest indices go first
     assert ddr.remove(2) == 1 and ddr.kept.tolist() == [3, 4, 5, 6, 7, 8, 9]
     assert ddr.remove(3) == 0
+
+
+def test_ddr_catches_up_on_removal_epochs_it_did_not_train():
+    """A federated client sampled in no round that holds epoch 1 or 2 removes both epochs'
+    examples at the next epoch it trains."""
+    ddr = DataRemoval(10, fraction=0.3, every=1, until=2, max_count=99)
+    ddr.record(torch.arange(10), torch.ones(10, dtype=torch.bool))
+    assert ddr.remove(0) == 0
+    assert ddr.remove(4) == 3 and len(ddr.kept) == 7
+    assert ddr.remove(5) == 0 and len(ddr.kept) == 7
 
 
 def test_sparse_flops_scale_each_product_by_its_density():

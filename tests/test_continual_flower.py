@@ -241,3 +241,21 @@ def test_isolation_freezes_finished_tasks_bit_for_bit():
 def test_isolation_needs_fresh_random_masks():
     with pytest.raises(ScenarioError, match="isolation = true needs mask_update"):
         parse_scenario(TEXT.replace("[strategy]\n", "[strategy]\nisolation = true\n", 1))
+
+
+@pytest.mark.parametrize(("edits", "message"), [
+    ([("freeze_at = 2", "freeze_at = 3")],
+     r"strategy\.freeze_at = 3 must be a round of the task after its first, 1 to 2"),
+    ([("freeze_at = 2\n", ""), ("rounds_per_task = 3", "rounds_per_task = 1"),
+      ("rounds = 15", "rounds = 5")],
+     r"strategy\.freeze_at = 0 must be a round of the task after its first"),
+    ([("removal_until = 4", "removal_until = 6")], r"every <= until < 6, the epochs of a task"),
+    ([("removal_every = 2", "removal_every = 5")],
+     r"client\.removal_every = 5 and client\.removal_until = 4 must satisfy"),
+])
+def test_schedules_that_would_never_fire_are_refused(edits, message):
+    text = TEXT
+    for old, new in edits:
+        text = text.replace(old, new)
+    with pytest.raises(ScenarioError, match=message):
+        parse_scenario(text)

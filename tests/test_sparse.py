@@ -109,6 +109,22 @@ def test_drop_and_grow_keeps_density_and_zeroes_new_weights(growth):
             assert signals[name].abs()[grown].min() >= signals[name].abs()[~m].max()
 
 
+@pytest.mark.parametrize("growth", ["random", "gradient"])
+def test_frozen_positions_are_never_regrown(growth):
+    model = mlp()
+    params = sparse_parameters(model)
+    mask = Mask.random(params, erk_densities(shapes(model), 0.2), torch.Generator().manual_seed(1))
+    frozen = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(4)) < 0.5
+              for n, p in params.items()}
+    signals = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(2))
+               for n, p in params.items()}
+    new = drop_and_grow(mask, params, 0.3, growth, torch.Generator().manual_seed(3), signals,
+                        frozen)
+    for name, m in new.items():
+        assert int(m.sum()) == int(mask[name].sum())  # enough unfrozen room: density kept
+        assert not (m & ~mask[name] & frozen[name]).any()
+
+
 def test_isolation_leaves_old_task_weights_bit_identical():
     torch.manual_seed(0)
     model = mlp()

@@ -14,7 +14,7 @@ momentum, so nothing is lost with momentum 0).
 from __future__ import annotations
 
 import time
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -79,6 +79,14 @@ class ContinualParams(PluginParams):
                                                                  "examples removed (0: off)")
     removal_every: int = Field(5, ge=1, description="DDR: epochs between removals")
     removal_until: int = Field(20, ge=1, description="DDR: last epoch of the task to remove at")
+
+    def check_scenario(self, scenario: Any) -> None:
+        epochs = scenario.continual.rounds_per_task * self.local_epochs
+        if self.removal_fraction and not self.removal_every <= self.removal_until < epochs:
+            raise ValueError(f"client.removal_every = {self.removal_every} and "
+                             f"client.removal_until = {self.removal_until} must satisfy every <= "
+                             f"until < {epochs}, the epochs of a task (continual.rounds_per_task"
+                             f" x client.local_epochs): DDR would never remove otherwise")
 
 
 @CLIENT_PROGRAMS.register("continual", ContinualParams)

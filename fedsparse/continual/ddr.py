@@ -6,9 +6,10 @@ presentation classified incorrectly after one classified correctly) over the pre
 since the last removal; an example never classified correctly in that window gets
 ``max_count``. At epochs ``every, 2*every, ..., until`` of the task, the examples with the
 fewest events (the easiest) are removed from the task's training set and the statistics are
-reset. The ``round(fraction * n)`` removals are split evenly over the removal epochs (the
-first ones take one more when it does not divide). Ties are broken by example index (the
-release's ``np.argsort`` is not stable). The replay buffer is untouched.
+reset; a removal whose epoch a client did not train happens at the next epoch it trains. The
+``round(fraction * n)`` removals are split evenly over the removal epochs (the first ones
+take one more when it does not divide). Ties are broken by example index (the release's
+``np.argsort`` is not stable). The replay buffer is untouched.
 """
 
 from __future__ import annotations
@@ -53,10 +54,13 @@ class DataRemoval:
                                                                        self.max_count))
 
     def remove(self, epoch: int) -> int:
-        """At the start of ``epoch``: drop the scheduled number of least-forgotten kept
-        examples; returns how many were removed."""
-        count = self.schedule.get(epoch, 0)
-        if count:
+        """At the start of ``epoch``: drop the least-forgotten kept examples that the
+        schedule has due by then, including those of removal epochs this client did not
+        train (a federated client trains only the rounds it is sampled in); returns how
+        many were removed."""
+        due = sum(count for at, count in self.schedule.items() if at <= epoch)
+        count = due - (self.n - len(self.kept))
+        if count > 0:
             order = torch.argsort(self.counts()[self.kept], stable=True)
             self.kept = torch.sort(self.kept[order[count:]]).values
             self.reset()

@@ -5,8 +5,9 @@ On every ``every``-th minibatch of an epoch (batch 0 included) the weight mask i
 the gradients, then each masked layer keeps only its ``round(density * n)`` largest-|grad|
 entries (``density`` is a fraction of the whole tensor, as in the release: at 75% weight
 sparsity a gradient density of 0.2 keeps about 80% of the active weights' gradients), and
-that binary gradient mask is stored. On the other minibatches the gradients are multiplied by
-the stored mask. Ties go to the lower index.
+that binary gradient mask, within the weight mask, is stored (a density above the active
+share cannot open pruned positions). On the other minibatches the gradients are multiplied
+by the stored mask. Ties go to the lower index.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class GradientMasking:
                 grad = params[name].grad
                 flat = torch.zeros(grad.numel(), dtype=torch.bool)
                 flat[top_positions(grad.abs(), keep_count(grad.numel(), self.density))] = True
-                self.masks[name] = flat.view_as(grad)
+                self.masks[name] = flat.view_as(grad) & weight_mask[name]
         for name, m in self.masks.items():
             params[name].grad.mul_(m)
 

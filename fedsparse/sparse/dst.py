@@ -10,7 +10,9 @@ magnitude and regrow the same number among the inactive positions by a criterion
 
 Regrown weights start at zero. The drop rate follows a cosine decay from ``initial`` to
 ``final`` over the training it spans. Positions frozen by per-task isolation
-(``isolation.py``) may be dropped from the current mask but never change value.
+(``isolation.py``) may be dropped from the current mask but never change value, and are
+never regrown (the reference regrows them as zero-valued frozen weights: budget spent on
+weights that cannot train).
 Ties in any ranking go to the lower flat index, so a seed fixes every mask.
 """
 
@@ -34,10 +36,13 @@ def cosine_rate(progress: float, initial: float = 0.5, final: float = 0.005) -> 
 
 
 def grow(mask: torch.Tensor, count: int, growth: Growth, generator: torch.Generator,
-         signal: torch.Tensor | None = None) -> torch.Tensor:
-    """``mask`` with ``count`` more active positions chosen among its inactive ones."""
+         signal: torch.Tensor | None = None, blocked: torch.Tensor | None = None
+         ) -> torch.Tensor:
+    """``mask`` with ``count`` more active positions chosen among its inactive ones that are
+    not ``blocked``."""
     flat = mask.flatten().clone()
-    inactive = torch.nonzero(~flat).flatten()
+    candidates = ~flat if blocked is None else ~flat & ~blocked.flatten()
+    inactive = torch.nonzero(candidates).flatten()
     count = min(count, len(inactive))
     if growth == "random":
         chosen = inactive[torch.randperm(len(inactive), generator=generator)[:count]]
@@ -61,9 +66,11 @@ def keep_top(mask: torch.Tensor, score: torch.Tensor, count: int) -> torch.Tenso
 @torch.no_grad()
 def drop_and_grow(mask: Mask, params: Mapping[str, torch.Tensor], rate: float, growth: Growth,
                   generator: torch.Generator,
-                  signals: Mapping[str, torch.Tensor] | None = None) -> Mask:
+                  signals: Mapping[str, torch.Tensor] | None = None,
+                  frozen: Mapping[str, torch.Tensor] | None = None) -> Mask:
     """One DST update of every layer at constant density; weights are updated in place
-    (dropped ones zeroed, regrown ones start at zero)."""
+    (dropped ones zeroed, regrown ones start at zero). ``frozen`` positions are never
+    regrown: a frozen weight cannot train from zero (fewer are regrown if too few remain)."""
     updated = {}
     for name, m in mask.items():
         weight = params[name]
@@ -71,7 +78,8 @@ def drop_and_grow(mask: Mask, params: Mapping[str, torch.Tensor], rate: float, g
         dropped = round(rate * active)
         kept = keep_top(m, weight.abs(), active - dropped)
         new = grow(kept, dropped, growth, generator,
-                   None if signals is None else signals.get(name))
+                   None if signals is None else signals.get(name),
+                   None if frozen is None else frozen.get(name))
         weight.mul_(kept)
         updated[name] = new
     return Mask(updated)
