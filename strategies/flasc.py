@@ -67,7 +67,8 @@ class FlascParams(StrategyParams):
     up_value_dtype: ValueDtype | None = Field(None, description="values uploaded, if not "
                                                                 "value_dtype (intb with EF)")
     server_optimizer: ServerOptimizerName = "adamw"
-    server_lr: float = Field(1e-3, gt=0, description="sgd at 1.0: plain averaging")
+    server_lr: float = Field(1e-3, gt=0, description="sgd at 1.0: plain averaging "
+                                                          "(at down_density 1)")
     sora_threshold: float = Field(0.0, ge=0, description="SoRA: xi at round 1")
     sora_threshold_final: float | None = Field(None, ge=0, description="SoRA: xi at the last "
                                                                        "round (linear)")
@@ -78,6 +79,11 @@ class FlascParams(StrategyParams):
                              f"{scenario.model.name!r}")
         if (self.sora_threshold or self.sora_threshold_final) and not scenario.model.sora:
             raise ValueError("strategy.sora_threshold needs model.sora = true")
+        if scenario.model.sora and (self.server_optimizer, self.server_lr) != ("sgd", 1.0):
+            raise ValueError(f"model.sora = true needs server_optimizer = 'sgd' and server_lr "
+                             f"= 1.0, not {self.server_optimizer!r} at {self.server_lr}: the "
+                             f"gates are averaged, so the adapter must be too, or the gates' "
+                             f"pruning would outrun the adapter's step")
 
 
 @STRATEGIES.register("flasc", FlascParams)

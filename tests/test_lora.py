@@ -219,9 +219,13 @@ def test_density_one_is_dense_federated_lora_with_the_same_server_optimiser():
 
 
 def test_sora_prunes_ranks_and_stops_sending_them():
-    scn = scenario(model={"sora": True}, strategy={"down_density": 1.0, "up_density": 1.0,
-                                                   "sora_threshold": 0.02},
+    plain = {"down_density": 1.0, "up_density": 1.0, "sora_threshold": 0.02,
+             "server_optimizer": "sgd", "server_lr": 1.0}
+    scn = scenario(model={"sora": True}, strategy=plain,
                    client={"sora_l1": 0.5, "gate_lr": 0.5}, run={"rounds": 3, "eval_every": 3})
+    with pytest.raises(ScenarioError, match=r"model\.sora = true needs server_optimizer = "
+                                            r"'sgd' and server_lr = 1\.0, not 'adamw' at 0\.01"):
+        scenario(model={"sora": True}, strategy={"sora_threshold": 0.02})
     f = run_federation(scn)
     alive = [row["ranks_alive"] for row in f.rows]
     assert alive[0] <= 16 and alive[-1] < 16 and alive == sorted(alive, reverse=True)

@@ -16,7 +16,8 @@ jointly) and a server optimiser. In round ``t``:
    #3; with error feedback this is Qsparse-local-SGD's top-k then quantise);
 4. ``G = mean_i D_i`` over the clients that replied is a pseudo-gradient: one step of the
    server optimiser (Adam/AdamW as FedAdam; ``sgd`` at ``server_lr = 1`` is plain averaging
-   of the clients' adapters).
+   of the clients' adapters when ``d_down = 1``; below it, entries outside the download mask
+   become ``P + mean update``).
 
 A density of 1 sends the dense float32 vector (the identity compressor), so dense federated
 LoRA is FLASC at ``d_down = d_up = 1``.
