@@ -13,9 +13,12 @@ parameters actually used, uplink bytes and training FLOPs; the script then print
 pFedGate arm's gap to FedAvg + FT at the last evaluation, over the last 5 evaluations, and
 paired client by client at the last evaluation (mean, standard error over clients, clients
 better and worse): one run's mean hides a per-client spread of several points.
+``--ceiling`` and ``--local-only`` add two references that are not federated: a CNN trained
+centrally on the pooled client data (as is, restricted to each client's classes, and moved
+to each client's label prior) and one CNN per client trained on its own data alone.
 
     python benchmarks/pfedgate.py [--datasets mnist fashion_mnist] [--rounds 100] [--arms ...]
-                                  [--seed 0] [--ceiling]
+                                  [--seed 0] [--ceiling] [--local-only]
 """
 
 from __future__ import annotations
@@ -34,20 +37,24 @@ from fedsparse.metrics.aggregate import bottom_decile_mean
 from fedsparse.models import scenario_model
 from fedsparse.scenario import load_scenario
 from fedsparse.tracking.history import read_csv
-from fedsparse.training import num_steps, train_sgd
+from fedsparse.training import evaluate, num_steps, train_sgd
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios" / "personal"
 ARMS = ("fedavg", "fedavg_ft", "pfedgate_s1", "pfedgate_s05", "pfedgate_s03", "pfedgate_hetero",
         "pfedgate_novel", "pfedgate_s05_ft")
 LATE = 5  # evaluations averaged for the late gap
 CEILING_EPOCHS, CEILING_BATCH = 8, 64  # the central model: lr x 0.1 for the last quarter
+LOCAL_EPOCHS = (5, 10, 20)  # the local-only reference is evaluated after each
 
 
 def ceiling(dataset: str, seed: int) -> str:
     """A reference point for personalised accuracy, not a federated method: one CNN trained
-    centrally on the union of the clients' training splits, then evaluated on each client's
-    test split with its logits restricted to the classes of that client's training split
-    (the global knowledge plus each client's label set)."""
+    centrally on the union of the clients' training splits, evaluated on each client's test
+    split as it is, with its logits restricted to the classes of that client's training
+    split, and with its posterior moved to that client's label prior (Saerens et al. 2002,
+    eq. 2.4: p_k(y|x) ~ p(y|x) p_k(y) / p(y), priors from the training splits). A Dirichlet
+    label partition changes only p(y) from client to client, never p(x|y), so the last is
+    the Bayes-optimal personalised classifier built on this central model."""
     scenario = load_scenario(SCENARIOS / "fedavg.toml", [f"data.dataset={dataset}",
                                                          f"seed={seed}"])
     clients = [client_data(scenario.data, seed, pid) for pid in
@@ -62,18 +69,49 @@ def ceiling(dataset: str, seed: int) -> str:
                   generator=torch.Generator().manual_seed(seed + epoch),
                   momentum=scenario.client.momentum, weight_decay=scenario.client.weight_decay)
     model.eval()
-    plain, restricted = [], []
+    log_prior = torch.log(torch.bincount(y).double() / len(y))
+    accuracy: dict[str, list[float]] = {"plain": [], "restricted": [], "prior": []}
     with torch.no_grad():
         for c in clients:
-            logits = model(c.x_test)
-            absent = torch.bincount(c.y_train, minlength=logits.shape[1]) == 0
-            plain.append(float((logits.argmax(1) == c.y_test).float().mean()))
-            restricted.append(float((logits.masked_fill(absent, -math.inf).argmax(1)
-                                     == c.y_test).float().mean()))
+            log_posterior = torch.log_softmax(model(c.x_test).double(), dim=1)
+            counts = torch.bincount(c.y_train, minlength=len(log_prior)).double()
+            scores = {"plain": log_posterior,
+                      "restricted": log_posterior.masked_fill(counts == 0, -math.inf),
+                      "prior": log_posterior + torch.log(counts / counts.sum()) - log_prior}
+            for name, score in scores.items():
+                accuracy[name].append(float((score.argmax(1) == c.y_test).double().mean()))
     return (f"central CNN ({CEILING_EPOCHS} epochs on the union of the training splits), "
-            f"per-client mean accuracy {np.mean(plain):.4f}; restricted to each client's "
-            f"classes {np.mean(restricted):.4f} (bottom 10% "
-            f"{bottom_decile_mean(restricted):.4f})")
+            f"per-client mean accuracy {np.mean(accuracy['plain']):.4f}; restricted to each "
+            f"client's classes {np.mean(accuracy['restricted']):.4f} (bottom 10% "
+            f"{bottom_decile_mean(accuracy['restricted']):.4f}); moved to each client's label "
+            f"prior {np.mean(accuracy['prior']):.4f} (bottom 10% "
+            f"{bottom_decile_mean(accuracy['prior']):.4f})")
+
+
+def local_only(dataset: str, seed: int) -> str:
+    """The other end from the central model, also not federated: every client trains its own
+    CNN on its training split alone (the clients' local SGD, constant learning rate; the
+    momentum buffer restarts at each reported epoch count) and is evaluated on its test
+    split after each of ``LOCAL_EPOCHS`` epochs."""
+    scenario = load_scenario(SCENARIOS / "fedavg.toml", [f"data.dataset={dataset}",
+                                                         f"seed={seed}"])
+    p = scenario.client
+    accuracy: dict[int, list[float]] = {epochs: [] for epochs in LOCAL_EPOCHS}
+    for pid in range(scenario.data.num_clients):
+        c = client_data(scenario.data, seed, pid)
+        torch.manual_seed(seed)
+        model, done = scenario_model(scenario), 0
+        for epochs in LOCAL_EPOCHS:
+            train_sgd(model, c.x_train, c.y_train, lr=p.lr, batch_size=p.batch_size,
+                      steps=num_steps(len(c.x_train), p.batch_size, epochs - done, None),
+                      generator=torch.Generator().manual_seed(seed + pid + done),
+                      momentum=p.momentum, weight_decay=p.weight_decay)
+            with torch.no_grad():
+                accuracy[epochs].append(evaluate(model, c.x_test, c.y_test).accuracy)
+            done = epochs
+    return "local training only, per-client mean accuracy " + ", ".join(
+        f"{np.mean(acc):.4f} after {epochs} epochs (bottom 10% {bottom_decile_mean(acc):.4f})"
+        for epochs, acc in accuracy.items())
 
 
 def final_accuracy(run_dir: str) -> dict[int, float]:
@@ -129,7 +167,7 @@ def main() -> None:
                         choices=["mnist", "fashion_mnist"])
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=ARMS,
-                        help="the arms to run (none: only --ceiling)")
+                        help="the arms to run (none: only the references)")
     parser.add_argument("--seed", type=int, default=0,
                         help="the scenarios' seed (partition, sampling, initialisation); a "
                              "seed other than 0 gets its own experiment, personal-<dataset>-"
@@ -137,7 +175,12 @@ def main() -> None:
     parser.add_argument("--ceiling", action="store_true",
                         help="also train one CNN centrally on the clients' pooled data and "
                              "report its per-client accuracy restricted to each client's "
-                             "classes: a reference for what personalisation can reach")
+                             "classes or moved to its label prior: a reference for what "
+                             "personalisation can reach")
+    parser.add_argument("--local-only", action="store_true",
+                        help="also train one CNN per client on its own data alone and report "
+                             "its accuracy after 5, 10 and 20 epochs: the no-federation "
+                             "reference")
     args = parser.parse_args()
     for dataset in args.datasets:
         if dataset == "fashion_mnist" and not available(dataset):
@@ -148,6 +191,8 @@ def main() -> None:
             compare_arms(dataset, args.arms, args.rounds, args.seed)
         if args.ceiling:
             print(f"- {dataset}, reference: {ceiling(dataset, args.seed)}")
+        if args.local_only:
+            print(f"- {dataset}, reference: {local_only(dataset, args.seed)}")
 
 
 if __name__ == "__main__":
