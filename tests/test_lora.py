@@ -17,7 +17,7 @@ from fedsparse.data.text import deduplicate
 from fedsparse.lora.flasc import scheduled_density
 from fedsparse.lora.model import LoRAClassifier, LoRAModelParams, base_model, classify
 from fedsparse.lora.sora import RankLayout, soft_threshold
-from fedsparse.lora.training import train_adapter
+from fedsparse.lora.training import parameter_groups, train_adapter
 from fedsparse.models import load_shared_state, scenario_model, shared_state
 from fedsparse.protocol import derive_seed
 from fedsparse.scenario import ScenarioError, parse_scenario
@@ -249,7 +249,8 @@ def test_error_feedback_keeps_what_top_k_did_not_send():
 def test_exported_adapter_reproduces_the_final_accuracy(tmp_path):
     from peft import PeftModel
 
-    scn = scenario(model={"sora": True}, strategy={"sora_threshold": 0.01},
+    scn = scenario(model={"sora": True}, strategy={"sora_threshold": 0.01,
+                                                   "server_optimizer": "sgd", "server_lr": 1.0},
                    client={"sora_l1": 0.1})
     f = run_federation(scn)
     x, y = held_out_set(scn.data)
@@ -299,3 +300,15 @@ def test_pretrained_minilm_adapter_round_trips(tmp_path):
     reloaded = PeftModel.from_pretrained(base_model("minilm", 3), str(tmp_path)).eval()
     torch.testing.assert_close(classify(reloaded, x),
                                model(x), atol=1e-6, rtol=0)
+
+
+def test_biases_get_no_weight_decay():
+    model = tiny(sora=True)
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert no_decay["params"] and all(names[id(p)].endswith(".bias") for p in no_decay["params"])
+    assert not any(names[id(p)].endswith(".bias") for p in decay["params"])
+    trained = {n for n, p in model.named_parameters()
+               if p.requires_grad and not n.startswith("gates.")}
+    assert {names[id(p)] for group in (decay, no_decay) for p in group["params"]} == trained

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from fedsparse.lora.model import LoRAClassifier
@@ -29,11 +28,21 @@ class GateRule:
     lr: float
 
 
-def _optimizer(kind: Optimizer, params: list[nn.Parameter], lr: float, momentum: float,
-               weight_decay: float) -> torch.optim.Optimizer:
+def parameter_groups(model: LoRAClassifier, weight_decay: float) -> list[dict]:
+    """The trainable parameters but the SoRA gates: weights with ``weight_decay``, biases
+    without (as SoRA's release groups them)."""
+    trained = [(n, p) for n, p in model.named_parameters()
+               if p.requires_grad and not n.startswith("gates.")]
+    return [{"params": [p for n, p in trained if not n.endswith(".bias")],
+             "weight_decay": weight_decay},
+            {"params": [p for n, p in trained if n.endswith(".bias")], "weight_decay": 0.0}]
+
+
+def _optimizer(kind: Optimizer, groups: list[dict], lr: float,
+               momentum: float) -> torch.optim.Optimizer:
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def _mask_pruned(model: LoRAClassifier, layout: RankLayout) -> None:
@@ -57,9 +66,7 @@ def train_adapter(model: LoRAClassifier, layout: RankLayout, x: torch.Tensor, y:
     """``steps`` minibatch steps on ``(x, y)`` in place."""
     if len(x) == 0 or steps == 0:
         return TrainResult(steps=0, examples=0, loss=float("nan"), flops=0)
-    main = [p for n, p in model.named_parameters() if p.requires_grad and
-            not n.startswith("gates.")]
-    opt = _optimizer(optimizer, main, lr, momentum, weight_decay)
+    opt = _optimizer(optimizer, parameter_groups(model, weight_decay), lr, momentum)
     gate_params = list(model.gates.values())
     gate_opt = torch.optim.AdamW(gate_params, lr=gates.lr, weight_decay=0.0) \
         if gates is not None and gate_params else None
