@@ -178,6 +178,9 @@ class Flasc(FedSparseStrategy):
         metrics["down_density"] = self.round_config[DOWN_DENSITY]
         metrics["up_density"] = self.round_config[UP_DENSITY]
         metrics["ranks_alive"] = self.layout.ranks_alive()
+        if self.layout.sora:  # SoRA's rank per module (ALGORITHMS.md §7)
+            for m in self.layout.modules:
+                metrics[f"ranks_alive/{m}"] = int(self.layout.alive[m].sum())
         metrics["adapter_coordinates"] = int(self.layout.coordinates().sum())
         return arrays, metrics
 

@@ -229,6 +229,8 @@ def test_sora_prunes_ranks_and_stops_sending_them():
     f = run_federation(scn)
     alive = [row["ranks_alive"] for row in f.rows]
     assert alive[0] <= 16 and alive[-1] < 16 and alive == sorted(alive, reverse=True)
+    per_module = {k: v for k, v in f.rows[-1].items() if k.startswith("ranks_alive/")}
+    assert len(per_module) == 4 and sum(per_module.values()) == alive[-1]  # 2 layers x q, v
     down = [row["downlink_bytes"] / row["clients_sampled"] for row in f.rows]
     assert down[-1] < down[0]  # fewer coordinates once ranks are pruned
     final = {k: v for k, v in to_numpy(f.state.arrays).items()}
