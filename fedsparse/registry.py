@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fedsparse.compress import CONTRACTIVE, CompressorConfig
+from fedsparse.compress import CONTRACTIVE, CompressorConfig, of_kind
 
 T = TypeVar("T")
 
@@ -46,17 +46,15 @@ class StrategyParams(PluginParams):
     min_evaluate_clients: int = Field(1, ge=1)
     downlink: CompressorConfig | None = Field(
         None, description="compress the model sent for training (fedsparse/downlink.py)")
+    # Set by a strategy whose downlink is its own: why ``downlink`` does not apply to it.
+    own_downlink: ClassVar[str] = ""
+
     @field_validator("downlink")
     @classmethod
     def _contractive_downlink(cls, spec: CompressorConfig | None) -> CompressorConfig | None:
-        if spec is not None and spec.name not in CONTRACTIVE:
-            raise ValueError(f"the compressed downlink keeps its error on the server and needs "
-                             f"a contractive compressor ({', '.join(CONTRACTIVE)}), not "
-                             f"{spec.name!r}: a rescaled one makes x_hat diverge from x")
-        return spec
-
-    # Set by a strategy whose downlink is its own: why ``downlink`` does not apply to it.
-    own_downlink: ClassVar[str] = ""
+        return None if spec is None else of_kind(
+            spec, CONTRACTIVE, "the compressed downlink", "a contractive",
+            ": it keeps its error on the server, so a rescaled one makes x_hat diverge from x")
 
     @model_validator(mode="after")
     def _downlink_applies(self) -> StrategyParams:

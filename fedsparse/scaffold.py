@@ -39,7 +39,14 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from fedsparse.compress import CONTRACTIVE, UNBIASED, Compressor, CompressorConfig, Payload
+from fedsparse.compress import (
+    CONTRACTIVE,
+    UNBIASED,
+    Compressor,
+    CompressorConfig,
+    Payload,
+    of_kind,
+)
 from fedsparse.compress.identity import IdentitySpec
 from fedsparse.compress.randk import RandKSpec
 from fedsparse.compress.topk import TopKSpec
@@ -83,10 +90,8 @@ class ScallionParams(ScaffoldParams):
     @field_validator("compressor")
     @classmethod
     def _unbiased(cls, spec: CompressorConfig) -> CompressorConfig:
-        if spec.name not in UNBIASED:
-            raise ValueError(f"SCALLION needs an unbiased compressor ({', '.join(UNBIASED)}), "
-                             f"not {spec.name!r}; use scafcom for biased ones")
-        return spec
+        return of_kind(spec, UNBIASED, "SCALLION", "an unbiased",
+                       "; use scafcom for biased ones")
 
     @model_validator(mode="after")
     def _alpha_within_variance(self) -> ScallionParams:
@@ -116,11 +121,8 @@ class ScafcomParams(ScaffoldParams):
     @field_validator("compressor")
     @classmethod
     def _contractive(cls, spec: CompressorConfig) -> CompressorConfig:
-        if spec.name not in CONTRACTIVE:
-            raise ValueError(f"SCAFCOM needs a contractive compressor "
-                             f"({', '.join(CONTRACTIVE)}), not {spec.name!r}: a rescaled one "
-                             f"makes c_i diverge; use scallion for unbiased ones")
-        return spec
+        return of_kind(spec, CONTRACTIVE, "SCAFCOM", "a contractive",
+                       ": a rescaled one makes c_i diverge; use scallion for unbiased ones")
 
     def rule(self) -> MessageRule:
         return MessageRule("scafcom", self.compressor, self.alpha, self.beta,

@@ -25,7 +25,7 @@ CompressorConfig = Annotated[IdentitySpec | TopKSpec | RandKSpec | QSGDSpec | Sc
                              Field(discriminator="name")]
 
 __all__ = ["CONTRACTIVE", "UNBIASED", "Compressor", "CompressorConfig", "CompressorSpec",
-           "Payload", "build_compressor", "payload_bytes"]
+           "Payload", "build_compressor", "of_kind", "payload_bytes"]
 
 # E[C(v)] = v (rescaled by d/k or ||v||/s, so E||C(v) - v||^2 = omega ||v||^2 with omega
 # up to d/k - 1): the compressors SCALLION needs.
@@ -33,6 +33,16 @@ UNBIASED = ("identity", "randk", "qsgd")
 # ||C(v) - v||^2 <= (1 - delta) ||v||^2 for some delta > 0: the compressors an error-feedback
 # scheme needs (SCAFCOM, the compressed downlink); a rescaled one makes it diverge.
 CONTRACTIVE = ("identity", "topk", "sign")
+
+
+def of_kind(spec: CompressorSpec, kind: tuple[str, ...], who: str, adjective: str,
+            why: str) -> CompressorSpec:
+    """``spec`` if its compressor is one of ``kind`` (UNBIASED or CONTRACTIVE), else a
+    ValueError: ``<who> needs <adjective> compressor (<kind>), not '<name>'<why>``."""
+    if spec.name not in kind:
+        raise ValueError(f"{who} needs {adjective} compressor ({', '.join(kind)}), not "
+                         f"{spec.name!r}{why}")
+    return spec
 
 
 def build_compressor(spec: CompressorSpec, segments: Sequence[int] = ()) -> Compressor:
