@@ -86,12 +86,20 @@ class SparseFedAvgParams(StrategyParams):
     isolation: bool = Field(False, description="fresh random mask per task, old tasks' "
                                                "weights frozen (dst or fixed, erk or uniform)")
 
+    @staticmethod
+    def rounds_per_task(scenario: Any) -> int:
+        """A task's rounds: the whole run without a [continual] section."""
+        return scenario.continual.rounds_per_task if scenario.continual else scenario.run.rounds
+
+    def freeze_round(self, rounds_per_task: int) -> int:
+        """TDM's round of the task that freezes the mask (default: its last)."""
+        return self.freeze_at or rounds_per_task - 1
+
     def check_scenario(self, scenario: Any) -> None:
         if self.mask_update != "tdm":
             return
-        rounds = scenario.continual.rounds_per_task if scenario.continual else \
-            scenario.run.rounds
-        freeze = self.freeze_at or rounds - 1
+        rounds = self.rounds_per_task(scenario)
+        freeze = self.freeze_round(rounds)
         if not 1 <= freeze < rounds:
             raise ValueError(f"strategy.freeze_at = {freeze} must be a round of the task "
                              f"after its first, 1 to {rounds - 1} (continual.rounds_per_task = "
@@ -124,10 +132,9 @@ class SparseFedAvg(FedSparseStrategy):
         self.signal: dict[str, torch.Tensor] | None = None  # clients' mean, for the next update
         self.requested = "none"  # the signal asked for in the current round
         self.fallback: ArrayRecord | None = None  # the round's model, if no client replies
-        spec = scenario.continual
-        self.rounds_per_task = spec.rounds_per_task if spec else scenario.run.rounds
+        self.rounds_per_task = params.rounds_per_task(scenario)
         self.tdm = TDMSchedule(params.sparsity, update_every=params.update_every,
-                               freeze_at=params.freeze_at or self.rounds_per_task - 1,
+                               freeze_at=params.freeze_round(self.rounds_per_task),
                                boost=params.boost, drop=params.drop)
 
     # -- schedule -------------------------------------------------------------------------
