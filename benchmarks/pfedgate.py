@@ -35,7 +35,7 @@ from fedsparse.data.datasets import available
 from fedsparse.experiments import compare
 from fedsparse.metrics.aggregate import bottom_decile_mean
 from fedsparse.models import scenario_model
-from fedsparse.scenario import load_scenario
+from fedsparse.scenario import Scenario, load_scenario
 from fedsparse.tracking.history import read_csv
 from fedsparse.training import evaluate, num_steps, train_sgd
 
@@ -47,6 +47,11 @@ CEILING_EPOCHS, CEILING_BATCH = 8, 64  # the central model: lr x 0.1 for the las
 LOCAL_EPOCHS = (5, 10, 20)  # the local-only reference is evaluated after each
 
 
+def reference_scenario(dataset: str, seed: int) -> Scenario:
+    """The FedAvg arm's scenario: the clients' data and local SGD the references reuse."""
+    return load_scenario(SCENARIOS / "fedavg.toml", [f"data.dataset={dataset}", f"seed={seed}"])
+
+
 def ceiling(dataset: str, seed: int) -> str:
     """A reference point for personalised accuracy, not a federated method: one CNN trained
     centrally on the union of the clients' training splits, evaluated on each client's test
@@ -55,8 +60,7 @@ def ceiling(dataset: str, seed: int) -> str:
     eq. 2.4: p_k(y|x) ~ p(y|x) p_k(y) / p(y), priors from the training splits). A Dirichlet
     label partition changes only p(y) from client to client, never p(x|y), so the last is
     the Bayes-optimal personalised classifier built on this central model."""
-    scenario = load_scenario(SCENARIOS / "fedavg.toml", [f"data.dataset={dataset}",
-                                                         f"seed={seed}"])
+    scenario = reference_scenario(dataset, seed)
     clients = [client_data(scenario.data, seed, pid) for pid in
                range(scenario.data.num_clients)]
     x, y = torch.cat([c.x_train for c in clients]), torch.cat([c.y_train for c in clients])
@@ -93,8 +97,7 @@ def local_only(dataset: str, seed: int) -> str:
     CNN on its training split alone (the clients' local SGD, constant learning rate; the
     momentum buffer restarts at each reported epoch count) and is evaluated on its test
     split after each of ``LOCAL_EPOCHS`` epochs."""
-    scenario = load_scenario(SCENARIOS / "fedavg.toml", [f"data.dataset={dataset}",
-                                                         f"seed={seed}"])
+    scenario = reference_scenario(dataset, seed)
     p = scenario.client
     accuracy: dict[int, list[float]] = {epochs: [] for epochs in LOCAL_EPOCHS}
     for pid in range(scenario.data.num_clients):

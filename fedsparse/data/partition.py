@@ -86,8 +86,9 @@ def _determined(partitioner, spec: DataSpec, n_examples: int):
     next call draws anew. Left to the clients, a process whose first client met that error
     would hold another partition than one that did not (and that client would fail). Calling
     until a split succeeds, here, makes the partition a function of the spec and the seed.
+    The other partitioners are deterministic: one call decides.
     """
-    for _ in range(RESAMPLING_CALLS):
+    for _ in range(RESAMPLING_CALLS if spec.partition == "dirichlet" else 1):
         try:
             with warnings.catch_warnings():  # its resampling notices; a final failure raises
                 warnings.simplefilter("ignore", UserWarning)
