@@ -5,7 +5,8 @@ Arms: FedAvg (one global model), FedAvg + local fine-tuning (one epoch before ev
 pFedGate at budgets s = 1, 0.5 and 0.3, pFedGate with heterogeneous budgets drawn from
 {0.3, 0.5, 1.0}, pFedGate at s = 0.5 with 5 novel clients that only fit their gating layer
 after the last round, and pFedGate + fine-tuning at s = 0.5 (one epoch of local gated
-training before evaluation, as FedAvg + FT gets). 50 clients, Dirichlet(0.1) label skew,
+training before evaluation, as FedAvg + FT gets). 50 clients, Dirichlet(0.1) label skew
+(``--alpha`` for another concentration, e.g. the release's 0.4),
 LeNet-style CNN, 20% participation. The report (``reports/personal-<dataset>/``) gives the
 personalised accuracy (each client's own model on its own test split: weighted, mean and
 mean of the worst 10% of clients), the global model's accuracy, the budget and the share of
@@ -18,7 +19,7 @@ centrally on the pooled client data (as is, restricted to each client's classes,
 to each client's label prior) and one CNN per client trained on its own data alone.
 
     python benchmarks/pfedgate.py [--datasets mnist fashion_mnist] [--rounds 100] [--arms ...]
-                                  [--seed 0] [--ceiling] [--local-only]
+                                  [--seed 0] [--alpha 0.1] [--ceiling] [--local-only]
 """
 
 from __future__ import annotations
@@ -47,12 +48,23 @@ CEILING_EPOCHS, CEILING_BATCH = 8, 64  # the central model: lr x 0.1 for the las
 LOCAL_EPOCHS = (5, 10, 20)  # the local-only reference is evaluated after each
 
 
-def reference_scenario(dataset: str, seed: int) -> Scenario:
+def setting(dataset: str, seed: int, alpha: float | None) -> tuple[list[str], str]:
+    """The overrides every arm and reference shares, and the MLflow experiment they go to:
+    ``personal-<dataset>``, suffixed ``-alpha<A>`` and ``-seed<S>`` away from the defaults."""
+    overrides = [f"data.dataset={dataset}", f"seed={seed}"]
+    experiment = f"personal-{dataset}"
+    if alpha is not None:
+        overrides.append(f"data.alpha={alpha}")
+        experiment += f"-alpha{alpha}"
+    return overrides, experiment + (f"-seed{seed}" if seed else "")
+
+
+def reference_scenario(overrides: list[str]) -> Scenario:
     """The FedAvg arm's scenario: the clients' data and local SGD the references reuse."""
-    return load_scenario(SCENARIOS / "fedavg.toml", [f"data.dataset={dataset}", f"seed={seed}"])
+    return load_scenario(SCENARIOS / "fedavg.toml", overrides)
 
 
-def ceiling(dataset: str, seed: int) -> str:
+def ceiling(scenario: Scenario) -> str:
     """A reference point for personalised accuracy, not a federated method: one CNN trained
     centrally on the union of the clients' training splits, evaluated on each client's test
     split as it is, with its logits restricted to the classes of that client's training
@@ -60,7 +72,7 @@ def ceiling(dataset: str, seed: int) -> str:
     eq. 2.4: p_k(y|x) ~ p(y|x) p_k(y) / p(y), priors from the training splits). A Dirichlet
     label partition changes only p(y) from client to client, never p(x|y), so the last is
     the Bayes-optimal personalised classifier built on this central model."""
-    scenario = reference_scenario(dataset, seed)
+    seed = scenario.seed
     clients = [client_data(scenario.data, seed, pid) for pid in
                range(scenario.data.num_clients)]
     x, y = torch.cat([c.x_train for c in clients]), torch.cat([c.y_train for c in clients])
@@ -92,13 +104,12 @@ def ceiling(dataset: str, seed: int) -> str:
             f"{bottom_decile_mean(accuracy['prior']):.4f})")
 
 
-def local_only(dataset: str, seed: int) -> str:
+def local_only(scenario: Scenario) -> str:
     """The other end from the central model, also not federated: every client trains its own
     CNN on its training split alone (the clients' local SGD, constant learning rate; the
     momentum buffer restarts at each reported epoch count) and is evaluated on its test
     split after each of ``LOCAL_EPOCHS`` epochs."""
-    scenario = reference_scenario(dataset, seed)
-    p = scenario.client
+    seed, p = scenario.seed, scenario.client
     accuracy: dict[int, list[float]] = {epochs: [] for epochs in LOCAL_EPOCHS}
     for pid in range(scenario.data.num_clients):
         c = client_data(scenario.data, seed, pid)
@@ -140,14 +151,12 @@ def paired_gap(arm: dict[int, float], reference: dict[int, float]) -> str:
             f"better on {(gaps > 0).sum()}, worse on {(gaps < 0).sum()})")
 
 
-def compare_arms(dataset: str, arms: list[str], rounds: int, seed: int) -> None:
+def compare_arms(arms: list[str], rounds: int, overrides: list[str], experiment: str) -> None:
     """Run ``arms`` as one MLflow experiment; print the report and the gaps to FedAvg + FT."""
-    experiment = f"personal-{dataset}" + (f"-seed{seed}" if seed else "")
     result = compare([SCENARIOS / f"{arm}.toml" for arm in arms],
-                     overrides=[f"data.dataset={dataset}", f"run.rounds={rounds}",
-                                f"seed={seed}"],
+                     overrides=[*overrides, f"run.rounds={rounds}"],
                      experiment=experiment, out=Path("reports") / experiment, quiet=True)
-    print(f"## {dataset} ({rounds} rounds, seed {seed}, MLflow experiment "
+    print(f"## {', '.join(overrides)} ({rounds} rounds, MLflow experiment "
           f"{result.experiment!r})")
     print(result.report.read_text())
     ft = result.summaries.get("personal-fedavg-ft")
@@ -175,6 +184,10 @@ def main() -> None:
                         help="the scenarios' seed (partition, sampling, initialisation); a "
                              "seed other than 0 gets its own experiment, personal-<dataset>-"
                              "seed<S>")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="the Dirichlet concentration (default: the scenarios' 0.1); "
+                             "another value gets its own experiment, personal-<dataset>-"
+                             "alpha<A>[-seed<S>]")
     parser.add_argument("--ceiling", action="store_true",
                         help="also train one CNN centrally on the clients' pooled data and "
                              "report its per-client accuracy restricted to each client's "
@@ -190,12 +203,13 @@ def main() -> None:
             print("## fashion_mnist: not installed (apt-get install dataset-fashion-mnist); "
                   "skipped")
             continue
+        overrides, experiment = setting(dataset, args.seed, args.alpha)
         if args.arms:
-            compare_arms(dataset, args.arms, args.rounds, args.seed)
+            compare_arms(args.arms, args.rounds, overrides, experiment)
         if args.ceiling:
-            print(f"- {dataset}, reference: {ceiling(dataset, args.seed)}")
+            print(f"- {dataset}, reference: {ceiling(reference_scenario(overrides))}")
         if args.local_only:
-            print(f"- {dataset}, reference: {local_only(dataset, args.seed)}")
+            print(f"- {dataset}, reference: {local_only(reference_scenario(overrides))}")
 
 
 if __name__ == "__main__":
