@@ -26,6 +26,7 @@ import torch
 
 from fedsparse.data import held_out_set, load_dataset
 from fedsparse.lora.model import base_model, classify
+from fedsparse.metrics.aggregate import standard_error
 from fedsparse.scenario import load_scenario
 
 
@@ -78,8 +79,8 @@ def main() -> None:
               f"| {(row < 0).sum()} | {(row > 0).sum()} | {100 * row.mean():+.2f} |")
     gaps = d.mean(axis=1)
     mean = float(gaps.mean())
-    se_texts = float(d.mean(axis=0).std(ddof=1) / np.sqrt(d.shape[1]))
-    se_seeds = float(gaps.std(ddof=1) / np.sqrt(len(seeds))) if len(seeds) > 1 else np.nan
+    se_texts = standard_error(d.mean(axis=0).tolist())
+    se_seeds = standard_error(gaps.tolist())
     print(f"\nmean gap over {len(seeds)} seeds: {100 * mean:+.2f} points; standard error over "
           f"texts {100 * se_texts:.2f}, over seeds {100 * se_seeds:.2f}")
 

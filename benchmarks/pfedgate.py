@@ -34,7 +34,7 @@ import torch
 from fedsparse.data import client_data
 from fedsparse.data.datasets import available
 from fedsparse.experiments import compare
-from fedsparse.metrics.aggregate import bottom_decile_mean
+from fedsparse.metrics.aggregate import bottom_decile_mean, standard_error
 from fedsparse.models import scenario_model
 from fedsparse.scenario import Scenario, load_scenario
 from fedsparse.tracking.history import read_csv
@@ -146,7 +146,7 @@ def late_mean(run_dir: str, evaluations: int = LATE) -> float:
 def paired_gap(arm: dict[int, float], reference: dict[int, float]) -> str:
     """Mean per-client accuracy gap in points, its standard error, clients better/worse."""
     gaps = 100 * np.array([arm[p] - reference[p] for p in sorted(arm.keys() & reference)])
-    se = gaps.std(ddof=1) / math.sqrt(len(gaps))
+    se = standard_error(gaps.tolist())
     return (f"{gaps.mean():+.2f} +- {se:.2f} points per client (SE over {len(gaps)}; "
             f"better on {(gaps > 0).sum()}, worse on {(gaps < 0).sum()})")
 

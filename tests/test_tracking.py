@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,12 @@ def test_bottom_decile_is_the_mean_of_the_worst_tenth_and_at_least_one():
     assert bottom_decile_mean([0.9, 0.1, 0.5]) == 0.1
     assert bottom_decile_mean([i / 100 for i in range(20, 0, -1)]) == pytest.approx(0.015)
     assert np.isnan(bottom_decile_mean([]))
+
+
+def test_standard_error_is_the_sample_deviation_over_root_n():
+    from fedsparse.metrics.aggregate import standard_error
+
+    values = [1.0, 2.0, 4.0, 7.0]  # mean 3.5, squared deviations sum to 21, ddof 1: 7
+    assert standard_error(values) == pytest.approx(math.sqrt(7) / 2)
+    assert standard_error(values) == pytest.approx(np.std(values, ddof=1) / np.sqrt(4))
+    assert np.isnan(standard_error([3.0]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Collection, Mapping, Sequence
 
 
@@ -27,6 +28,14 @@ def aggregate_client_metrics(metrics: Sequence[Mapping[str, float]], weights: Se
 
 def unweighted_mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values) if values else float("nan")
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of ``values``: sample standard deviation over sqrt(n)
+    (NaN below two values)."""
+    if len(values) < 2:
+        return float("nan")
+    return statistics.stdev(values) / math.sqrt(len(values))
 
 
 def bottom_decile_mean(values: Sequence[float]) -> float:
