@@ -2,7 +2,9 @@
 
 A client finds its data from its node config (``partition-id``, ``num-partitions``: set by
 the Simulation Engine, or by ``flower-supernode --node-config`` in deployment) and the
-scenario from the run config. Each message is handed to the scenario's client program.
+scenario from the run config. Each message is handed to the scenario's client program; a
+train or evaluate reply echoes the instruction's round (``server-round``), so that the
+server can tell a reply to another round from one to the round it is in.
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.programs.base import ClientProgram
-from fedsparse.protocol import CONFIG, METRICS, NUM_PARTITIONS, PARTITION_ID, QUERY, run_setting
+from fedsparse.protocol import (
+    CONFIG,
+    METRICS,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    QUERY,
+    SERVER_ROUND,
+    run_setting,
+)
 from fedsparse.registry import CLIENT_PROGRAMS
 from fedsparse.scenario import Scenario, parse_scenario
 
@@ -57,11 +67,19 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 
+def answer(msg: Message, content: RecordDict) -> Message:
+    """The reply to ``msg``, its metrics stamped with the round they answer."""
+    config = msg.content.config_records.get(CONFIG)
+    if config is not None and SERVER_ROUND in config and METRICS in content.metric_records:
+        content.metric_records[METRICS][SERVER_ROUND] = int(config[SERVER_ROUND])
+    return Message(content, reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return Message(program_for(context).train(msg.content), reply_to=msg)
+    return answer(msg, program_for(context).train(msg.content))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return Message(program_for(context).evaluate(msg.content), reply_to=msg)
+    return answer(msg, program_for(context).evaluate(msg.content))

@@ -116,6 +116,10 @@ def _run(args: argparse.Namespace) -> int:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
+    if summary.get("failure"):
+        print(f"fedsparse: the run failed: {summary['failure']}; see {summary['run_dir']}"
+              f"/clients.csv for why each reply was dropped", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -127,7 +131,10 @@ def _compare(args: argparse.Namespace) -> int:
     print(f"report: {result.report} (MLflow experiment {result.experiment!r}, "
           f"parent run {result.parent_run_id})")
     print(result.report.read_text())
-    return 0
+    failed = {label: s["failure"] for label, s in result.summaries.items() if s.get("failure")}
+    for label, failure in failed.items():
+        print(f"fedsparse: run {label} failed: {failure}", file=sys.stderr)
+    return EXIT_FAILED if failed else 0
 
 
 @contextmanager

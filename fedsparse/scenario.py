@@ -111,6 +111,21 @@ class RunSpec(Section):
     num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use (default: all)")
     node_wait_s: float = Field(300.0, gt=0, description="how long the server waits for clients")
     round_timeout_s: float = Field(3600.0, gt=0, description="reply timeout per round")
+    max_failed_round_fraction: float = Field(
+        0.5, ge=0, le=1, description="a run whose rounds did not count more often than this "
+                                     "(or never counted) ends with a non-zero exit code")
+    max_client_examples: int = Field(
+        1_000_000, ge=1, description="deployment: the most examples a client may report (in "
+                                     "simulation the server knows each partition's size)")
+
+    def verdict(self, rounds: int, failed: int) -> str:
+        """Why a run with ``failed`` of ``rounds`` rounds not counted is a failure ("" if not)."""
+        if failed == rounds:
+            return f"no round counted ({failed} of {rounds} failed)"
+        if failed > self.max_failed_round_fraction * rounds:
+            return (f"{failed} of {rounds} rounds did not count, more than "
+                    f"run.max_failed_round_fraction = {self.max_failed_round_fraction}")
+        return ""
 
 
 class ContinualSpec(Section):
@@ -210,6 +225,11 @@ class Scenario(Section):
     def _sections_agree(self) -> Scenario:
         for section in (self.model, self.strategy, self.client):
             section.check_scenario(self)
+        return self
+
+    @model_validator(mode="after")
+    def _minimums_reachable(self) -> Scenario:
+        self.strategy.check_minimums(self.data.num_clients)
         return self
 
     @model_validator(mode="after")

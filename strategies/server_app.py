@@ -120,8 +120,10 @@ def _client_table(jsonl: Path, csv_path: Path) -> Path:
 
 def _finish(out_dir: Path, scenario: Scenario, state: LoopState, tracker: MlflowRun,
             wall_s: float) -> dict[str, Any]:
-    """Write and log the run's artifacts; return the summary."""
+    """Write and log the run's artifacts; return the summary (``failure``: why the run
+    counts as failed, "" if it does not)."""
     summary = summarize(state.history, wall_s, tracker.run_id)
+    summary["failure"] = scenario.run.verdict(summary["rounds"], summary["rounds_failed"])
     files = [out_dir / "scenario.toml", write_csv(state.history, out_dir / "metrics.csv"),
              _client_table(out_dir / "clients.jsonl", out_dir / "clients.csv")]
     files += accuracy_plots({scenario.name: state.history}, out_dir / "plots")
@@ -199,6 +201,8 @@ def main(grid: Grid, context: Context) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "scenario.toml").write_text(scenario.to_toml())
     strategy = build_strategy(scenario)
+    if setting["federation"] == "deployment":  # the devices' data is theirs: a cap, not sizes
+        strategy.examples_cap = scenario.run.max_client_examples
     # MLflow and the model are set up while the clients start (Ray, actors): both take seconds.
     with ThreadPoolExecutor(max_workers=1) as pool:
         preparing = pool.submit(prepare, scenario, strategy, setting, out_dir)
@@ -232,5 +236,8 @@ def main(grid: Grid, context: Context) -> None:
         tracker.finish("FAILED")
         events.emit("error", message=f"{type(err).__name__}: {err}", out_dir=str(out_dir))
         raise
-    tracker.finish()
+    if summary["failure"]:
+        log.error("the run failed: %s (clients.csv says why each reply was dropped)",
+                  summary["failure"])
+    tracker.finish("FAILED" if summary["failure"] else "FINISHED")
     events.emit("done", summary=summary, out_dir=str(out_dir))

@@ -2,11 +2,13 @@
 
 Every node runs the fedsparse ClientApp in this process with its own ``Context`` (node
 config ``partition-id``/``num-partitions``, persistent ``state``), as the Simulation Engine
-does; an exception in the ClientApp becomes an error reply, as in Flower.
+does; an exception in the ClientApp becomes an error reply, as in Flower. A pushed message
+is answered at once; ``pull_messages`` hands out the replies to the ids it is given.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -32,6 +34,7 @@ class LocalGrid:
         self.tamper = tamper
         self.sent: list[Message] = []
         self.received: list[Message] = []
+        self.outbox: dict[str, Message] = {}  # message id -> its reply, until pulled
 
     @staticmethod
     def partition_of(message: Message) -> int:
@@ -41,10 +44,10 @@ class LocalGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages: Iterable[Message],
-                         timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             self.sent.append(message)
             try:
                 reply = client_app(message, self.contexts[message.metadata.dst_node_id])
@@ -53,8 +56,12 @@ class LocalGrid:
             if self.tamper is not None:
                 reply = self.tamper(message, reply)
             self.received.append(reply)
-            replies.append(reply)
-        return replies
+            self.outbox[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
 
     def state(self, partition_id: int) -> RecordDict:
         return self.contexts[1000 + partition_id].state

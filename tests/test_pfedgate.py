@@ -28,7 +28,7 @@ from fedsparse.personal import (
 )
 from fedsparse.scenario import ScenarioError, parse_scenario
 from fedsparse.training import batches
-from strategies.records import to_numpy
+from strategies.records import Received, to_numpy
 from strategies.server_app import initial_arrays
 from tests.conftest import DATA
 from tests.local_grid import LocalGrid, run_federation
@@ -272,7 +272,7 @@ def test_all_client_weighting_moves_theta_by_the_sampled_share():
     n = sum(strategy.data_sizes.values())
     for name in theta0:
         step = sum(strategy.data_sizes[pid] / n
-                   * (strategy.check_train_reply(content)[name].astype(np.float64)
+                   * (strategy.check_train_reply(Received(content))[name].astype(np.float64)
                       - theta0[name]) for pid, content in sent.items())
         np.testing.assert_allclose(theta1[name], theta0[name] + step, rtol=0, atol=1e-6)
     assert any(not np.array_equal(theta1[name], theta0[name]) for name in theta0)

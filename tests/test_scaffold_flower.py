@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, Message
+from flwr.app import Array, Error, Message
 
 from fedsparse.compress import payload_bytes
 from fedsparse.flat import flatten
@@ -101,10 +101,61 @@ def test_an_update_that_overflows_when_decoded_is_rejected():
                                           on_round=check_invariant)
     assert all(row["audit_control_gap"] < 1e-6 for row in rows)
     rejected = [r for r in strategy.client_records if r.status == "rejected"]
-    assert rejected and all(r.partition_id == 0 and "not finite" in r.reason
+    assert rejected and all(r.partition_id == 0 and "contains NaN or Inf" in r.reason
                             for r in rejected)
     assert np.isfinite(strategy.c).all()
     assert all(np.isfinite(a).all() for a in to_numpy(state.arrays).values())
+
+
+def test_an_aggregate_that_overflows_leaves_the_model_and_c_unchanged():
+    """Each message within max_abs_value, the model step beyond float32: the round does not
+    count, x and c stay as they were and no client's c_i step is committed."""
+    def big(message: Message, reply: Message) -> Message:
+        config = message.content.config_records.get("config")
+        if config and config.get("server-round") == 2 and "update" in reply.content:
+            update = reply.content.array_records["update"]
+            update["val"] = Array(np.full_like(update["val"].numpy(), 3e38))
+        return reply
+
+    before = {}
+
+    def remember(rnd, grid, strategy):
+        check_invariant(rnd, grid, strategy)
+        before[rnd] = strategy.c.copy()
+
+    scaffold = {"name": "scaffold", "audit": True, "global_lr": 10.0, "max_abs_value": 1e39}
+    _grid, strategy, _, rows = run(scenario(scaffold, rounds=3), tamper=big, on_round=remember)
+    assert [row["round_counted"] for row in rows] == [1, 0, 1]
+    np.testing.assert_array_equal(before[2], before[1])
+    assert all(row["audit_control_gap"] < 1e-6 for row in rows)
+    assert not any(r == 2 for r in strategy.accepted_round.values())
+
+
+def test_a_round_below_min_train_replies_does_not_count():
+    def reject_one(message: Message, reply: Message) -> Message:
+        if "update" in reply.content and LocalGrid.partition_of(message) == 1:
+            del reply.content.metric_records["metrics"]
+        return reply
+
+    _grid, strategy, _, rows = run(scenario({"name": "scaffold", "audit": True,
+                                             "fraction_train": 1.0, "min_train_replies": 6},
+                                            rounds=2),
+                                   tamper=reject_one, on_round=check_invariant)
+    assert [row["round_counted"] for row in rows] == [0, 0]
+    assert [row["clients_ok"] for row in rows] == [5, 5]
+    assert not strategy.accepted_round and not np.abs(strategy.c).any()
+
+
+def test_the_audit_goes_on_when_a_client_does_not_answer():
+    def mute_audit(message: Message, reply: Message) -> Message:
+        config = message.content.config_records.get("config")
+        if config and config.get("query") == "control" and LocalGrid.partition_of(message) == 3:
+            return Message(Error(code=0, reason="gone"), reply_to=message)
+        return reply
+
+    _grid, _strategy, _, rows = run(scenario(SCAFCOM_TOPK, rounds=2), tamper=mute_audit)
+    assert [row["audit_clients_answered"] for row in rows] == [5, 5]
+    assert all("audit_control_gap" not in row for row in rows)
 
 
 def test_uplink_is_the_compressed_payload():
