@@ -77,10 +77,13 @@ def save_arrays(path: Path, arrays: Mapping[str, np.ndarray], document: Mapping[
 
 
 def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """What :func:`save_arrays` wrote; :class:`CorruptFile` if it is damaged or not one."""
+    """What :func:`save_arrays` wrote; :class:`CorruptFile` if it is damaged or not one
+    (FileNotFoundError if there is none)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             files = {key: npz[key] for key in npz.files}
+    except FileNotFoundError:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise CorruptFile(f"{path}: {err}") from None
     text, checksum = files.pop(DOCUMENT, None), files.pop(CHECKSUM, None)

@@ -10,13 +10,17 @@ import os
 import secrets
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsparse.checkpoint import Checkpoint
 from fedsparse.scenario import Scenario, ScenarioError, load_scenario
 from fedsparse.tracking.history import Row
+
+CLIENT_STATE = "client-state"  # the run folder's client state store (simulation)
 
 
 def tracking_settings(workdir: Path, uri: str = "", deployment: bool = False) -> dict[str, str]:
@@ -82,9 +86,12 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
 
     workdir = Path.cwd()
     settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
-                **(extra or {})}
+                **(extra or {}), "fedsparse-run-id": uuid.uuid4().hex}
     if resume:
         settings["resume-from"] = str(run_dir.resolve())
+        settings["fedsparse-run-id"] = Checkpoint.load(run_dir).state["fedsparse_run_id"]
+    if not superlink:  # simulated clients keep their state in the run folder
+        settings["client-state-dir"] = str((run_dir / CLIENT_STATE).resolve())
     launch = Launch(scenario=scenario, run_dir=run_dir, workdir=workdir, superlink=superlink,
                     insecure=root_certificates is None, root_certificates=root_certificates,
                     settings=settings)

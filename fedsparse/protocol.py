@@ -30,9 +30,10 @@ METRICS = "metrics"  # MetricRecord: client -> server measurements
 # Keys of the ConfigRecord sent with every instruction.
 SERVER_ROUND = "server-round"
 QUERY = "query"  # in a QUERY message: what the server asks ("" = which partition are you)
-# The last round in which the server counted this client's update (0: never). A client
-# applies the state change that went with an update (a control variate step, an error
-# feedback residual) only once the server has counted that update: two-phase commit.
+# The last round in which the server counted this client's update (0: never), in every
+# instruction: the client starts from the state it saved in that round, so a state change
+# that went with an update (a control variate step, a residual, a replay buffer) holds only
+# once the server has counted it: two-phase commit (fedsparse/client_state.py).
 COMMIT_ROUND = "commit-round"
 # What the server's next mask update needs from a client (strategies/sparse_fedavg.py):
 # "none", "grad" (last minibatch gradient at the mask), "grad-dense", "momentum-dense".
@@ -77,6 +78,8 @@ RUN_CONFIG_DEFAULTS: dict[str, str] = {
     "parent-run-id": "",  # MLflow run of a `fedsparse compare`, if any
     "run-name": "",  # MLflow run name
     "federation": "simulation",  # or "deployment": the server cannot know the clients' data
+    "fedsparse-run-id": "",  # fedsparse's id of the run, kept on resume (client state keys)
+    "client-state-dir": "",  # where clients keep their state ("" = the node's own folder)
 }
 
 

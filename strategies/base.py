@@ -44,6 +44,7 @@ from fedsparse.metrics.aggregate import (
     bottom_decile_mean,
     unweighted_mean,
 )
+from fedsparse.models import scenario_model, shared_state
 from fedsparse.payload import (
     PayloadError,
     check_bounded,
@@ -70,6 +71,7 @@ log = logging.getLogger("fedsparse.strategy")
 
 TRAIN, EVALUATE = "train", "evaluate"
 ReplyCheck = Callable[[Received], Any]
+COMMIT_PARTITIONS, COMMIT_ROUNDS, PUBLIC_PREFIX = "commit/partition", "commit/round", "public/"
 
 
 @dataclass(frozen=True)
@@ -197,10 +199,14 @@ class FedSparseStrategy(Strategy):
             messages.append(self._send(server_round, TRAIN, pid, content))
         return messages
 
+    def _new_public(self) -> PublicModel:
+        """An empty public model for ``strategy.downlink`` (per-tensor top-k: the tensors)."""
+        sizes = [v.numel() for v in shared_state(scenario_model(self.scenario)).values()]
+        return PublicModel(build_compressor(self.params.downlink, sizes))
+
     def _advance_public(self, server_round: int) -> None:
         if self.public is None:
-            sizes = [a.size for a in self.current.values()]
-            self.public = PublicModel(build_compressor(self.params.downlink, sizes))
+            self.public = self._new_public()
         rng = np.random.default_rng(derive_seed(self.scenario.seed, "downlink", server_round))
         self.public.advance(server_round, flatten(self.current), rng)
 
@@ -260,9 +266,9 @@ class FedSparseStrategy(Strategy):
     # -- evaluate -----------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        config = ConfigRecord({**config, SERVER_ROUND: server_round})
-        content = RecordDict({ARRAYS: arrays, CONFIG: config})
-        return [self._send(server_round, EVALUATE, pid, content)
+        return [self._send(server_round, EVALUATE, pid, RecordDict({ARRAYS: arrays, CONFIG:
+                ConfigRecord({**config, SERVER_ROUND: server_round,
+                              COMMIT_ROUND: self.accepted_round.get(pid, 0)})}))
                 for pid in self.sample(server_round, EVALUATE)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
@@ -299,11 +305,26 @@ class FedSparseStrategy(Strategy):
 
     # -- server state beyond the model, for checkpoints ------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """Server-side arrays to checkpoint besides the global model (none for FedAvg)."""
-        return {}
+        """Every server-side array besides the global model, for checkpoints: the commit
+        round of every client and the compressed downlink's public model; a subclass adds
+        its own to ``super().state_arrays()``. (The server keeps no random generator: all
+        its randomness is derived from the seed and the round.)"""
+        committed = sorted(self.accepted_round.items())
+        out = {COMMIT_PARTITIONS: np.array([p for p, _ in committed], np.int64),
+               COMMIT_ROUNDS: np.array([r for _, r in committed], np.int64)}
+        if self.public is not None:
+            out |= {PUBLIC_PREFIX + k: v for k, v in self.public.state_arrays().items()}
+        return out
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        """Restore what :meth:`state_arrays` returned."""
+        """Restore what :meth:`state_arrays` returned (a subclass extends it likewise)."""
+        self.accepted_round = {int(p): int(r) for p, r in
+                               zip(arrays[COMMIT_PARTITIONS], arrays[COMMIT_ROUNDS], strict=True)}
+        public = {k[len(PUBLIC_PREFIX):]: v for k, v in arrays.items()
+                  if k.startswith(PUBLIC_PREFIX)}
+        if public:
+            self.public = self._new_public()
+            self.public.load_state_arrays(public)
 
     # -- plumbing -----------------------------------------------------------------------
     def _send(self, server_round: int, phase: str, partition_id: int,

@@ -184,10 +184,11 @@ class Flasc(FedSparseStrategy):
 
     # -- checkpoint -----------------------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
-        return {ALIVE: self.layout.alive_gates().astype(np.uint8),
+        return {**super().state_arrays(), ALIVE: self.layout.alive_gates().astype(np.uint8),
                 **{OPTIMIZER_PREFIX + k: v for k, v in self.optimizer.state_arrays().items()}}
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        super().load_state_arrays(arrays)
         if ALIVE in arrays:
             self.layout.load_bitmap(np.packbits(arrays[ALIVE].astype(bool)))
         self.optimizer.load_state_arrays({k[len(OPTIMIZER_PREFIX):]: v for k, v in arrays.items()

@@ -65,6 +65,7 @@ from strategies.fedavg import sample_weighted_mean
 from strategies.records import Received, cast_like, from_numpy
 
 NOVEL = "novel"
+SIZE_PARTITIONS, SIZES = "sizes/partition", "sizes/examples"
 log = logging.getLogger("fedsparse.strategy")
 
 
@@ -173,6 +174,18 @@ class PFedGate(FedSparseStrategy):
             if values:
                 metrics[f"{key.replace('-', '_')}_mean"] = unweighted_mean(values)
         return arrays, metrics
+
+    # -- checkpoint -----------------------------------------------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        sizes = sorted(self.data_sizes.items())
+        return {**super().state_arrays(),
+                SIZE_PARTITIONS: np.array([p for p, _ in sizes], np.int64),
+                SIZES: np.array([n for _, n in sizes], np.int64)}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        super().load_state_arrays(arrays)
+        self.data_sizes = {int(p): int(n) for p, n in
+                           zip(arrays[SIZE_PARTITIONS], arrays[SIZES], strict=True)}
 
     # -- novel clients ------------------------------------------------------------------
     def after_round(self, server_round: int, arrays: ArrayRecord,

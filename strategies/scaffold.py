@@ -47,6 +47,7 @@ from strategies.exchange import exchange
 from strategies.records import Received, from_numpy
 
 log = logging.getLogger("fedsparse.strategy")
+CONTROL_VARIATE = "c"
 
 
 class ControlledAveraging(FedSparseStrategy):
@@ -70,9 +71,10 @@ class ControlledAveraging(FedSparseStrategy):
                              f"statistics), which the control variates do not cover")
 
     def _setup(self) -> None:
-        """Control variate and decoder, sized from the first model sent."""
+        """Control variate (unless restored) and decoder, sized from the first model sent."""
         if self.c is None:
             self.c = np.zeros(flatten(self.current).size, np.float32)
+        if self.compressor is None:
             self.compressor = build_compressor(self.rule.compressor,
                                                [a.size for a in self.current.values()])
 
@@ -102,10 +104,11 @@ class ControlledAveraging(FedSparseStrategy):
         return arrays, metrics
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        return {} if self.c is None else {"c": self.c}
+        return super().state_arrays() | ({} if self.c is None else {CONTROL_VARIATE: self.c})
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        self.c = arrays.get("c")
+        super().load_state_arrays(arrays)
+        self.c = arrays.get(CONTROL_VARIATE)
 
     def after_round(self, server_round: int, arrays: ArrayRecord,
                     grid: Grid) -> dict[str, float]:

@@ -299,8 +299,9 @@ class SparseFedAvg(FedSparseStrategy):
 
     # -- checkpoint -----------------------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
-        out = {MASK_PREFIX + n: m.numpy().astype(np.uint8) for n, m in self.mask.items()} \
-            if self.mask is not None else {}
+        out = super().state_arrays()
+        if self.mask is not None:
+            out |= {MASK_PREFIX + n: m.numpy().astype(np.uint8) for n, m in self.mask.items()}
         if self.signal is not None:
             out |= {SIGNAL_PREFIX + n: s.numpy() for n, s in self.signal.items()}
         if self.isolation is not None:
@@ -311,6 +312,7 @@ class SparseFedAvg(FedSparseStrategy):
         return out
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        super().load_state_arrays(arrays)
         masks = {k[len(MASK_PREFIX):]: torch.from_numpy(v.astype(bool))
                  for k, v in arrays.items() if k.startswith(MASK_PREFIX)}
         signal = {k[len(SIGNAL_PREFIX):]: torch.from_numpy(v)
