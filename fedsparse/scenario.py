@@ -21,7 +21,6 @@ from typing import Annotated, Any, Literal
 import tomli_w
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     SerializeAsAny,
     ValidationError,
@@ -37,6 +36,7 @@ from fedsparse.registry import (
     Registry,
     load_plugins,
 )
+from fedsparse.schema import SCENARIO_CONFIG
 
 
 class ScenarioError(ValueError):
@@ -49,7 +49,7 @@ class ScenarioError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SCENARIO_CONFIG
 
 
 class DataSpec(Section):
@@ -358,10 +358,9 @@ def _allowed_keys(section: list[str], tree: dict[str, Any]) -> str:
             registry = registries[part]
             candidates = [registry.get(tree.get(part, {}).get(registry.key)).params]
             continue
-        by_tag = [m for m in candidates if m.model_fields.get("name") and
-                  m.model_fields["name"].default == part]
-        if by_tag:  # a tagged union member: pydantic puts the tag in the location
-            candidates = by_tag
+        if part not in candidates[0].model_fields:  # a tagged union member's tag
+            candidates = [m for m in candidates if m.model_fields.get("name") and
+                          m.model_fields["name"].default == part] or candidates
             continue
         field = candidates[0].model_fields[part]
         candidates = [t for t in _model_types(field.annotation)]

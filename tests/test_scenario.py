@@ -177,3 +177,54 @@ def test_extends_merges_sections_and_detects_cycles(tmp_path: Path):
     (tmp_path / "c.toml").write_text('extends = "missing.toml"\n')
     with pytest.raises(ScenarioError, match="file not found"):
         load_scenario(tmp_path / "c.toml")
+
+
+def refused(args: list[str], capsys) -> list[str]:
+    """``fedsparse ARGS`` exits with code 2; the problem lines it printed."""
+    assert main(args) == 2
+    return [line.removeprefix("  - ") for line in capsys.readouterr().err.splitlines()
+            if line.startswith("  - ")]
+
+
+@pytest.mark.parametrize(("override", "line"), [
+    ("client.lr=inf", "client.lr = inf: Input should be a finite number"),
+    ("client.lr=nan", "client.lr = nan: Input should be a finite number"),
+    ("data.test_fraction=-inf", "data.test_fraction = -inf: Input should be a finite number"),
+    ("client.lr=true", "client.lr = True: Input should be a valid number"),
+    ("run.rounds=true", "run.rounds = True: Input should be a valid integer"),
+    ("run.rounds=2.0", "run.rounds = 2.0: Input should be a valid integer"),
+    ('run.rounds="2"', "run.rounds = '2': Input should be a valid integer"),
+    ("model.hidden=[-5]", "model.hidden.0 = -5: Input should be greater than 0"),
+    ("model.hidden=[8, 0]", "model.hidden.1 = 0: Input should be greater than 0"),
+])
+def test_numbers_are_finite_and_types_strict(override, line, capsys):
+    assert refused(["validate", str(DATA / "digits.toml"), "--set", override], capsys) == [line]
+
+
+@pytest.mark.parametrize(("override", "line"), [
+    ("model.channels=[4, 0]", "model.channels.1 = 0: Input should be greater than 0"),
+    ("model.hidden=[-1]", "model.hidden.0 = -1: Input should be greater than 0"),
+    ("client.budget=nan", "client.budget.number = nan: Input should be a finite number"),
+    ('client.budget="x"', "client.budget.number = 'x': Input should be a valid number"),
+    ("client.budget=[0.5, nan]", "client.budget.list.1 = nan: Input should be a finite number"),
+    ("client.budget={levels = [0.5, inf]}",
+     "client.budget.table.levels.1 = inf: Input should be a finite number"),
+    ("client.budget={levels = [0.5], bogus = 1}",
+     "client.budget.table.bogus: unknown key (allowed in [client.budget.table]: levels, weights)"),
+])
+def test_cnn_sizes_and_pfedgate_budgets_are_checked_at_validation(override, line, capsys):
+    """pFedGate's budget is one number, a list or a table: a bad one gets one error."""
+    assert refused(["validate", str(DATA / "pfedgate_digits.toml"), "--set", override],
+                   capsys) == [line]
+
+
+def test_strict_types_still_take_an_int_for_a_float_and_every_budget_form():
+    assert parse_scenario(digits_scenario(), ["client.lr=1"]).client.lr == 1.0
+    text = (DATA / "pfedgate_digits.toml").read_text()
+    for budget, expected in [("1", 1.0), ("[0.5, 1, 0.5, 1, 0.5, 1]", [0.5, 1.0] * 3)]:
+        scenario = parse_scenario(text, [f"client.budget={budget}"])
+        assert scenario.client.budget == expected
+        assert parse_scenario(scenario.to_toml()) == scenario
+    levels = parse_scenario(text, ["client.budget={levels = [0.5, 1], weights = [1, 3]}"])
+    assert levels.client.budget.weights == [1.0, 3.0]
+    assert parse_scenario(levels.to_toml()) == levels
