@@ -115,8 +115,8 @@ class Comparison:
     report: Path
 
 
-def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), experiment: str = "",
-            out: Path | None = None, quiet: bool = True, superlink: str = "",
+def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequence[str] = (),
+            experiment: str = "", out: Path | None = None, quiet: bool = True, superlink: str = "",
             root_certificates: Path | None = None, tracking_uri: str = "",
             target: float | None = None, reference: str = "") -> Comparison:
     """Run ``files`` one after the other into one MLflow experiment and write a report.
@@ -131,7 +131,7 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), experiment:
 
     experiment = experiment or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     overrides = [*overrides, f"tracking.experiment={json.dumps(experiment)}"]
-    scenarios = [load_scenario(f, overrides) for f in files]
+    scenarios = [load_scenario(f, overrides, unset) for f in files]
     labels = [s.name for s in scenarios]
     if len(set(labels)) < len(labels):
         labels = [f"{s.name}[{f.stem}]" for s, f in zip(scenarios, files, strict=True)]
