@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fedsparse.experiments import compare, new_run_dir, run_scenario
-from fedsparse.scenario import ScenarioError, ScenarioNote, load_scenario
+from fedsparse.scenario import Scenario, ScenarioError, ScenarioNote, load_scenario
 
 EXIT_INVALID, EXIT_FAILED = 2, 1
 
@@ -98,8 +98,17 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
                             "ServerApp's own MLFLOW_TRACKING_URI in deployment)")
 
 
-def _validate(args: argparse.Namespace) -> int:
+def _load_checked(args: argparse.Namespace) -> Scenario:
+    """``args.file`` validated with its overrides, and its data split checked."""
+    from fedsparse.data.partition import check_partition  # loads torch: not for --help
+
     scenario = load_scenario(args.file, args.overrides, args.unset)
+    check_partition(scenario.data, scenario.seed, str(args.file))
+    return scenario
+
+
+def _validate(args: argparse.Namespace) -> int:
+    scenario = _load_checked(args)
     if not args.quiet:
         print(f"# {args.file}: valid (fingerprint {scenario.fingerprint()})")
         print(scenario.to_toml(), end="")
@@ -111,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         run_dir = args.resume
         scenario = load_scenario(run_dir / "scenario.toml", args.overrides, args.unset)
     else:
-        scenario = load_scenario(args.file, args.overrides, args.unset)
+        scenario = _load_checked(args)
         run_dir = args.run_dir or new_run_dir(scenario)
     summary = run_scenario(scenario, run_dir=run_dir, quiet=args.quiet, superlink=args.superlink,
                            root_certificates=args.root_certificates,
