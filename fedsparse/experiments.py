@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsparse.checkpoint import Checkpoint
-from fedsparse.scenario import Scenario, ScenarioError, load_scenario
+from fedsparse.scenario import DataSpec, Scenario, ScenarioError, load_scenario
 from fedsparse.tracking.history import Row
 
 CLIENT_STATE = "client-state"  # the run folder's client state store (simulation)
@@ -122,23 +122,30 @@ class Comparison:
     report: Path
 
 
-def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), experiment: str = "",
-            out: Path | None = None, quiet: bool = True, superlink: str = "",
+def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequence[str] = (),
+            experiment: str = "", out: Path | None = None, quiet: bool = True, superlink: str = "",
             root_certificates: Path | None = None, tracking_uri: str = "",
             target: float | None = None, reference: str = "") -> Comparison:
     """Run ``files`` one after the other into one MLflow experiment and write a report.
 
-    All files are validated before anything runs. The report (a table of final metrics,
-    rounds to ``target`` accuracy, uplink reduction against the run named ``reference``,
-    overlaid accuracy plots) goes to ``out`` and to a parent MLflow run.
+    All files are validated, and their data splits checked, before anything runs. The report
+    (a table of final metrics, rounds to ``target`` accuracy, uplink reduction against the
+    run named ``reference``, overlaid accuracy plots) goes to ``out`` and to a parent MLflow
+    run.
     """
+    from fedsparse.data.partition import check_partition
     from fedsparse.tracking.history import read_csv
     from fedsparse.tracking.mlflow_run import MlflowRun, experiment_id
     from fedsparse.tracking.report import write_report
 
     experiment = experiment or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     overrides = [*overrides, f"tracking.experiment={json.dumps(experiment)}"]
-    scenarios = [load_scenario(f, overrides) for f in files]
+    scenarios = [load_scenario(f, overrides, unset) for f in files]
+    checked: set[tuple[DataSpec, int]] = set()
+    for scenario, path in zip(scenarios, files, strict=True):
+        if (scenario.data, scenario.seed) not in checked:  # arms often share one split
+            check_partition(scenario.data, scenario.seed, str(path))
+            checked.add((scenario.data, scenario.seed))
     labels = [s.name for s in scenarios]
     if len(set(labels)) < len(labels):
         labels = [f"{s.name}[{f.stem}]" for s, f in zip(scenarios, files, strict=True)]

@@ -14,9 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from fedsparse.compress import CONTRACTIVE, CompressorConfig, of_kind
+from fedsparse.schema import SCENARIO_CONFIG
 
 T = TypeVar("T")
 
@@ -29,7 +30,7 @@ class PluginParams(BaseModel):
     Subclasses add typed fields with defaults; unknown keys are rejected.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SCENARIO_CONFIG
 
     def check_scenario(self, scenario: Any) -> None:
         """Checks that need the rest of the scenario (a ``fedsparse.scenario.Scenario``);

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from flwr.app import MetricRecord, RecordDict
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 
 from clients.programs.base import ClientProgram
 from fedsparse.client_state import ClientState
@@ -47,6 +47,7 @@ from fedsparse.personal import (
 from fedsparse.protocol import ADAPT_STEPS, METRICS, NUM_EXAMPLES, QUERY, UPDATE, derive_seed
 from fedsparse.registry import CLIENT_PROGRAMS, PluginParams
 from fedsparse.scenario import Scenario
+from fedsparse.schema import SCENARIO_CONFIG
 from fedsparse.sparse import sparse_parameters
 from fedsparse.training import batches, num_steps
 from strategies.records import from_numpy
@@ -58,7 +59,7 @@ BLOCKS, VALUES, BUFFER_PREFIX = "blocks", "values", "buffer/"
 class BudgetLevels(BaseModel):
     """Heterogeneous budgets drawn per client: ``levels[j]`` with probability ``weights[j]``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SCENARIO_CONFIG
     levels: list[float] = Field(min_length=1)
     weights: list[float] | None = None
 
@@ -74,6 +75,18 @@ class BudgetLevels(BaseModel):
         return self
 
 
+def _budget_form(value: Any) -> str:
+    """Which form of ``client.budget`` a value has, so that a bad one gets one error (its
+    form is the tag in the error's location, e.g. ``client.budget.number``)."""
+    if isinstance(value, list):
+        return "list"
+    return "table" if isinstance(value, dict | BudgetLevels) else "number"
+
+
+Budget = Annotated[Annotated[float, Tag("number")] | Annotated[list[float], Tag("list")]
+                   | Annotated[BudgetLevels, Tag("table")], Discriminator(_budget_form)]
+
+
 class PFedGateParams(PluginParams):
     program: Literal["pfedgate"] = "pfedgate"
     lr: float = Field(0.1, gt=0, description="base model learning rate")
@@ -84,7 +97,7 @@ class PFedGateParams(PluginParams):
     batch_size: int = Field(128, ge=2)
     local_epochs: int = Field(1, ge=1)
     blocks_per_tensor: int = Field(5, ge=1, description="B: chunks per parameter tensor")
-    budget: float | list[float] | BudgetLevels = Field(
+    budget: Budget = Field(
         1.0, description="s: fraction of parameters allowed; one value, one per client, or "
                          "{levels = [...], weights = [...]} drawn per client")
     solver: Solver = Field("greedy", description="knapsack solver: greedy or exact")

@@ -23,9 +23,10 @@ from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from fedsparse.payload import PayloadError
+from fedsparse.schema import SCENARIO_CONFIG
 
 Payload = dict[str, np.ndarray]
 ValueDtype = Literal["float32", "float16", "int8", "int4", "int3", "int2"]
@@ -40,7 +41,7 @@ def int_levels(bits: int) -> int:
 class CompressorSpec(BaseModel):
     """Parameters of a compressor (a scenario's ``[strategy.compressor]`` section)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SCENARIO_CONFIG
 
     name: str
     value_dtype: ValueDtype = "float32"
