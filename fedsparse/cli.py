@@ -5,6 +5,7 @@
                        [--superlink HOST:PORT]
     fedsparse run --resume RUN_DIR [--set run.rounds=N]
     fedsparse compare A.toml B.toml ... [--experiment NAME] [--out DIR]
+    fedsparse sync RUN_DIR
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fedsparse.experiments import compare, new_run_dir, run_scenario
+from fedsparse.resume import plan_resume
 from fedsparse.scenario import Scenario, ScenarioError, ScenarioNote, load_scenario
 
 EXIT_INVALID, EXIT_FAILED = 2, 1
@@ -83,6 +85,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="report each run's uplink reduction against this run (scenario name)")
     _deployment_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = commands.add_parser("sync", help="push to MLflow what a run folder holds and it lacks",
+                            description="Push to a run's MLflow run everything its run folder "
+                                        "holds that MLflow has not received (rounds tracked "
+                                        "while MLflow was unreachable, the final artifacts "
+                                        "and status), exactly once. A run that stopped "
+                                        "before it finished is marked KILLED.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder")
     return parser
 
 
@@ -116,15 +126,21 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    resume = None
     if args.resume:
-        run_dir = args.resume
-        scenario = load_scenario(run_dir / "scenario.toml", args.overrides, args.unset)
+        resume = plan_resume(args.resume, args.overrides, args.unset)
+        if resume.finished:
+            print(f"fedsparse: {args.resume} has finished all {resume.checkpoint.round} "
+                  f"rounds; nothing to do (raise run.rounds with --set to go further)",
+                  file=sys.stderr)
+            return 0
+        scenario, run_dir = resume.scenario, args.resume
     else:
         scenario = _load_checked(args)
         run_dir = args.run_dir or new_run_dir(scenario)
     summary = run_scenario(scenario, run_dir=run_dir, quiet=args.quiet, superlink=args.superlink,
                            root_certificates=args.root_certificates,
-                           tracking_uri=args.tracking_uri, resume=bool(args.resume))
+                           tracking_uri=args.tracking_uri, resume=resume)
     if args.summary:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2))
@@ -149,6 +165,28 @@ def _compare(args: argparse.Namespace) -> int:
     for label, failure in failed.items():
         print(f"fedsparse: run {label} failed: {failure}", file=sys.stderr)
     return EXIT_FAILED if failed else 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from fedsparse.checkpoint import Checkpoint
+    from fedsparse.tracking.mirror import TRACKING_FILE, sync
+
+    if not (args.run_dir / TRACKING_FILE).is_file():
+        raise ScenarioError(str(args.run_dir), [f"not a run folder: no {TRACKING_FILE}"])
+    try:
+        rows = Checkpoint.load(args.run_dir).state["history"]
+    except FileNotFoundError:
+        rows = []
+    try:
+        record, pushed = sync(args.run_dir, rows, status="KILLED")
+    except Exception as err:  # MLflow away or refusing: say so, nothing is lost
+        print(f"fedsparse: MLflow did not take the run ({type(err).__name__}: {err}); the run "
+              f"folder still holds everything", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"fedsparse: {args.run_dir}: MLflow run {record.mlflow_run_id} at "
+          f"{record.tracking_uri or 'the default store'} is up to date ({pushed} rounds "
+          f"pushed now, status {record.status})")
+    return 0
 
 
 @contextmanager
@@ -183,7 +221,7 @@ def _exit_on_sigterm() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"validate": _validate, "run": _run, "compare": _compare}
+    handlers = {"validate": _validate, "run": _run, "compare": _compare, "sync": _sync}
     try:
         with _exit_on_sigterm(), _notes_to_stderr():
             return handlers[args.command](args)

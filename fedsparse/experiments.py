@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsparse.checkpoint import Checkpoint
+from fedsparse.resume import Resume
 from fedsparse.scenario import DataSpec, Scenario, ScenarioError, load_scenario
 from fedsparse.tracking.history import Row
 
@@ -80,18 +80,25 @@ def format_round(server_round: int, rounds: int, m: dict[str, Any]) -> str:
 
 def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: str = "",
                  root_certificates: Path | None = None, tracking_uri: str = "",
-                 extra: dict[str, str] | None = None, resume: bool = False) -> dict[str, Any]:
-    """Run one scenario through Flower; return its summary (see ``tracking/summary.py``)."""
+                 extra: dict[str, str] | None = None, resume: Resume | None = None
+                 ) -> dict[str, Any]:
+    """Run one scenario through Flower (``resume``: continue ``run_dir``, see
+    ``fedsparse/resume.py``); return its summary (see ``tracking/summary.py``). Its
+    ``total_wall_s`` adds the time of the earlier sessions of a resumed run, as ``wall_s``
+    does, up to their last finished round."""
     from fedsparse.launch import Launch, run_flower
 
     workdir = Path.cwd()
+    prior_total_s = float(resume.checkpoint.state["total_wall_s"]) if resume else 0.0
     settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
-                **(extra or {}), "fedsparse-run-id": uuid.uuid4().hex}
+                **(extra or {}), "fedsparse-run-id": uuid.uuid4().hex,
+                "cli-started-at": repr(time.time()), "prior-total-wall-s": repr(prior_total_s)}
     if resume:
         settings["resume-from"] = str(run_dir.resolve())
-        settings["fedsparse-run-id"] = Checkpoint.load(run_dir).state["fedsparse_run_id"]
+        settings["fedsparse-run-id"] = resume.checkpoint.state["fedsparse_run_id"]
     if not superlink:  # simulated clients keep their state in the run folder
         settings["client-state-dir"] = str((run_dir / CLIENT_STATE).resolve())
+        _preflight(settings["tracking-uri"], run_dir)
     launch = Launch(scenario=scenario, run_dir=run_dir, workdir=workdir, superlink=superlink,
                     insecure=root_certificates is None, root_certificates=root_certificates,
                     settings=settings)
@@ -107,10 +114,21 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
     finally:
         if progress.bar is not None:
             progress.bar.close()
-    summary["total_wall_s"] = time.perf_counter() - started
+    summary["total_wall_s"] = prior_total_s + time.perf_counter() - started
     summary["run_dir"] = str(run_dir)
     return summary
 
+
+
+def _preflight(tracking_uri: str, run_dir: Path) -> None:
+    """Say at once when MLflow cannot be reached; the run goes on without it."""
+    from fedsparse.tracking.mirror import unreachable
+
+    reason = unreachable(tracking_uri)
+    if reason:
+        print(f"fedsparse: MLflow at {tracking_uri} is unreachable ({reason}); the run goes "
+              f"on, its tracking is kept in {run_dir} and pushed when MLflow is back, or with "
+              f"fedsparse sync {run_dir}", file=sys.stderr)
 
 
 @dataclass
@@ -135,6 +153,7 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
     """
     from fedsparse.data.partition import check_partition
     from fedsparse.tracking.history import read_csv
+    from fedsparse.tracking.mirror import unreachable
     from fedsparse.tracking.mlflow_run import MlflowRun, experiment_id
     from fedsparse.tracking.report import write_report
 
@@ -154,6 +173,12 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
                                             f"{', '.join(labels)}"])
     # the CLI's own view of the store (the ServerApps get tracking_uri, see run_scenario)
     settings = tracking_settings(Path.cwd())
+    reason = unreachable(settings["tracking-uri"])
+    if reason:
+        from fedsparse.launch import LaunchError
+
+        raise LaunchError(f"compare needs its MLflow experiment, and MLflow at "
+                          f"{settings['tracking-uri']} is unreachable ({reason})")
     exp_id = experiment_id(settings["tracking-uri"], experiment, settings["artifact-location"])
     parent = MlflowRun.create(settings["tracking-uri"], exp_id, "comparison",
                               {"fedsparse.compare": ",".join(labels)})
@@ -167,8 +192,7 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
                 scenario, run_dir=run_dir, quiet=quiet, superlink=superlink,
                 root_certificates=root_certificates, tracking_uri=tracking_uri,
                 extra={"parent-run-id": parent.run_id, "run-name": label})
-            run = MlflowRun(settings["tracking-uri"], summaries[label]["mlflow_run_id"])
-            histories[label] = read_csv(run.download("metrics.csv", run_dir / "tracked"))
+            histories[label] = read_csv(run_dir / "metrics.csv")
         files_written = write_report(summaries, histories, out, f"Comparison: {experiment}",
                                      target=target, reference=reference)
         for path in files_written:

@@ -80,6 +80,8 @@ RUN_CONFIG_DEFAULTS: dict[str, str] = {
     "federation": "simulation",  # or "deployment": the server cannot know the clients' data
     "fedsparse-run-id": "",  # fedsparse's id of the run, kept on resume (client state keys)
     "client-state-dir": "",  # where clients keep their state ("" = the node's own folder)
+    "cli-started-at": "",  # time.time() when this session's `fedsparse run` started
+    "prior-total-wall-s": "0",  # the command time of a resumed run's earlier sessions
 }
 
 

@@ -166,6 +166,8 @@ class TrackingSpec(Section):
     experiment: str = Field("fedsparse", min_length=1)
     log_model: bool = True
     tags: dict[str, str] = Field(default_factory=dict)
+    flush_timeout_s: float = Field(30.0, ge=0, description="how long the end of a run waits "
+                                                           "for MLflow to receive everything")
 
 
 def _plugin_section(registry: Registry[Any], value: Any) -> Any:

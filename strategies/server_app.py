@@ -2,11 +2,11 @@
 
 The run config (see ``fedsparse.protocol.RUN_CONFIG_DEFAULTS``) carries the validated
 scenario as TOML text and where to write and track. The ServerApp writes, under its output
-directory: ``scenario.toml``, ``checkpoint.npz`` (after every round), ``clients.jsonl``
-(per-client accounting, appended every round), and at the end ``metrics.csv``,
-``clients.csv``,
-``model.safetensors``, the plots and ``summary.json``; all of them are logged to the run's
-MLflow run.
+directory: ``scenario.toml``, ``tracking.json`` (what its MLflow run is), ``clients.jsonl``
+(per-client accounting) and ``checkpoint.npz`` after every round, and at the end
+``metrics.csv``, ``clients.csv``, ``model.safetensors``, the plots and ``summary.json``. The
+run folder is the source of truth: MLflow receives all of it from a background mirror
+(``fedsparse/tracking/mirror.py``), after it is on disk, and never holds up a round.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from fedsparse.tracking.continual import (
     task_end_metrics,
 )
 from fedsparse.tracking.history import Row, write_csv
-from fedsparse.tracking.mlflow_run import MlflowRun
+from fedsparse.tracking.mirror import BackgroundMirror, TrackedRun, new_tracked_run, run_tags
 from fedsparse.tracking.plots import accuracy_plots
 from fedsparse.tracking.summary import summarize
 from fedsparse.training import evaluate
@@ -54,6 +54,7 @@ from strategies.loop import Evaluator, LoopState, discover, run_rounds
 app = ServerApp()
 log = logging.getLogger("fedsparse")
 CLIENT_ROWS = "clients.jsonl"
+SCENARIO_FILE = "scenario.toml"
 
 
 def build_strategy(scenario: Scenario) -> FedSparseStrategy:
@@ -133,39 +134,37 @@ def _client_table(jsonl: Path, csv_path: Path) -> Path:
     return write_csv(rows, csv_path)
 
 
-def _finish(out_dir: Path, scenario: Scenario, state: LoopState, tracker: MlflowRun,
-            wall_s: float) -> dict[str, Any]:
-    """Write and log the run's artifacts; return the summary (``failure``: why the run
-    counts as failed, "" if it does not)."""
-    summary = summarize(state.history, wall_s, tracker.run_id)
+Artifact = tuple[Path, str | None]  # a file and the MLflow artifact folder it goes in
+
+
+def _finish(out_dir: Path, scenario: Scenario, state: LoopState, run_id: str,
+            wall_s: float) -> tuple[dict[str, Any], list[Artifact]]:
+    """Write the run's artifacts; return the summary (``failure``: why the run counts as
+    failed, "" if it does not) and the artifacts for MLflow."""
+    summary = summarize(state.history, wall_s, run_id)
     summary["failure"] = scenario.run.verdict(summary["rounds"], summary["rounds_failed"])
-    files = [out_dir / "scenario.toml", write_csv(state.history, out_dir / "metrics.csv"),
+    files = [out_dir / SCENARIO_FILE, write_csv(state.history, out_dir / "metrics.csv"),
              _client_table(out_dir / CLIENT_ROWS, out_dir / "clients.csv")]
     files += accuracy_plots({scenario.name: state.history}, out_dir / "plots")
     if scenario.continual is not None:
         summary |= task_end_metrics(state.history, scenario)
         files += matrix_artifacts(state.history, scenario, out_dir / "plots")
+    artifacts: list[Artifact] = []
     if scenario.tracking.log_model:
         weights = out_dir / "model.safetensors"
         save_file({k: v.contiguous() for k, v in state.arrays.to_torch_state_dict().items()},
                   str(weights), metadata={"scenario": scenario.name})
         files.append(weights)
         adapter = export_adapter(scenario, state.arrays, out_dir / "adapter")
-        for path in adapter:
-            tracker.log_artifact(path, "adapter")
+        artifacts += [(path, "adapter") for path in adapter]
         if adapter:
             summary["adapter_dir"] = str(out_dir / "adapter")
     summary_path = out_dir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2))
     files.append(summary_path)
-    for path in files:
-        if path.exists():
-            tracker.log_artifact(path, "plots" if path.suffix == ".png" else None)
-    return summary
-
-
-def _numeric(row: Row) -> dict[str, float]:
-    return {k: float(v) for k, v in row.items() if k != "round" and isinstance(v, int | float)}
+    artifacts += [(path, "plots" if path.suffix == ".png" else None) for path in files
+                  if path.exists()]
+    return summary, artifacts
 
 
 def _setup_logging() -> None:
@@ -179,32 +178,45 @@ def _setup_logging() -> None:
 
 @dataclass
 class Prepared:
-    """What the server needs besides its clients: model state, MLflow run, evaluator."""
+    """What the server needs besides its clients: model state, MLflow record, evaluator."""
 
     state: LoopState
-    tracker: MlflowRun
-    prior_wall_s: float
+    record: TrackedRun
+    prior_wall_s: float  # ServerApp time of a resumed run's earlier sessions
+    prior_total_s: float  # command time of its earlier sessions
     evaluate_central: Evaluator
 
 
 def prepare(scenario: Scenario, strategy: FedSparseStrategy, setting: dict[str, str],
             out_dir: Path) -> Prepared:
-    """A fresh start (initial model, new MLflow run) or a resumed one (checkpoint, same run)."""
+    """A fresh start (initial model, a new MLflow record) or a resumed one (checkpoint, the
+    same MLflow run). A resume writes the run folder's scenario only once its checkpoint has
+    loaded, so a resume that fails leaves the folder as it was."""
+    import mlflow.entities  # noqa: F401  (seconds to import: here, while the clients start)
+
+    evaluator = central_evaluator(scenario, strategy.task_views)
+    scenario_text = scenario.to_toml().encode()
     if setting["resume-from"]:
         checkpoint = Checkpoint.load(Path(setting["resume-from"]))
         _keep_client_rows(out_dir / CLIENT_ROWS, checkpoint.round)
-        tracker = MlflowRun(setting["tracking-uri"], checkpoint.state["mlflow_run_id"])
-        tracker.reopen()
+        record = TrackedRun.load(out_dir)
+        record.tags = run_tags(scenario, setting["parent-run-id"])
+        record.status = record.pushed_status = ""
+        record.tracking_uri = setting["tracking-uri"] or record.tracking_uri
+        record.save(out_dir)
+        write_bytes(out_dir / SCENARIO_FILE, scenario_text)
         log.info("resuming after round %d from %s", checkpoint.round, setting["resume-from"])
-        return Prepared(LoopState.restore(checkpoint, strategy), tracker,
+        return Prepared(LoopState.restore(checkpoint, strategy), record,
                         float(checkpoint.state["wall_s"]),
-                        central_evaluator(scenario, strategy.task_views))
-    tracker = MlflowRun.start(scenario, tracking_uri=setting["tracking-uri"],
-                              artifact_location=setting["artifact-location"],
-                              run_name=setting["run-name"], parent_run_id=setting["parent-run-id"])
-    tracker.log_artifact(out_dir / "scenario.toml")
-    return Prepared(LoopState(arrays=initial_arrays(scenario)), tracker, 0.0,
-                    central_evaluator(scenario, strategy.task_views))
+                        float(checkpoint.state["total_wall_s"]), evaluator)
+    write_bytes(out_dir / SCENARIO_FILE, scenario_text)
+    record = new_tracked_run(scenario, tracking_uri=setting["tracking-uri"],
+                             artifact_location=setting["artifact-location"],
+                             run_name=setting["run-name"], parent_run_id=setting["parent-run-id"],
+                             fedsparse_run_id=setting["fedsparse-run-id"])
+    record.artifacts = [(SCENARIO_FILE, None)]
+    record.save(out_dir)
+    return Prepared(LoopState(arrays=initial_arrays(scenario)), record, 0.0, 0.0, evaluator)
 
 
 @app.main()
@@ -215,25 +227,25 @@ def main(grid: Grid, context: Context) -> None:
     scenario = parse_scenario(setting["scenario"], source="run config 'scenario'")
     out_dir = Path(setting["out-dir"] or tempfile.mkdtemp(prefix="fedsparse-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "scenario.toml").write_text(scenario.to_toml())
     strategy = build_strategy(scenario)
     if setting["federation"] == "deployment":  # the devices' data is theirs: a cap, not sizes
         strategy.examples_cap = scenario.run.max_client_examples
-    # MLflow and the model are set up while the clients start (Ray, actors): both take seconds.
+    # The model and the run's state are set up while the clients start (Ray, actors).
     with ThreadPoolExecutor(max_workers=1) as pool:
         preparing = pool.submit(prepare, scenario, strategy, setting, out_dir)
         try:
             strategy.bind(discover(grid, scenario))
         except BaseException as err:
             events.emit("error", message=f"{type(err).__name__}: {err}", out_dir=str(out_dir))
-            if preparing.exception() is None:
-                preparing.result().tracker.finish("FAILED")
             raise
     prepared = preparing.result()
-    state, tracker = prepared.state, prepared.tracker
-    events.emit("start", mlflow_run_id=tracker.run_id, out_dir=str(out_dir),
+    state, record = prepared.state, prepared.record
+    mirror = BackgroundMirror(record, out_dir, lambda: state.history)
+    mirror.round_done(state.next_round - 1)
+    events.emit("start", mlflow_run_id=record.mlflow_run_id, out_dir=str(out_dir),
                 first_round=state.next_round, rounds=scenario.run.rounds)
     strategy.summary()
+    cli_started = float(setting["cli-started-at"] or time.time())
 
     def wall_s() -> float:
         return prepared.prior_wall_s + time.perf_counter() - started
@@ -242,20 +254,23 @@ def main(grid: Grid, context: Context) -> None:
         """The round on disk first (client rows, then the checkpoint), then to MLflow."""
         _append_client_rows(out_dir / CLIENT_ROWS,
                             [r.row() for r in strategy.client_records if r.round == server_round])
-        state.checkpoint(strategy, {"mlflow_run_id": tracker.run_id, "wall_s": wall_s(),
-                                    "fedsparse_run_id": setting["fedsparse-run-id"]}
-                         ).save(out_dir)
-        tracker.log_round(server_round, _numeric(row))
+        state.checkpoint(strategy, {
+            "wall_s": wall_s(), "total_wall_s": prepared.prior_total_s + time.time() - cli_started,
+            "fedsparse_run_id": setting["fedsparse-run-id"]}).save(out_dir)
+        mirror.round_done(server_round)
 
     try:
         run_rounds(grid, scenario, strategy, state, prepared.evaluate_central, on_round)
-        summary = _finish(out_dir, scenario, state, tracker, wall_s())
+        summary, artifacts = _finish(out_dir, scenario, state, record.mlflow_run_id, wall_s())
     except BaseException as err:
-        tracker.finish("FAILED")
+        mirror.finish("FAILED", [])
+        mirror.close(timeout=5)
         events.emit("error", message=f"{type(err).__name__}: {err}", out_dir=str(out_dir))
         raise
     if summary["failure"]:
         log.error("the run failed: %s (clients.csv says why each reply was dropped)",
                   summary["failure"])
-    tracker.finish("FAILED" if summary["failure"] else "FINISHED")
+    mirror.finish("FAILED" if summary["failure"] else "FINISHED", artifacts)
+    summary["mlflow_synced"] = mirror.close(scenario.tracking.flush_timeout_s)
+    summary["mlflow_run_id"] = record.mlflow_run_id
     events.emit("done", summary=summary, out_dir=str(out_dir))

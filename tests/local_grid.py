@@ -21,9 +21,12 @@ import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 
 from clients.client_app import app as client_app
+from fedsparse.checkpoint import Checkpoint
 from fedsparse.client_state import StateStore
-from fedsparse.scenario import Scenario
+from fedsparse.protocol import RUN_CONFIG_DEFAULTS
+from fedsparse.scenario import Scenario, parse_scenario
 from fedsparse.tracking.history import Row
+from strategies import server_app
 from strategies.base import FedSparseStrategy
 from strategies.loop import LoopState, discover, run_rounds
 from strategies.server_app import build_strategy, central_evaluator, initial_arrays
@@ -116,3 +119,21 @@ def run_federation(scenario: Scenario, tamper: Tamper | None = None,
 
     run_rounds(grid, scenario, strategy, federation.state, central_evaluator(scenario), hook)
     return federation
+
+
+def serve(text: str, run_dir: Path, workdir: Path, *, resume: bool = False,
+          tamper: Tamper | None = None, tracking_uri: str = "") -> None:
+    """The real ServerApp (``strategies/server_app.py``) over a fresh :class:`LocalGrid`, with
+    the run config ``fedsparse run`` would give it: its run folder ``run_dir``, the client
+    state store under it, MLflow at ``tracking_uri`` (default: SQLite in ``workdir``); a
+    resume keeps the fedsparse run id its checkpoint holds."""
+    scenario = parse_scenario(text)
+    run_id = Checkpoint.load(run_dir).state["fedsparse_run_id"] if resume else run_dir.name
+    config = {**RUN_CONFIG_DEFAULTS, "scenario": scenario.to_toml(), "out-dir": str(run_dir),
+              "tracking-uri": tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}",
+              "artifact-location": (workdir / "mlruns").as_uri(),
+              "resume-from": str(run_dir) if resume else "", "fedsparse-run-id": run_id,
+              "client-state-dir": str(run_dir / "client-state")}
+    grid = LocalGrid(scenario.data.num_clients, config, tamper, state_dir=run_dir / "client-state")
+    server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                  run_config=config))

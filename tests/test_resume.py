@@ -16,16 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Message
 from safetensors.numpy import load_file
 
 from fedsparse.checkpoint import Checkpoint
-from fedsparse.protocol import RUN_CONFIG_DEFAULTS
 from fedsparse.scenario import parse_scenario
 from fedsparse.tracking.history import read_csv
 from strategies import server_app
 from tests.conftest import DATA, digits_scenario
-from tests.local_grid import LocalGrid
+from tests.local_grid import serve
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -83,16 +82,10 @@ CASES = [
 ]
 
 
-def serve(text: str, run_dir: Path, workdir: Path, resume: bool = False,
-          kill: KillPoint | None = None, monkeypatch: pytest.MonkeyPatch | None = None) -> None:
-    """One ServerApp run over a fresh in-process grid, as `fedsparse run` would start it."""
-    scenario = parse_scenario(text)
-    run_id = Checkpoint.load(run_dir).state["fedsparse_run_id"] if resume else run_dir.name
-    config = {**RUN_CONFIG_DEFAULTS, "scenario": scenario.to_toml(), "out-dir": str(run_dir),
-              "tracking-uri": f"sqlite:///{workdir / 'mlflow.db'}",
-              "artifact-location": (workdir / "mlruns").as_uri(),
-              "resume-from": str(run_dir) if resume else "", "fedsparse-run-id": run_id,
-              "client-state-dir": str(run_dir / "client-state")}
+def serve_killable(text: str, run_dir: Path, workdir: Path, resume: bool = False,
+                   kill: KillPoint | None = None,
+                   monkeypatch: pytest.MonkeyPatch | None = None) -> None:
+    """:func:`serve`, killed at ``kill``."""
     replies = []
 
     def tamper(message: Message, reply: Message) -> Message:
@@ -106,17 +99,15 @@ def serve(text: str, run_dir: Path, workdir: Path, resume: bool = False,
         return reply
 
     if kill is not None and kill.where == "after-checkpoint":
-        original = server_app.MlflowRun.log_round
+        original = server_app.BackgroundMirror.round_done
 
-        def log_round(self, server_round, metrics):
+        def round_done(self, server_round):
             if server_round == kill.round:
                 raise Killed
-            original(self, server_round, metrics)
+            original(self, server_round)
 
-        monkeypatch.setattr(server_app.MlflowRun, "log_round", log_round)
-    grid = LocalGrid(scenario.data.num_clients, config, tamper, state_dir=run_dir / "client-state")
-    server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                  run_config=config))
+        monkeypatch.setattr(server_app.BackgroundMirror, "round_done", round_done)
+    serve(text, run_dir, workdir, resume=resume, tamper=tamper)
 
 
 def deterministic(path: Path) -> list[dict]:
@@ -131,7 +122,7 @@ def test_a_killed_run_resumes_exactly(method, kill, tmp_path, monkeypatch):
     text = SCENARIOS[method]
     serve(text, tmp_path / "reference", tmp_path)
     with pytest.raises(Killed):
-        serve(text, tmp_path / "killed", tmp_path, kill=kill, monkeypatch=monkeypatch)
+        serve_killable(text, tmp_path / "killed", tmp_path, kill=kill, monkeypatch=monkeypatch)
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     done = Checkpoint.load(tmp_path / "killed").round

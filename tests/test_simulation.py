@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from fedsparse.cli import main
+from fedsparse.resume import RESUMABLE
 from fedsparse.scenario import load_scenario
 from fedsparse.tracking.history import read_csv
 from tests.conftest import DATA, REPO
@@ -86,7 +87,10 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(first_run):
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])
     scenario = load_scenario(DATA / "digits.toml")
-    assert run.data.params == {k: str(v) for k, v in scenario.flat().items()}
+    flat = {k: str(v) for k, v in scenario.flat().items()}
+    assert run.data.params == {k: v for k, v in flat.items() if k not in RESUMABLE}
+    resumable = [k for k in RESUMABLE if k in flat]
+    assert {k: run.data.tags[k] for k in resumable} == {k: flat[k] for k in resumable}
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "tests"
     history = client.get_metric_history(run.info.run_id, "accuracy")
@@ -124,11 +128,14 @@ def test_same_seed_same_metrics_and_resume_continues_exactly(first_run, monkeypa
     monkeypatch.chdir(workdir)
     first = deterministic(read_csv(workdir / "runs/a/metrics.csv"))
     assert fedsparse("run", DATA / "digits.toml", "--set", "run.rounds=2",
-                     "--run-dir", "runs/b", "--quiet") == 0
+                     "--run-dir", "runs/b", "--summary", "b1.json", "--quiet") == 0
     assert deterministic(read_csv(workdir / "runs/b/metrics.csv")) == first[:2]
     assert fedsparse("run", "--resume", "runs/b", "--set", "run.rounds=3",
                      "--summary", "b.json", "--quiet") == 0
     resumed = json.loads((workdir / "b.json").read_text())
+    session = json.loads((workdir / "b1.json").read_text())
+    for key in ("wall_s", "total_wall_s"):  # both sessions, as a run never interrupted
+        assert resumed[key] > session[key]
     assert deterministic(read_csv(workdir / "runs/b/metrics.csv")) == first
     assert resumed["final_accuracy"] == summary["final_accuracy"]
     assert resumed["uplink_bytes"] == summary["uplink_bytes"]
