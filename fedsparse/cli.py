@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fedsparse.experiments import compare, new_run_dir, run_scenario
+from fedsparse.run_lock import RunDirBusy
 from fedsparse.scenario import ScenarioError, load_scenario
 
 EXIT_INVALID, EXIT_FAILED = 2, 1
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _exit_on_sigterm():
             return handlers[args.command](args)
-    except ScenarioError as err:
+    except (ScenarioError, RunDirBusy) as err:
         print(f"fedsparse: {err}", file=sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:

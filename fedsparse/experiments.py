@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsparse.launch import Launch, run_flower
+from fedsparse.run_lock import hold
 from fedsparse.scenario import Scenario, ScenarioError, load_scenario
 from fedsparse.tracking.history import Row
 
@@ -77,29 +79,33 @@ def format_round(server_round: int, rounds: int, m: dict[str, Any]) -> str:
 def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: str = "",
                  root_certificates: Path | None = None, tracking_uri: str = "",
                  extra: dict[str, str] | None = None, resume: bool = False) -> dict[str, Any]:
-    """Run one scenario through Flower; return its summary (see ``tracking/summary.py``)."""
-    from fedsparse.launch import Launch, run_flower
+    """Run one scenario through Flower; return its summary (see ``tracking/summary.py``).
 
+    The run folder is locked while the run goes on (``run_lock.RunDirBusy`` if it is in
+    use).
+    """
     workdir = Path.cwd()
     settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
                 **(extra or {})}
     if resume:
         settings["resume-from"] = str(run_dir.resolve())
-    launch = Launch(scenario=scenario, run_dir=run_dir, workdir=workdir, superlink=superlink,
-                    insecure=root_certificates is None, root_certificates=root_certificates,
-                    settings=settings)
-    if not quiet:
-        where = f"SuperLink {superlink}" if superlink else "Ray simulation"
-        print(f"fedsparse: {scenario.name} on {where}, {scenario.data.num_clients} clients, "
-              f"{scenario.run.rounds} rounds -> {run_dir} (Flower log: {launch.log_path})",
-              file=sys.stderr)
-    started = time.perf_counter()
-    progress = Progress(scenario.name, scenario.run.rounds, quiet)
-    try:
-        summary = run_flower(launch, progress)
-    finally:
-        if progress.bar is not None:
-            progress.bar.close()
+    with hold(run_dir) as lock:
+        launch = Launch(scenario=scenario, run_dir=run_dir, workdir=workdir,
+                        superlink=superlink, insecure=root_certificates is None,
+                        root_certificates=root_certificates, settings=settings,
+                        pass_fds=(lock,))
+        if not quiet:
+            where = f"SuperLink {superlink}" if superlink else "Ray simulation"
+            print(f"fedsparse: {scenario.name} on {where}, {scenario.data.num_clients} "
+                  f"clients, {scenario.run.rounds} rounds -> {run_dir} "
+                  f"(Flower log: {launch.log_path})", file=sys.stderr)
+        started = time.perf_counter()
+        progress = Progress(scenario.name, scenario.run.rounds, quiet)
+        try:
+            summary = run_flower(launch, progress)
+        finally:
+            if progress.bar is not None:
+                progress.bar.close()
     summary["total_wall_s"] = time.perf_counter() - started
     summary["run_dir"] = str(run_dir)
     return summary

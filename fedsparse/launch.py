@@ -59,6 +59,7 @@ class Launch:
     insecure: bool = True
     root_certificates: Path | None = None
     settings: dict[str, str] = field(default_factory=dict)  # run-config keys (protocol.py)
+    pass_fds: tuple[int, ...] = ()  # kept open by every supervisor of the run (its lock)
 
     @property
     def log_path(self) -> Path:
@@ -90,7 +91,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_supervised(command: list[str], **popen: Any) -> subprocess.Popen:
+def start_supervised(command: list[str], *, pass_fds: tuple[int, ...] = (),
+                     **popen: Any) -> subprocess.Popen:
     """Start ``command`` under a supervisor owned by this process, in a session of its own
     (a Ctrl-C at the terminal reaches only the CLI, which then stops the tree).
 
@@ -98,8 +100,8 @@ def start_supervised(command: list[str], **popen: Any) -> subprocess.Popen:
     forked it exits (``PR_SET_PDEATHSIG``), so one started from a worker thread would stop
     when that thread ends, not when the CLI does.
     """
-    return subprocess.Popen(supervise.command(os.getpid(), command), start_new_session=True,
-                            **popen)
+    return subprocess.Popen(supervise.command(os.getpid(), command), pass_fds=pass_fds,
+                            start_new_session=True, **popen)
 
 
 def stop_tree(proc: psutil.Process | subprocess.Popen, timeout: float = 10.0) -> None:
@@ -140,14 +142,15 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path) 
 
 
 @contextmanager
-def simulation_superlink(env: dict[str, str], log_path: Path, cwd: Path) -> Iterator[str]:
+def simulation_superlink(env: dict[str, str], log_path: Path, cwd: Path,
+                         pass_fds: tuple[int, ...] = ()) -> Iterator[str]:
     """A simulation-mode SuperLink on a free loopback port, stopped (with its tree) on exit."""
     port = free_port()
     command = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
                "--host", "127.0.0.1", "--port", str(port),
                "--disable-runtime-dependency-installation"]
     with open(log_path, "a") as log:
-        proc = start_supervised(command, env=env, cwd=cwd, stdout=log,
+        proc = start_supervised(command, pass_fds=pass_fds, env=env, cwd=cwd, stdout=log,
                                 stderr=subprocess.STDOUT)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, SUPERLINK_START_TIMEOUT_S, log_path)
@@ -207,7 +210,8 @@ def _superlink(launch: Launch, env: dict[str, str]) -> Iterator[str]:
     if launch.superlink:
         yield launch.superlink
     else:
-        with simulation_superlink(env, launch.log_path, launch.workdir) as address:
+        with simulation_superlink(env, launch.log_path, launch.workdir,
+                                  launch.pass_fds) as address:
             yield address
 
 
@@ -218,8 +222,8 @@ def _stream(command: list[str], env: dict[str, str], launch: Launch,
     with open(launch.log_path, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        proc = start_supervised(command, env=env, cwd=launch.workdir, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = start_supervised(command, pass_fds=launch.pass_fds, env=env, cwd=launch.workdir,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
