@@ -43,6 +43,20 @@ class Checkpoint:
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
         with np.load(path, allow_pickle=False) as npz:
-            state = json.loads(npz[_STATE_KEY].tobytes())
+            state = _document(npz)
             arrays = {key: npz[key] for key in npz.files if key != _STATE_KEY}
         return cls(round=int(state.pop("round")), arrays=arrays, state=state)
+
+
+def _document(npz: np.lib.npyio.NpzFile) -> dict[str, Any]:
+    return json.loads(npz[_STATE_KEY].tobytes())
+
+
+def finished_round(directory: Path) -> int | None:
+    """The last round checkpointed in ``directory`` (None before the first one finished),
+    read without loading the arrays (what an interrupted run reports)."""
+    path = directory / FILE
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as npz:
+        return int(_document(npz)["round"])

@@ -4,12 +4,16 @@
     fedsparse run FILE [--set KEY=VALUE ...] [--summary out.json] [--superlink HOST:PORT]
     fedsparse run --resume RUN_DIR [--set run.rounds=N]
     fedsparse compare A.toml B.toml ... [--experiment NAME] [--out DIR]
+
+Exit codes: 0 done, 1 the federation failed, 2 invalid input or a run folder in use,
+128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM), saying how to resume.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
 import sys
 import threading
@@ -17,7 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedsparse.experiments import compare, new_run_dir, run_scenario
+from fedsparse.checkpoint import finished_round
+from fedsparse.experiments import Interrupted, compare, new_run_dir, run_scenario
 from fedsparse.run_lock import RunDirBusy
 from fedsparse.scenario import ScenarioError, load_scenario
 
@@ -132,31 +137,51 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _exit_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit, so that every started Flower process gets stopped."""
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted`: the run in progress is stopped (its
+    processes, then its MLflow status) and the CLI says how to resume it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, interrupt)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def interrupted_message(err: Interrupted) -> str:
+    """Where an interrupted command left its run, and the command that resumes it."""
+    if err.run_dir is None:
+        return "fedsparse: interrupted"
+    if err.superlink:
+        return f"fedsparse: interrupted; the run goes on at the SuperLink {err.superlink}"
+    finished = finished_round(err.run_dir)
+    if finished is None:
+        return (f"fedsparse: interrupted before round 1 finished; nothing to resume in "
+                f"{err.run_dir}")
+    return (f"fedsparse: interrupted after round {finished}; resume with: "
+            f"fedsparse run --resume {shlex.quote(str(err.run_dir))}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"validate": _validate, "run": _run, "compare": _compare}
     try:
-        with _exit_on_sigterm():
+        with _signals_interrupt():
             return handlers[args.command](args)
     except (ScenarioError, RunDirBusy) as err:
         print(f"fedsparse: {err}", file=sys.stderr)
         return EXIT_INVALID
-    except KeyboardInterrupt:
-        print("fedsparse: interrupted; finished rounds are checkpointed in the run folder "
-              "(resume with fedsparse run --resume RUN_DIR)", file=sys.stderr)
-        return 130
+    except Interrupted as err:
+        print(interrupted_message(err), file=sys.stderr)
+        return err.exit_code
     except Exception as err:
         from fedsparse.launch import LaunchError
 

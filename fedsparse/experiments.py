@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -19,6 +20,31 @@ from fedsparse.launch import Launch, run_flower
 from fedsparse.run_lock import hold
 from fedsparse.scenario import Scenario, ScenarioError, load_scenario
 from fedsparse.tracking.history import Row
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a command. ``run_dir``: the run it stopped, if one was going
+    (``superlink``: the SuperLink that run was submitted to, where it goes on)."""
+
+    def __init__(self, signum: int, run_dir: Path | None = None, superlink: str = "") -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.run_dir = run_dir
+        self.superlink = superlink
+
+    @classmethod
+    def of(cls, err: KeyboardInterrupt, run_dir: Path, superlink: str) -> Interrupted:
+        """``err`` as the interrupt of this run (a plain KeyboardInterrupt is a SIGINT)."""
+        return cls(err.signum if isinstance(err, cls) else signal.SIGINT, run_dir, superlink)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def end_status(err: BaseException) -> str:
+    """The MLflow status of a run that ``err`` ended: KILLED on an interrupt, else FAILED."""
+    return "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
 
 
 def tracking_settings(workdir: Path, uri: str = "", deployment: bool = False) -> dict[str, str]:
@@ -64,6 +90,26 @@ class Progress:
         elif kind in ("done", "error"):
             self.bar.close()
 
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Following:
+    """Passes a run's events on to ``progress`` and keeps the MLflow run id the ServerApp
+    reports (its ``tracking`` and ``start`` events), to mark the run if it is interrupted."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.mlflow_run_id = ""
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.mlflow_run_id = event.get("mlflow_run_id", self.mlflow_run_id)
+        self.progress(event)
+
 
 def format_round(server_round: int, rounds: int, m: dict[str, Any]) -> str:
     def num(key: str, fmt: str) -> str:
@@ -82,7 +128,9 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
     """Run one scenario through Flower; return its summary (see ``tracking/summary.py``).
 
     The run folder is locked while the run goes on (``run_lock.RunDirBusy`` if it is in
-    use).
+    use). A simulation that ends on an interrupt or an error has its MLflow run marked KILLED
+    or FAILED once its processes are stopped, so the ServerApp's own status cannot overwrite
+    it; an interrupt is raised again as :class:`Interrupted`, naming the run folder.
     """
     workdir = Path.cwd()
     settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
@@ -100,16 +148,40 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
                   f"clients, {scenario.run.rounds} rounds -> {run_dir} "
                   f"(Flower log: {launch.log_path})", file=sys.stderr)
         started = time.perf_counter()
-        progress = Progress(scenario.name, scenario.run.rounds, quiet)
-        try:
-            summary = run_flower(launch, progress)
-        finally:
-            if progress.bar is not None:
-                progress.bar.close()
+        summary = _follow(launch, quiet)
     summary["total_wall_s"] = time.perf_counter() - started
     summary["run_dir"] = str(run_dir)
     return summary
 
+
+def _follow(launch: Launch, quiet: bool) -> dict[str, Any]:
+    """``run_flower`` with a progress display; see ``run_scenario`` for how it ends."""
+    scenario = launch.scenario
+    following = Following(Progress(scenario.name, scenario.run.rounds, quiet))
+    try:
+        with following.progress:
+            return run_flower(launch, following)
+    except BaseException as err:
+        if not launch.superlink:
+            _mark_ended(launch.settings["tracking-uri"], following.mlflow_run_id, err)
+        if isinstance(err, KeyboardInterrupt):
+            raise Interrupted.of(err, launch.run_dir, launch.superlink) from err
+        raise
+
+
+def _mark_ended(tracking_uri: str, run_id: str, err: BaseException) -> None:
+    """Mark the MLflow run as ``err`` ended it; if MLflow fails, only say so (the run's own
+    end is what the user must see)."""
+    if not run_id:
+        return
+    from fedsparse.tracking.mlflow_run import MlflowRun
+
+    status = end_status(err)
+    try:
+        MlflowRun(tracking_uri, run_id).finish(status)
+    except Exception as mlflow_err:
+        print(f"fedsparse: could not mark MLflow run {run_id} {status}: {mlflow_err}",
+              file=sys.stderr)
 
 
 @dataclass
@@ -165,8 +237,8 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), experiment:
                                      target=target, reference=reference)
         for path in files_written:
             parent.log_artifact(path, "plots" if path.suffix == ".png" else None)
-    except BaseException:
-        parent.finish("FAILED")
+    except BaseException as err:
+        parent.finish(end_status(err))
         raise
     parent.finish()
     return Comparison(experiment, parent.run_id, summaries, histories, out / "report.md")

@@ -172,11 +172,14 @@ class Prepared:
 
 def prepare(scenario: Scenario, strategy: FedSparseStrategy, setting: dict[str, str],
             out_dir: Path) -> Prepared:
-    """A fresh start (initial model, new MLflow run) or a resumed one (checkpoint, same run)."""
+    """A fresh start (initial model, new MLflow run) or a resumed one (checkpoint, same run).
+    The CLI hears of the MLflow run at once (``tracking`` event), so that it can mark it
+    KILLED when it is interrupted while the clients are still starting."""
     if setting["resume-from"]:
         checkpoint = Checkpoint.load(Path(setting["resume-from"]))
         tracker = MlflowRun(setting["tracking-uri"], checkpoint.state["mlflow_run_id"])
         tracker.reopen()
+        events.emit("tracking", mlflow_run_id=tracker.run_id)
         log.info("resuming after round %d from %s", checkpoint.round, setting["resume-from"])
         return Prepared(LoopState.restore(checkpoint, strategy), tracker,
                         float(checkpoint.state["wall_s"]),
@@ -184,6 +187,7 @@ def prepare(scenario: Scenario, strategy: FedSparseStrategy, setting: dict[str, 
     tracker = MlflowRun.start(scenario, tracking_uri=setting["tracking-uri"],
                               artifact_location=setting["artifact-location"],
                               run_name=setting["run-name"], parent_run_id=setting["parent-run-id"])
+    events.emit("tracking", mlflow_run_id=tracker.run_id)
     tracker.log_artifact(out_dir / "scenario.toml")
     return Prepared(LoopState(arrays=initial_arrays(scenario)), tracker, 0.0,
                     central_evaluator(scenario, strategy.task_views))
