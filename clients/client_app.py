@@ -2,21 +2,43 @@
 
 A client finds its data from its node config (``partition-id``, ``num-partitions``: set by
 the Simulation Engine, or by ``flower-supernode --node-config`` in deployment) and the
-scenario from the run config. Each message is handed to the scenario's client program.
+scenario from the run config. Each message is handed to the scenario's client program; a
+train or evaluate reply echoes the instruction's round (``server-round``), so that the
+server can tell a reply to another round from one to the round it is in.
+
+Client state (``fedsparse/client_state.py``) is read as of the instruction's
+``commit-round`` and, after a train instruction, saved for its round, under: the run config's
+``client-state-dir`` (simulation: the run folder's ``client-state/``), else the node config's
+``state-dir`` (``flower-supernode --node-config "... state-dir=/var/lib/fedsparse"``), else
+``$FEDSPARSE_CLIENT_STATE_DIR``, else ``~/.fedsparse/client-state``; keyed by the run
+config's ``fedsparse-run-id`` (which a resume keeps) and the partition id.
 """
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from pathlib import Path
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.programs.base import ClientProgram
-from fedsparse.protocol import CONFIG, METRICS, NUM_PARTITIONS, PARTITION_ID, QUERY, run_setting
+from fedsparse.client_state import ClientState, StateStore
+from fedsparse.protocol import (
+    COMMIT_ROUND,
+    CONFIG,
+    METRICS,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    QUERY,
+    SERVER_ROUND,
+    run_setting,
+)
 from fedsparse.registry import CLIENT_PROGRAMS
 from fedsparse.scenario import Scenario, parse_scenario
 
+STATE_DIR_NODE_KEY, STATE_DIR_ENV = "state-dir", "FEDSPARSE_CLIENT_STATE_DIR"
 app = ClientApp()
 
 
@@ -35,14 +57,28 @@ def node_partition(context: Context) -> tuple[int, int]:
             f"--node-config \"{PARTITION_ID}=<i> {NUM_PARTITIONS}=<n>\"") from None
 
 
-def program_for(context: Context) -> ClientProgram:
+def state_root(context: Context) -> Path:
+    """Where this node keeps client state (see the module docstring)."""
+    configured = run_setting(context.run_config, "client-state-dir") \
+        or str(context.node_config.get(STATE_DIR_NODE_KEY, "")) \
+        or os.environ.get(STATE_DIR_ENV, "")
+    return Path(configured or "~/.fedsparse/client-state").expanduser()
+
+
+def program_for(context: Context, content: RecordDict) -> ClientProgram:
+    """The scenario's client program for this node and instruction, with its state."""
     scenario = _scenario(run_setting(context.run_config, "scenario"))
     partition_id, num_partitions = node_partition(context)
     if num_partitions != scenario.data.num_clients:
         raise ValueError(f"node config {NUM_PARTITIONS}={num_partitions} but the scenario has "
                          f"data.num_clients={scenario.data.num_clients}")
+    config = content.config_records.get(CONFIG, ConfigRecord())
+    run_id = run_setting(context.run_config, "fedsparse-run-id") or str(context.run_id)
+    state = ClientState(StateStore(state_root(context), run_id, partition_id),
+                        commit_round=int(config.get(COMMIT_ROUND, 0)),
+                        server_round=int(config.get(SERVER_ROUND, 0)))
     program = CLIENT_PROGRAMS.get(scenario.client.program).impl
-    return program(scenario, partition_id, context.state)
+    return program(scenario, partition_id, state)
 
 
 @app.query()
@@ -51,17 +87,28 @@ def query(msg: Message, context: Context) -> Message:
     run); a query naming a ``query`` in its config goes to the client program."""
     config = msg.content.config_records.get(CONFIG)
     if config is not None and config.get(QUERY, ""):
-        return Message(program_for(context).query(msg.content), reply_to=msg)
+        return Message(program_for(context, msg.content).query(msg.content), reply_to=msg)
     partition_id, num_partitions = node_partition(context)
     metrics = MetricRecord({PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 
+def answer(msg: Message, content: RecordDict) -> Message:
+    """The reply to ``msg``, its metrics stamped with the round they answer."""
+    config = msg.content.config_records.get(CONFIG)
+    if config is not None and SERVER_ROUND in config and METRICS in content.metric_records:
+        content.metric_records[METRICS][SERVER_ROUND] = int(config[SERVER_ROUND])
+    return Message(content, reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return Message(program_for(context).train(msg.content), reply_to=msg)
+    program = program_for(context, msg.content)
+    reply = program.train(msg.content)
+    program.state.save()  # the state this client holds if the server counts the round
+    return answer(msg, reply)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return Message(program_for(context).evaluate(msg.content), reply_to=msg)
+    return answer(msg, program_for(context, msg.content).evaluate(msg.content))

@@ -1,22 +1,25 @@
 """Checkpoints of the server's state after every finished round, so no round is ever lost.
 
-One file, ``checkpoint.npz``, written atomically (write to a temp file, then rename): the
-global model and any server-side arrays by name, plus a JSON document (round, counters,
-per-round history, MLflow run id) stored as a byte array. Nothing is pickled.
+``checkpoint.npz`` holds the latest generation and ``checkpoint.prev.npz`` the one before:
+the global model and every server-side array by name, plus a JSON document (round, counters,
+per-round history, run ids), with a checksum (``fedsparse/durable.py``: written to a temp
+file, fsynced, renamed; nothing pickled). Loading takes the latest one that reads back
+intact, and falls back to the previous one, with a warning, when the latest is damaged.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-FILE = "checkpoint.npz"
-_STATE_KEY = "__state__"
+from fedsparse.durable import CorruptFile, load_arrays, save_arrays
+
+FILE, PREVIOUS = "checkpoint.npz", "checkpoint.prev.npz"
+log = logging.getLogger("fedsparse.checkpoint")
 
 
 @dataclass
@@ -26,37 +29,37 @@ class Checkpoint:
     state: dict[str, Any] = field(default_factory=dict)
 
     def save(self, directory: Path) -> Path:
-        """Write ``directory/checkpoint.npz``; a crash mid-write leaves the previous one intact."""
-        if _STATE_KEY in self.arrays:
-            raise ValueError(f"array name {_STATE_KEY!r} is reserved")
-        directory.mkdir(parents=True, exist_ok=True)
-        document = json.dumps({"round": self.round, **self.state}).encode()
-        tmp = directory / f".{FILE}.tmp"
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **{_STATE_KEY: np.frombuffer(document, dtype=np.uint8)}, **self.arrays)
-        os.replace(tmp, directory / FILE)
-        return directory / FILE
+        """Write ``directory/checkpoint.npz``, keeping the one it replaces as the previous
+        generation; a crash mid-write leaves both earlier generations intact."""
+        return save_arrays(directory / FILE, self.arrays, {"round": self.round, **self.state},
+                           previous=directory / PREVIOUS)
 
     @classmethod
     def load(cls, directory: Path) -> Checkpoint:
-        path = directory / FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {path}")
-        with np.load(path, allow_pickle=False) as npz:
-            state = _document(npz)
-            arrays = {key: npz[key] for key in npz.files if key != _STATE_KEY}
-        return cls(round=int(state.pop("round")), arrays=arrays, state=state)
-
-
-def _document(npz: np.lib.npyio.NpzFile) -> dict[str, Any]:
-    return json.loads(npz[_STATE_KEY].tobytes())
+        """The latest generation that reads back intact (FileNotFoundError if there is
+        none; CorruptFile if every one is damaged)."""
+        found = [path for path in (directory / FILE, directory / PREVIOUS) if path.is_file()]
+        if not found:
+            raise FileNotFoundError(f"no checkpoint at {directory / FILE}")
+        errors = []
+        for path in found:
+            try:
+                arrays, state = load_arrays(path)
+            except CorruptFile as err:
+                errors.append(str(err))
+                continue
+            if errors:
+                log.warning("checkpoint damaged (%s); resuming from the previous generation, "
+                            "round %s", "; ".join(errors), state["round"])
+            return cls(round=int(state.pop("round")), arrays=arrays, state=state)
+        raise CorruptFile("every checkpoint generation is damaged: " + "; ".join(errors))
 
 
 def finished_round(directory: Path) -> int | None:
-    """The last round checkpointed in ``directory`` (None before the first one finished),
-    read without loading the arrays (what an interrupted run reports)."""
-    path = directory / FILE
-    if not path.is_file():
+    """The round a resume from ``directory`` continues after, that of the generation
+    :meth:`Checkpoint.load` takes (what an interrupted run reports); None when there is
+    nothing to resume from."""
+    try:
+        return Checkpoint.load(directory).round
+    except (FileNotFoundError, CorruptFile):
         return None
-    with np.load(path, allow_pickle=False) as npz:
-        return int(_document(npz)["round"])

@@ -1,7 +1,8 @@
 """``fedsparse``: validate, run and compare scenarios.
 
-    fedsparse validate FILE [--set KEY=VALUE ...]
-    fedsparse run FILE [--set KEY=VALUE ...] [--summary out.json] [--superlink HOST:PORT]
+    fedsparse validate FILE [--set KEY=VALUE ...] [--unset KEY ...]
+    fedsparse run FILE [--set KEY=VALUE ...] [--unset KEY ...] [--summary out.json]
+                       [--superlink HOST:PORT]
     fedsparse run --resume RUN_DIR [--set run.rounds=N]
     fedsparse compare A.toml B.toml ... [--experiment NAME] [--out DIR]
 
@@ -17,6 +18,7 @@ import shlex
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +26,7 @@ from pathlib import Path
 from fedsparse.checkpoint import finished_round
 from fedsparse.experiments import Interrupted, compare, new_run_dir, run_scenario
 from fedsparse.run_lock import RunDirBusy
-from fedsparse.scenario import ScenarioError, load_scenario
+from fedsparse.scenario import Scenario, ScenarioError, ScenarioNote, load_scenario
 
 EXIT_INVALID, EXIT_FAILED = 2, 1
 
@@ -47,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                        metavar="KEY=VALUE",
                        help="override one scenario key, e.g. --set client.lr=0.01 "
                             "(value parsed as TOML; repeatable)")
+        p.add_argument("--unset", dest="unset", action="append", default=[], metavar="KEY",
+                       help="remove one key of the scenario file before validation, so that "
+                            "its default applies, e.g. --unset data.alpha (repeatable)")
 
     p = commands.add_parser("validate", help="check a scenario file and print it resolved",
                             description="Validate a scenario file (and overrides) without "
@@ -59,13 +64,14 @@ def _parser() -> argparse.ArgumentParser:
                             description="Run a scenario: Ray simulation on this machine by "
                                         "default, or an existing SuperLink with --superlink.",
                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("file", type=Path, nargs="?", help="scenario TOML file")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("file", type=Path, nargs="?", metavar="FILE", help="scenario TOML file")
+    what.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                      help="continue a run from its last checkpoint (same MLflow run)")
     overrides(p)
     p.add_argument("--summary", type=Path, metavar="JSON",
                    help="write the final metrics as a flat JSON object")
     p.add_argument("--run-dir", type=Path, help="output folder (default runs/<name>-<time>)")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                   help="continue a run from its last checkpoint (same MLflow run)")
     _deployment_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
 
@@ -98,8 +104,17 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
                             "ServerApp's own MLFLOW_TRACKING_URI in deployment)")
 
 
+def _load_checked(args: argparse.Namespace) -> Scenario:
+    """``args.file`` validated with its overrides, and its data split checked."""
+    from fedsparse.data.partition import check_partition  # loads torch: not for --help
+
+    scenario = load_scenario(args.file, args.overrides, args.unset)
+    check_partition(scenario.data, scenario.seed, str(args.file))
+    return scenario
+
+
 def _validate(args: argparse.Namespace) -> int:
-    scenario = load_scenario(args.file, args.overrides)
+    scenario = _load_checked(args)
     if not args.quiet:
         print(f"# {args.file}: valid (fingerprint {scenario.fingerprint()})")
         print(scenario.to_toml(), end="")
@@ -109,11 +124,9 @@ def _validate(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = args.resume
-        scenario = load_scenario(run_dir / "scenario.toml", args.overrides)
-    elif args.file is None:
-        raise SystemExit("fedsparse run: give a scenario FILE or --resume RUN_DIR")
+        scenario = load_scenario(run_dir / "scenario.toml", args.overrides, args.unset)
     else:
-        scenario = load_scenario(args.file, args.overrides)
+        scenario = _load_checked(args)
         run_dir = args.run_dir or new_run_dir(scenario)
     summary = run_scenario(scenario, run_dir=run_dir, quiet=args.quiet, superlink=args.superlink,
                            root_certificates=args.root_certificates,
@@ -122,18 +135,43 @@ def _run(args: argparse.Namespace) -> int:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
+    if summary.get("failure"):
+        print(f"fedsparse: the run failed: {summary['failure']}; see {summary['run_dir']}"
+              f"/clients.csv for why each reply was dropped", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    result = compare(args.files, overrides=args.overrides, experiment=args.experiment or "",
+    result = compare(args.files, overrides=args.overrides, unset=args.unset,
+                     experiment=args.experiment or "",
                      out=args.out, quiet=args.quiet, superlink=args.superlink,
                      root_certificates=args.root_certificates, tracking_uri=args.tracking_uri,
                      target=args.target, reference=args.reference or "")
     print(f"report: {result.report} (MLflow experiment {result.experiment!r}, "
           f"parent run {result.parent_run_id})")
     print(result.report.read_text())
-    return 0
+    failed = {label: s["failure"] for label, s in result.summaries.items() if s.get("failure")}
+    for label, failure in failed.items():
+        print(f"fedsparse: run {label} failed: {failure}", file=sys.stderr)
+    return EXIT_FAILED if failed else 0
+
+
+@contextmanager
+def _notes_to_stderr() -> Iterator[None]:
+    """Print every :class:`ScenarioNote` as ``fedsparse: note: ...`` (other warnings as usual)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ScenarioNote)
+        show = warnings.showwarning
+
+        def show_note(message, category, filename, lineno, file=None, line=None) -> None:
+            if issubclass(category, ScenarioNote):
+                print(f"fedsparse: note: {message}", file=sys.stderr)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show_note
+        yield
 
 
 @contextmanager
@@ -174,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"validate": _validate, "run": _run, "compare": _compare}
     try:
-        with _signals_interrupt():
+        with _signals_interrupt(), _notes_to_stderr():
             return handlers[args.command](args)
     except (ScenarioError, RunDirBusy) as err:
         print(f"fedsparse: {err}", file=sys.stderr)

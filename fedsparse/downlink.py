@@ -41,6 +41,19 @@ class PublicModel:
         self.x_hat = self.x_hat + step
         self.changed[server_round] = np.flatnonzero(step)
 
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """x_hat, its first round and the coordinates each later round changed."""
+        if self.x_hat is None:
+            return {}
+        return {"x_hat": self.x_hat, "first_round": np.array([self.first_round], np.int64),
+                **{f"changed/{t}": idx for t, idx in self.changed.items()}}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        self.x_hat = arrays["x_hat"]
+        self.first_round = int(arrays["first_round"][0])
+        self.changed = {int(k.removeprefix("changed/")): v for k, v in arrays.items()
+                        if k.startswith("changed/")}
+
     def sync(self, last_sync: int | None) -> Payload:
         """What a client that last synchronised in round ``last_sync`` needs to hold x_hat."""
         assert self.x_hat is not None, "advance() first"

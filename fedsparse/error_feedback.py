@@ -9,8 +9,9 @@ memory"; Karimireddy et al. 2019, EF-SGD), in federated form (e.g. Li & Li 2023,
     server:    x <- x + eta_g * sum_i (n_i / n) m_i      (FedAvg weights, accepted replies)
 
 Without error feedback (``e_i = 0`` always) it is plain compressed FedAvg. With C = identity
-and eta_g = 1 it is FedAvg. As with the control variates, the residual update is applied
-only once the server counted the message; a lost message leaves ``e_i = p_i``.
+and eta_g = 1 it is FedAvg. Like every piece of client state, the new residual holds only
+once the server counted the message (``fedsparse/client_state.py``); a lost message leaves
+the residual as it was before that round.
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ class FedAvgEFParams(StrategyParams):
 class EFMessage:
     payload: Payload
     sent: np.ndarray  # m_i, what the server decodes
-    residual_if_counted: np.ndarray  # p_i - m_i
-    residual_if_lost: np.ndarray  # p_i
+    residual: np.ndarray  # p_i - m_i, the new e_i once the server counts m_i
 
 
 def ef_message(update: np.ndarray, residual: np.ndarray, compressor: Compressor,
@@ -48,9 +48,8 @@ def ef_message(update: np.ndarray, residual: np.ndarray, compressor: Compressor,
     p = (update + residual).astype(np.float32) if error_feedback else update.astype(np.float32)
     payload, sent = compressor(p, rng)
     if not error_feedback:
-        zero = np.zeros_like(p)
-        return EFMessage(payload, sent, zero, zero)
-    return EFMessage(payload, sent, (p - sent).astype(np.float32), p)
+        return EFMessage(payload, sent, np.zeros_like(p))
+    return EFMessage(payload, sent, (p - sent).astype(np.float32))
 
 
 def server_step(x: np.ndarray, messages: list[np.ndarray], weights: list[int],

@@ -11,15 +11,19 @@ import secrets
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsparse.checkpoint import Checkpoint
 from fedsparse.launch import Launch, run_flower
 from fedsparse.run_lock import hold
-from fedsparse.scenario import Scenario, ScenarioError, load_scenario
+from fedsparse.scenario import DataSpec, Scenario, ScenarioError, load_scenario
 from fedsparse.tracking.history import Row
+
+CLIENT_STATE = "client-state"  # the run folder's client state store (simulation)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -134,10 +138,13 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
     """
     workdir = Path.cwd()
     settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
-                **(extra or {})}
-    if resume:
-        settings["resume-from"] = str(run_dir.resolve())
+                **(extra or {}), "fedsparse-run-id": uuid.uuid4().hex}
+    if not superlink:  # simulated clients keep their state in the run folder
+        settings["client-state-dir"] = str((run_dir / CLIENT_STATE).resolve())
     with hold(run_dir) as lock:
+        if resume:  # read under the lock: no other run is writing the checkpoint now
+            settings["resume-from"] = str(run_dir.resolve())
+            settings["fedsparse-run-id"] = Checkpoint.load(run_dir).state["fedsparse_run_id"]
         launch = Launch(scenario=scenario, run_dir=run_dir, workdir=workdir,
                         superlink=superlink, insecure=root_certificates is None,
                         root_certificates=root_certificates, settings=settings,
@@ -193,23 +200,30 @@ class Comparison:
     report: Path
 
 
-def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), experiment: str = "",
-            out: Path | None = None, quiet: bool = True, superlink: str = "",
+def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequence[str] = (),
+            experiment: str = "", out: Path | None = None, quiet: bool = True, superlink: str = "",
             root_certificates: Path | None = None, tracking_uri: str = "",
             target: float | None = None, reference: str = "") -> Comparison:
     """Run ``files`` one after the other into one MLflow experiment and write a report.
 
-    All files are validated before anything runs. The report (a table of final metrics,
-    rounds to ``target`` accuracy, uplink reduction against the run named ``reference``,
-    overlaid accuracy plots) goes to ``out`` and to a parent MLflow run.
+    All files are validated, and their data splits checked, before anything runs. The report
+    (a table of final metrics, rounds to ``target`` accuracy, uplink reduction against the
+    run named ``reference``, overlaid accuracy plots) goes to ``out`` and to a parent MLflow
+    run.
     """
+    from fedsparse.data.partition import check_partition
     from fedsparse.tracking.history import read_csv
     from fedsparse.tracking.mlflow_run import MlflowRun, experiment_id
     from fedsparse.tracking.report import write_report
 
     experiment = experiment or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     overrides = [*overrides, f"tracking.experiment={json.dumps(experiment)}"]
-    scenarios = [load_scenario(f, overrides) for f in files]
+    scenarios = [load_scenario(f, overrides, unset) for f in files]
+    checked: set[tuple[DataSpec, int]] = set()
+    for scenario, path in zip(scenarios, files, strict=True):
+        if (scenario.data, scenario.seed) not in checked:  # arms often share one split
+            check_partition(scenario.data, scenario.seed, str(path))
+            checked.add((scenario.data, scenario.seed))
     labels = [s.name for s in scenarios]
     if len(set(labels)) < len(labels):
         labels = [f"{s.name}[{f.stem}]" for s, f in zip(scenarios, files, strict=True)]

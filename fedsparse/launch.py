@@ -193,7 +193,8 @@ def run_flower(launch: Launch, on_event: EventHandler) -> dict[str, Any]:
     app_dir = write_app(state_dir(launch.workdir) / "app")
     run_config = (launch.run_dir / "run_config.toml").resolve()
     settings = {**RUN_CONFIG_DEFAULTS, **launch.settings,
-                "scenario": launch.scenario.to_toml(), "out-dir": str(launch.run_dir.resolve())}
+                "scenario": launch.scenario.to_toml(), "out-dir": str(launch.run_dir.resolve()),
+                "federation": "deployment" if launch.superlink else "simulation"}
     run_config.write_text(tomli_w.dumps(settings))
     with _superlink(launch, env) as address:
         _flower_config(Path(env["FLWR_HOME"]), address, launch.insecure or not launch.superlink,

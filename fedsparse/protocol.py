@@ -11,6 +11,8 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
+from fedsparse.payload import MetricSpec
+
 # Records in a message's RecordDict.
 ARRAYS = "arrays"  # ArrayRecord: the model (down) or the client's result (up)
 UPDATE = "update"  # ArrayRecord: a compressed update (payload arrays of fedsparse.compress)
@@ -28,9 +30,10 @@ METRICS = "metrics"  # MetricRecord: client -> server measurements
 # Keys of the ConfigRecord sent with every instruction.
 SERVER_ROUND = "server-round"
 QUERY = "query"  # in a QUERY message: what the server asks ("" = which partition are you)
-# The last round in which the server counted this client's update (0: never). A client
-# applies the state change that went with an update (a control variate step, an error
-# feedback residual) only once the server has counted that update: two-phase commit.
+# The last round in which the server counted this client's update (0: never), in every
+# instruction: the client starts from the state it saved in that round, so a state change
+# that went with an update (a control variate step, a residual, a replay buffer) holds only
+# once the server has counted it: two-phase commit (fedsparse/client_state.py).
 COMMIT_ROUND = "commit-round"
 # What the server's next mask update needs from a client (strategies/sparse_fedavg.py):
 # "none", "grad" (last minibatch gradient at the mask), "grad-dense", "momentum-dense".
@@ -49,6 +52,22 @@ NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 
+_COUNT, _SHARE = MetricSpec(integer=True), MetricSpec(high=1.0)
+# Every metric a train or evaluate reply may carry, and its range: the server rejects a reply
+# with any other key, a list, a value that is not finite or one out of range. A client program
+# that reports a new metric declares it here. (num-examples is bounded further by the server:
+# at most the examples the client holds.) SERVER_ROUND echoes the instruction's round.
+REPLY_METRICS: dict[str, MetricSpec] = {
+    NUM_EXAMPLES: MetricSpec(low=1, integer=True),
+    SERVER_ROUND: MetricSpec(low=1, integer=True),
+    "train-loss": MetricSpec(), "train-steps": _COUNT, "train-examples": _COUNT,
+    "train-flops": _COUNT, "train-dense-flops": _COUNT, "train-s": MetricSpec(),
+    "eval-loss": MetricSpec(), "eval-acc": _SHARE, "eval-density": _SHARE,
+    "budget": _SHARE, "density": _SHARE, "active-density": _SHARE,
+    "weight-density": _SHARE, "grad-density": _SHARE,
+    "examples-removed": _COUNT, "examples-remaining": _COUNT,
+}
+
 # Flower run config ([tool.flwr.app.config]) keys: what `fedsparse run` passes to `flwr run`.
 RUN_CONFIG_DEFAULTS: dict[str, str] = {
     "scenario": "",  # the validated scenario as TOML text
@@ -58,6 +77,9 @@ RUN_CONFIG_DEFAULTS: dict[str, str] = {
     "artifact-location": "",  # MLflow artifact root for a new experiment ("" = server default)
     "parent-run-id": "",  # MLflow run of a `fedsparse compare`, if any
     "run-name": "",  # MLflow run name
+    "federation": "simulation",  # or "deployment": the server cannot know the clients' data
+    "fedsparse-run-id": "",  # fedsparse's id of the run, kept on resume (client state keys)
+    "client-state-dir": "",  # where clients keep their state ("" = the node's own folder)
 }
 
 

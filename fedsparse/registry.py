@@ -14,9 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from fedsparse.compress import CONTRACTIVE, CompressorConfig, of_kind
+from fedsparse.schema import SCENARIO_CONFIG
 
 T = TypeVar("T")
 
@@ -29,7 +30,7 @@ class PluginParams(BaseModel):
     Subclasses add typed fields with defaults; unknown keys are rejected.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SCENARIO_CONFIG
 
     def check_scenario(self, scenario: Any) -> None:
         """Checks that need the rest of the scenario (a ``fedsparse.scenario.Scenario``);
@@ -42,8 +43,14 @@ class StrategyParams(PluginParams):
     name: str
     fraction_train: float = Field(1.0, gt=0, le=1, description="clients sampled per round")
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="clients in federated eval")
-    min_train_clients: int = Field(1, ge=1)
-    min_evaluate_clients: int = Field(1, ge=1)
+    min_train_clients: int = Field(1, ge=1, description="floor on the clients sampled")
+    min_evaluate_clients: int = Field(1, ge=1, description="floor on the clients sampled")
+    min_train_replies: int = Field(1, ge=1, description="valid train replies a round needs "
+                                                        "to count (else the model is unchanged)")
+    min_evaluate_replies: int = Field(1, ge=1, description="valid evaluate replies federated "
+                                                           "evaluation needs to be reported")
+    max_abs_value: float = Field(1e6, gt=0, description="largest |value| a decoded reply may "
+                                                        "hold; a larger one is rejected")
     downlink: CompressorConfig | None = Field(
         None, description="compress the model sent for training (fedsparse/downlink.py)")
     # Set by a strategy whose downlink is its own: why ``downlink`` does not apply to it.
@@ -55,6 +62,29 @@ class StrategyParams(PluginParams):
         return None if spec is None else of_kind(
             spec, CONTRACTIVE, "the compressed downlink", "a contractive",
             ": it keeps its error on the server, so a rescaled one makes x_hat diverge from x")
+
+    def training_pool(self, num_clients: int) -> int:
+        """How many clients are sampled from (all, unless a strategy holds some out)."""
+        return num_clients
+
+    def sample_size(self, pool: int, phase: str) -> int:
+        """Clients sampled for ``phase`` ("train" or "evaluate") from ``pool`` clients."""
+        if phase == "train":
+            return min(pool, max(self.min_train_clients, int(self.fraction_train * pool)))
+        if self.fraction_evaluate == 0:
+            return 0
+        return min(pool, max(self.min_evaluate_clients, int(self.fraction_evaluate * pool)))
+
+    def check_minimums(self, num_clients: int) -> None:
+        """The reply minimums must be reachable with the clients sampled per round."""
+        pool = self.training_pool(num_clients)
+        for phase, needed in (("train", self.min_train_replies),
+                              ("evaluate", self.min_evaluate_replies)):
+            sampled = self.sample_size(pool, phase)
+            if sampled and needed > sampled:
+                raise ValueError(f"strategy.min_{phase}_replies = {needed} exceeds the "
+                                 f"{sampled} clients sampled per round (fraction_{phase} x "
+                                 f"{pool} clients): no round could count")
 
     @model_validator(mode="after")
     def _downlink_applies(self) -> StrategyParams:

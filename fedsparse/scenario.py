@@ -14,14 +14,14 @@ import hashlib
 import json
 import tomllib
 import typing
+import warnings
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal
 
 import tomli_w
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     SerializeAsAny,
     ValidationError,
@@ -37,6 +37,7 @@ from fedsparse.registry import (
     Registry,
     load_plugins,
 )
+from fedsparse.schema import SCENARIO_CONFIG
 
 
 class ScenarioError(ValueError):
@@ -48,8 +49,18 @@ class ScenarioError(ValueError):
         super().__init__(f"invalid scenario {source}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+class ScenarioNote(UserWarning):
+    """Something validation did to the scenario that the user should hear about (the CLI
+    prints it as ``fedsparse: note: ...``)."""
+
+
+# The data keys that apply to one partition only.
+PARTITION_KEYS = {"dirichlet": "alpha", "shards": "shards_per_client",
+                  "pathological": "classes_per_client"}
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SCENARIO_CONFIG
 
 
 class DataSpec(Section):
@@ -71,10 +82,8 @@ class DataSpec(Section):
 
     @model_validator(mode="after")
     def _partition_params(self) -> DataSpec:
-        needed = {"dirichlet": "alpha", "shards": "shards_per_client",
-                  "pathological": "classes_per_client"}
         wrong = []
-        for partition, key in needed.items():
+        for partition, key in PARTITION_KEYS.items():
             given = getattr(self, key) is not None
             if partition == self.partition and not given:
                 wrong.append(f"partition = {partition!r} needs data.{key}")
@@ -111,6 +120,21 @@ class RunSpec(Section):
     num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use (default: all)")
     node_wait_s: float = Field(300.0, gt=0, description="how long the server waits for clients")
     round_timeout_s: float = Field(3600.0, gt=0, description="reply timeout per round")
+    max_failed_round_fraction: float = Field(
+        0.5, ge=0, le=1, description="a run whose rounds did not count more often than this "
+                                     "(or never counted) ends with a non-zero exit code")
+    max_client_examples: int = Field(
+        1_000_000, ge=1, description="deployment: the most examples a client may report (in "
+                                     "simulation the server knows each partition's size)")
+
+    def verdict(self, rounds: int, failed: int) -> str:
+        """Why a run with ``failed`` of ``rounds`` rounds not counted is a failure ("" if not)."""
+        if failed == rounds:
+            return f"no round counted ({failed} of {rounds} failed)"
+        if failed > self.max_failed_round_fraction * rounds:
+            return (f"{failed} of {rounds} rounds did not count, more than "
+                    f"run.max_failed_round_fraction = {self.max_failed_round_fraction}")
+        return ""
 
 
 class ContinualSpec(Section):
@@ -213,6 +237,11 @@ class Scenario(Section):
         return self
 
     @model_validator(mode="after")
+    def _minimums_reachable(self) -> Scenario:
+        self.strategy.check_minimums(self.data.num_clients)
+        return self
+
+    @model_validator(mode="after")
     def _rounds_cover_the_tasks(self) -> Scenario:
         if self.continual is not None:
             needed = self.continual.num_tasks * self.continual.rounds_per_task
@@ -258,24 +287,59 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``section.key=value`` as its key path and value (parsed as TOML, bare words as strings)."""
+    path, sep, raw = item.partition("=")
+    keys = path.strip().split(".")
+    if not sep or not all(keys):
+        raise ScenarioError("--set", [f"{item!r}: expected KEY=VALUE, e.g. client.lr=0.01"])
+    try:
+        return keys, tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return keys, raw.strip()
+
+
 def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides (values parsed as TOML, bare words as strings)."""
     for item in overrides:
-        path, sep, raw = item.partition("=")
-        keys = path.strip().split(".")
-        if not sep or not all(keys):
-            raise ScenarioError("--set", [f"{item!r}: expected KEY=VALUE, e.g. client.lr=0.01"])
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw.strip()
+        keys, value = _parse_override(item)
         node = tree
         for key in keys[:-1]:
             child = node.setdefault(key, {})
             if not isinstance(child, dict):
-                raise ScenarioError("--set", [f"{path}: {key!r} is a value, not a section"])
+                raise ScenarioError("--set", [f"{'.'.join(keys)}: {key!r} is a value, "
+                                              f"not a section"])
             node = child
         node[keys[-1]] = value
+    return tree
+
+
+def apply_unset(tree: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """Remove ``section.key`` entries (``--unset``) from a scenario tree; each must be there."""
+    for path in keys:
+        *sections, last = path.strip().split(".")
+        node: Any = tree
+        for key in sections:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            where = f"[{'.'.join(sections)}]" if sections else "the top level"
+            present = f" ({where} has: {', '.join(node)})" if isinstance(node, dict) else ""
+            raise ScenarioError("--unset", [f"{path}: no such key in the scenario file{present}"])
+        del node[last]
+    return tree
+
+
+def drop_stale_partition_keys(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """After an override of ``data.partition``, drop the data keys that applied only to the
+    file's partition (a :class:`ScenarioNote` each), unless an override set them too."""
+    overridden = {".".join(_parse_override(item)[0]) for item in overrides}
+    data = tree.get("data")
+    if "data.partition" not in overridden or not isinstance(data, dict):
+        return tree
+    for partition, key in PARTITION_KEYS.items():
+        if key in data and partition != data["partition"] and f"data.{key}" not in overridden:
+            warnings.warn(ScenarioNote(f"dropped data.{key} = {data.pop(key)!r} (it applies "
+                                       f"only to partition = {partition!r})"), stacklevel=2)
     return tree
 
 
@@ -286,10 +350,12 @@ def _toml(text: str, source: str) -> dict[str, Any]:
         raise ScenarioError(source, [f"not valid TOML: {err}"]) from None
 
 
-def validate(tree: dict[str, Any], overrides: Sequence[str] = (),
-             source: str = "<text>") -> Scenario:
-    """Validate a scenario tree (plus ``--set`` overrides) into a :class:`Scenario`."""
-    tree = apply_overrides(tree, overrides)
+def validate(tree: dict[str, Any], overrides: Sequence[str] = (), source: str = "<text>",
+             unset: Sequence[str] = ()) -> Scenario:
+    """Validate a scenario tree (less ``--unset`` keys, plus ``--set`` overrides) into a
+    :class:`Scenario`."""
+    tree = apply_overrides(apply_unset(tree, unset), overrides)
+    tree = drop_stale_partition_keys(tree, overrides)
     try:
         return Scenario.model_validate(tree)
     except ValidationError as err:
@@ -301,26 +367,47 @@ def parse_scenario(text: str, overrides: Sequence[str] = (), source: str = "<tex
     return validate(_toml(text, source), overrides, source)
 
 
-def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
-    """Read and validate a scenario file (following ``extends``)."""
-    return validate(read_tree(Path(path)), overrides, source=str(path))
+def load_scenario(path: str | Path, overrides: Sequence[str] = (),
+                  unset: Sequence[str] = ()) -> Scenario:
+    """Read and validate a scenario file (following ``extends``), less the ``unset`` keys,
+    plus ``overrides``."""
+    return validate(read_tree(Path(path)), overrides, source=str(path), unset=unset)
 
 
 def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A scenario file as a tree; ``extends = "base.toml"`` (relative to the file) names a
     file whose keys this one overrides, section by section."""
     if not path.is_file():
-        raise ScenarioError(str(path), ["file not found"])
+        raise ScenarioError(str(path), [f"file not found ({path.resolve()})"])
     if path.resolve() in seen:
         chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
         raise ScenarioError(str(path), [f"extends: a cycle ({chain})"])
-    tree = _toml(path.read_text(encoding="utf-8"), str(path))
+    tree = _toml(_read_text(path), str(path))
     base = tree.pop("extends", None)
     if base is None:
         return tree
-    if not isinstance(base, str):
-        raise ScenarioError(str(path), [f"extends = {base!r}: expected a file name"])
-    return _merge(read_tree(path.parent / base, (*seen, path.resolve())), tree)
+    return _merge(read_tree(_extends_target(path, base), (*seen, path.resolve())), tree)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ScenarioError(str(path), [f"not UTF-8 text: byte {err.object[err.start]:#04x} "
+                                        f"at offset {err.start}"]) from None
+
+
+def _extends_target(path: Path, base: Any) -> Path:
+    """The file that ``extends = base`` in ``path`` names: a relative path to a .toml file."""
+    if (not isinstance(base, str) or PurePath(base).is_absolute()
+            or PurePath(base).suffix != ".toml" or (path.parent / base).is_dir()):
+        raise ScenarioError(str(path), [f"extends = {base!r}: an extends target must be a "
+                                        f"relative path to a .toml file"])
+    target = path.parent / base
+    if not target.is_file():
+        raise ScenarioError(str(path), [f"extends = {base!r}: file not found "
+                                        f"({target.resolve()})"])
+    return target
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -358,10 +445,9 @@ def _allowed_keys(section: list[str], tree: dict[str, Any]) -> str:
             registry = registries[part]
             candidates = [registry.get(tree.get(part, {}).get(registry.key)).params]
             continue
-        by_tag = [m for m in candidates if m.model_fields.get("name") and
-                  m.model_fields["name"].default == part]
-        if by_tag:  # a tagged union member: pydantic puts the tag in the location
-            candidates = by_tag
+        if part not in candidates[0].model_fields:  # a tagged union member's tag
+            candidates = [m for m in candidates if m.model_fields.get("name") and
+                          m.model_fields["name"].default == part] or candidates
             continue
         field = candidates[0].model_fields[part]
         candidates = [t for t in _model_types(field.annotation)]

@@ -6,9 +6,16 @@ What every fedsparse strategy shares, so that each strategy file holds only its 
   and sampled with the scenario's seed, so a run samples the same clients every time
   whatever Flower's random node ids are;
 - replies are handled in partition-id order, so float sums are bitwise reproducible;
-- every reply is validated on receipt; a failed or malformed reply is recorded with its
+- every reply is validated on receipt against what the server itself knows (its records,
+  its metrics against ``protocol.REPLY_METRICS``, its round, ``num-examples`` against the
+  examples the client can hold, its arrays decoded without trusting their headers, its
+  decoded values finite and bounded); a failed or malformed reply is recorded with its
   reason and left out of that round only;
-- the payload bytes of every message, down and up, are counted per client.
+- a round counts only with ``min_train_replies`` valid replies and a finite aggregate;
+  otherwise the model and the server state stay as they were, and no client's update is
+  committed (``commit-round``);
+- the payload bytes of every message are counted per client: down from the arrays sent, up
+  from the bytes received.
 
 A subclass defines ``Params`` (its ``[strategy]`` section) and :meth:`aggregate`, and may
 override :meth:`train_instruction` / :meth:`check_train_reply` for what crosses the wire.
@@ -19,7 +26,7 @@ from __future__ import annotations
 import logging
 import random
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,6 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsparse.compress import build_compressor
+from fedsparse.data import client_indices
 from fedsparse.downlink import PublicModel
 from fedsparse.flat import flatten
 from fedsparse.metrics.aggregate import (
@@ -36,7 +44,14 @@ from fedsparse.metrics.aggregate import (
     bottom_decile_mean,
     unweighted_mean,
 )
-from fedsparse.payload import PayloadError, check_count, check_dense
+from fedsparse.models import scenario_model, shared_state
+from fedsparse.payload import (
+    PayloadError,
+    check_bounded,
+    check_count,
+    check_dense,
+    check_metrics,
+)
 from fedsparse.protocol import (
     ARRAYS,
     COMMIT_ROUND,
@@ -44,16 +59,19 @@ from fedsparse.protocol import (
     METRICS,
     MODEL_SYNC,
     NUM_EXAMPLES,
+    REPLY_METRICS,
     SERVER_ROUND,
     derive_seed,
 )
 from fedsparse.registry import StrategyParams
 from fedsparse.scenario import Scenario
-from strategies.records import content_bytes, from_numpy, to_numpy
+from strategies.records import Received, content_bytes, from_numpy, received_bytes, to_numpy
 
 log = logging.getLogger("fedsparse.strategy")
 
 TRAIN, EVALUATE = "train", "evaluate"
+ReplyCheck = Callable[[Received], Any]
+COMMIT_PARTITIONS, COMMIT_ROUNDS, PUBLIC_PREFIX = "commit/partition", "commit/round", "public/"
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,10 @@ class Reply:
     num_examples: int
     metrics: dict[str, Any]
     decoded: Any = None
+
+
+def no_arrays(received: Received) -> None:
+    """The reply check of a phase whose replies carry metrics only (evaluation)."""
 
 
 @dataclass
@@ -115,18 +137,25 @@ class FedSparseStrategy(Strategy):
         {"train-flops", "train-dense-flops", "train-steps", "train-examples",
          "examples-removed", "examples-remaining"})
 
+    # the ArrayRecords a valid train reply may hold (besides its MetricRecord)
+    train_records: ClassVar[frozenset[str]] = frozenset({ARRAYS})
+
     def __init__(self, params: StrategyParams, scenario: Scenario) -> None:
         self.params = params
         self.public: PublicModel | None = None  # the compressed downlink's x_hat
-        self.synced: dict[int, int] = {}  # partition id -> last round it received x_hat
         self.scenario = scenario
         self.num_clients = scenario.data.num_clients
-        self.pool = range(self.num_clients)  # the partitions that train and evaluate
+        self.pool = range(params.training_pool(self.num_clients))  # partitions that train
+        # The most examples a client may claim; None: what its partition holds (simulation,
+        # where the server knows the partitions); in deployment the scenario's cap.
+        self.examples_cap: int | None = None
         self.node_of: dict[int, int] = {}  # partition id -> Flower node id (this run)
         self.partition_of: dict[int, int] = {}  # Flower node id -> partition id
         self.client_records: list[ClientRecord] = []
         self.current: dict[str, np.ndarray] = {}  # the global model sent this round
-        self.accepted_round: dict[int, int] = {}  # partition id -> last round its update counted
+        # partition id -> last round its update counted (the commit-round it is told); also
+        # the last round it holds the public model of: its state is as of that round
+        self.accepted_round: dict[int, int] = {}
         self._pending: dict[tuple[int, str], dict[int, ClientRecord]] = {}
 
     # -- clients ------------------------------------------------------------------------
@@ -137,15 +166,19 @@ class FedSparseStrategy(Strategy):
 
     def sample(self, server_round: int, phase: str) -> list[int]:
         """Partition ids for ``phase`` of ``server_round``, drawn with the scenario's seed."""
-        if phase == TRAIN:
-            fraction, minimum = self.params.fraction_train, self.params.min_train_clients
-        else:
-            fraction, minimum = self.params.fraction_evaluate, self.params.min_evaluate_clients
-            if fraction == 0:
-                return []
-        size = min(len(self.pool), max(minimum, int(fraction * len(self.pool))))
+        size = self.params.sample_size(len(self.pool), phase)
+        if size == 0:
+            return []
         rng = random.Random(f"{self.scenario.seed}:{phase}:{server_round}")
         return sorted(rng.sample(self.pool, size))
+
+    def example_bound(self, partition_id: int, phase: str) -> float:
+        """The most examples client ``partition_id`` can report for ``phase``: the size of
+        its local train (training) or test split, or the deployment cap."""
+        if self.examples_cap is not None:
+            return self.examples_cap
+        split = client_indices(self.scenario.data, self.scenario.seed, partition_id)
+        return len(split.train if phase == TRAIN else split.test)
 
     # -- train --------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -160,16 +193,20 @@ class FedSparseStrategy(Strategy):
                                      COMMIT_ROUND: self.accepted_round.get(pid, 0)})
             content = self.train_instruction(pid, arrays, config_i)
             if self.public is not None:  # the public model instead of the dense one
-                sync = self.public.sync(self.synced.get(pid))
+                sync = self.public.sync(self.accepted_round.get(pid))
                 content = RecordDict({**{k: v for k, v in content.items() if k != ARRAYS},
                                       MODEL_SYNC: from_numpy(sync)})
             messages.append(self._send(server_round, TRAIN, pid, content))
         return messages
 
+    def _new_public(self) -> PublicModel:
+        """An empty public model for ``strategy.downlink`` (per-tensor top-k: the tensors)."""
+        sizes = [v.numel() for v in shared_state(scenario_model(self.scenario)).values()]
+        return PublicModel(build_compressor(self.params.downlink, sizes))
+
     def _advance_public(self, server_round: int) -> None:
         if self.public is None:
-            sizes = [a.size for a in self.current.values()]
-            self.public = PublicModel(build_compressor(self.params.downlink, sizes))
+            self.public = self._new_public()
         rng = np.random.default_rng(derive_seed(self.scenario.seed, "downlink", server_round))
         self.public.advance(server_round, flatten(self.current), rng)
 
@@ -178,26 +215,49 @@ class FedSparseStrategy(Strategy):
         """What client ``partition_id`` receives to train (default: the global model)."""
         return RecordDict({ARRAYS: arrays, CONFIG: config})
 
-    def check_train_reply(self, content: RecordDict) -> Any:
-        """Raise :class:`PayloadError` unless ``content`` is a well-formed train reply;
-        return what :meth:`aggregate` needs from it (``Reply.decoded``).
+    def check_train_reply(self, received: Received) -> Any:
+        """Raise :class:`PayloadError` unless ``received`` (a train reply's arrays, decoded
+        defensively) is well formed; return what :meth:`aggregate` needs from it
+        (``Reply.decoded``; every float array in it is then checked finite and within
+        ``max_abs_value``).
 
         Default: a dense model of the same keys, shapes and dtypes as the one sent.
         """
-        if ARRAYS not in content.array_records:
-            raise PayloadError(f"no ArrayRecord {ARRAYS!r} in reply")
-        check_dense(to_numpy(content.array_records[ARRAYS]), self.current)
-        return None
+        model = received[ARRAYS]
+        check_dense(model, self.current)
+        return model
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
         accepted = self._receive(server_round, TRAIN, replies, self.check_train_reply)
         metrics = self._round_metrics(server_round, TRAIN, accepted)
-        if not accepted:
-            log.warning("round %d: no valid train reply; the global model is unchanged",
-                        server_round)
-            return None, metrics
-        return self.aggregate(server_round, accepted), metrics
+        arrays = self._apply(server_round, accepted)
+        metrics["round_counted"] = int(arrays is not None)
+        return arrays, metrics
+
+    def _apply(self, server_round: int, accepted: list[Reply]) -> ArrayRecord | None:
+        """The round's new model, or None (model and server state unchanged) when it has
+        fewer than ``min_train_replies`` valid replies or its result is not finite. Only an
+        applied round commits its clients' updates."""
+        needed = self.params.min_train_replies
+        if len(accepted) < needed:
+            log.warning("round %d: %d valid train replies, fewer than strategy."
+                        "min_train_replies = %d; the global model is unchanged", server_round,
+                        len(accepted), needed)
+            return None
+        before = {k: v.copy() for k, v in self.state_arrays().items()}
+        arrays = self.aggregate(server_round, accepted)
+        try:
+            check_bounded(to_numpy(arrays), np.inf, "aggregate")
+            check_bounded(self.state_arrays(), np.inf, "server state")
+        except PayloadError as err:
+            log.warning("round %d: %s; the global model and the server state are unchanged",
+                        server_round, err)
+            self.load_state_arrays(before)
+            return None
+        for reply in accepted:
+            self.accepted_round[reply.partition_id] = server_round
+        return arrays
 
     @abstractmethod
     def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
@@ -206,16 +266,25 @@ class FedSparseStrategy(Strategy):
     # -- evaluate -----------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        config = ConfigRecord({**config, SERVER_ROUND: server_round})
-        content = RecordDict({ARRAYS: arrays, CONFIG: config})
-        return [self._send(server_round, EVALUATE, pid, content)
+        return [self._send(server_round, EVALUATE, pid, RecordDict({ARRAYS: arrays, CONFIG:
+                ConfigRecord({**config, SERVER_ROUND: server_round,
+                              COMMIT_ROUND: self.accepted_round.get(pid, 0)})}))
                 for pid in self.sample(server_round, EVALUATE)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
-        accepted = self._receive(server_round, EVALUATE, replies, lambda content: None)
+        accepted = self._receive(server_round, EVALUATE, replies, no_arrays)
         metrics = self._round_metrics(server_round, EVALUATE, accepted)
         for key in ("eval_acc", "eval_loss"):
             metrics.pop(key, None)
+        if not metrics["eval_clients_sampled"]:
+            return metrics
+        counted = len(accepted) >= self.params.min_evaluate_replies
+        metrics["eval_counted"] = int(counted)
+        if not counted:
+            log.warning("round %d: %d valid evaluate replies, fewer than strategy."
+                        "min_evaluate_replies = %d; no federated evaluation is reported",
+                        server_round, len(accepted), self.params.min_evaluate_replies)
+            return metrics
         for key, value in personal_accuracy(accepted).items():
             metrics[f"fed_{key}"] = value
         return metrics
@@ -236,11 +305,26 @@ class FedSparseStrategy(Strategy):
 
     # -- server state beyond the model, for checkpoints ------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """Server-side arrays to checkpoint besides the global model (none for FedAvg)."""
-        return {}
+        """Every server-side array besides the global model, for checkpoints: the commit
+        round of every client and the compressed downlink's public model; a subclass adds
+        its own to ``super().state_arrays()``. (The server keeps no random generator: all
+        its randomness is derived from the seed and the round.)"""
+        committed = sorted(self.accepted_round.items())
+        out = {COMMIT_PARTITIONS: np.array([p for p, _ in committed], np.int64),
+               COMMIT_ROUNDS: np.array([r for _, r in committed], np.int64)}
+        if self.public is not None:
+            out |= {PUBLIC_PREFIX + k: v for k, v in self.public.state_arrays().items()}
+        return out
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        """Restore what :meth:`state_arrays` returned."""
+        """Restore what :meth:`state_arrays` returned (a subclass extends it likewise)."""
+        self.accepted_round = {int(p): int(r) for p, r in
+                               zip(arrays[COMMIT_PARTITIONS], arrays[COMMIT_ROUNDS], strict=True)}
+        public = {k[len(PUBLIC_PREFIX):]: v for k, v in arrays.items()
+                  if k.startswith(PUBLIC_PREFIX)}
+        if public:
+            self.public = self._new_public()
+            self.public.load_state_arrays(public)
 
     # -- plumbing -----------------------------------------------------------------------
     def _send(self, server_round: int, phase: str, partition_id: int,
@@ -253,13 +337,13 @@ class FedSparseStrategy(Strategy):
                        message_type=message_type)
 
     def _receive(self, server_round: int, phase: str, replies: Iterable[Message],
-                 check: Any) -> list[Reply]:
+                 check: ReplyCheck) -> list[Reply]:
         """Validate replies in partition-id order; record every client's outcome."""
         pending = self._pending.pop((server_round, phase), {})
-        by_partition = {}
+        by_partition: dict[int, Message] = {}
         for message in replies:
             pid = self.partition_of.get(message.metadata.src_node_id)
-            if pid in pending:
+            if pid in pending and pid not in by_partition:
                 by_partition[pid] = message
             else:
                 log.warning("round %d %s: reply from unexpected node %d ignored",
@@ -270,41 +354,57 @@ class FedSparseStrategy(Strategy):
             if message is None:
                 record.status, record.reason = "no-reply", "no reply before the round timeout"
             elif message.has_error():
-                record.status, record.reason = "failed", message.error.reason
+                record.status, record.reason = "failed", str(message.error.reason)
             else:
-                if phase == TRAIN:  # the client got (and stored) this round's public model
-                    self.synced[pid] = server_round
-                record.uplink_bytes = content_bytes(message.content)
+                record.uplink_bytes = received_bytes(message.content)
                 try:
-                    reply = self._validate(pid, message.content, check)
+                    reply = self._validate(server_round, phase, pid, message.content, check)
                 except PayloadError as err:
                     record.status, record.reason = "rejected", str(err)
+                except Exception as err:  # a check that trips over hostile input
+                    log.exception("round %d %s: client %d: reply check raised", server_round,
+                                  phase, pid)
+                    record.status, record.reason = "rejected", f"{type(err).__name__}: {err}"
                 else:
                     record.status, record.num_examples = "ok", reply.num_examples
                     record.metrics = reply.metrics
                     accepted.append(reply)
-                    if phase == TRAIN:
-                        self.accepted_round[pid] = server_round
             if record.status != "ok":
                 log.warning("round %d %s: client %d %s: %s", server_round, phase, pid,
                             record.status, record.reason)
             self.client_records.append(record)
         return accepted
 
-    @staticmethod
-    def _validate(partition_id: int, content: RecordDict, check: Any) -> Reply:
+    def _validate(self, server_round: int, phase: str, partition_id: int, content: RecordDict,
+                  check: ReplyCheck) -> Reply:
+        """Every field of a reply against what the server knows, then ``check`` on its
+        arrays; raises PayloadError with the first problem found."""
+        allowed = {METRICS} | (self.train_records if phase == TRAIN else set())
+        names = [*content.array_records, *content.metric_records, *content.config_records]
+        unexpected = sorted(set(names) - allowed)
+        if unexpected:
+            raise PayloadError(f"unexpected records {unexpected}; a {phase} reply holds "
+                               f"{sorted(allowed)}")
         if METRICS not in content.metric_records:
             raise PayloadError(f"no MetricRecord {METRICS!r} in reply")
-        metrics = dict(content.metric_records[METRICS])
-        num_examples = check_count(metrics.get(NUM_EXAMPLES), NUM_EXAMPLES)
-        return Reply(partition_id, content, num_examples, metrics, check(content))
+        metrics = check_metrics(content.metric_records[METRICS], REPLY_METRICS)
+        answered = metrics.get(SERVER_ROUND)
+        if answered != server_round:
+            raise PayloadError(f"{SERVER_ROUND} = {answered!r}: a reply to another round than "
+                               f"{server_round}")
+        num_examples = check_count(metrics.get(NUM_EXAMPLES), NUM_EXAMPLES,
+                                   self.example_bound(partition_id, phase))
+        decoded = check(Received(content))
+        check_bounded(decoded, self.params.max_abs_value)
+        return Reply(partition_id, content, num_examples, metrics, decoded)
 
     def _round_metrics(self, server_round: int, phase: str, accepted: list[Reply]) -> MetricRecord:
         """Aggregated client metrics plus the round's byte and client counts."""
         records = [r for r in self.client_records if r.round == server_round and r.phase == phase]
         prefix = "" if phase == TRAIN else "eval_"
         client_metrics = aggregate_client_metrics(
-            [{k: v for k, v in r.metrics.items() if k != NUM_EXAMPLES} for r in accepted],
+            [{k: v for k, v in r.metrics.items() if k not in (NUM_EXAMPLES, SERVER_ROUND)}
+             for r in accepted],
             [r.num_examples for r in accepted], self.summed_metrics)
         out = {k.replace("-", "_"): v for k, v in client_metrics.items()}
         out |= {

@@ -49,7 +49,7 @@ from fedsparse.protocol import (
 from fedsparse.registry import STRATEGIES, StrategyParams
 from fedsparse.scenario import Scenario
 from strategies.base import FedSparseStrategy, Reply
-from strategies.records import from_numpy, to_numpy
+from strategies.records import Received, from_numpy, to_numpy
 
 OPTIMIZER_PREFIX, ALIVE = "optimizer/", "alive"
 
@@ -91,6 +91,7 @@ class Flasc(FedSparseStrategy):
     Params = FlascParams
     params: FlascParams
     client_programs: ClassVar[tuple[str, ...]] = ("lora",)
+    train_records: ClassVar[frozenset[str]] = frozenset({UPDATE, GATES})
 
     def __init__(self, params: FlascParams, scenario: Scenario) -> None:
         super().__init__(params, scenario)
@@ -140,22 +141,19 @@ class Flasc(FedSparseStrategy):
             content[RANKS] = ArrayRecord({"alive": Array(self.layout.bitmap())})
         return content
 
-    def check_train_reply(self, content: RecordDict) -> tuple[np.ndarray, np.ndarray]:
+    def check_train_reply(self, received: Received) -> tuple[np.ndarray, np.ndarray]:
         """``(D_i over all coordinates, the client's gates)``."""
-        if UPDATE not in content.array_records:
-            raise PayloadError(f"no ArrayRecord {UPDATE!r} in reply")
         coords = self.layout.coordinates()
         delta = np.zeros(self.layout.size, np.float32)
         upload = sparsifier(self.round_config[UP_DENSITY], self.round_config[UP_VALUE_DTYPE])
-        delta[coords] = upload.decompress(to_numpy(content.array_records[UPDATE]),
-                                          int(coords.sum()))
+        delta[coords] = upload.decompress(received[UPDATE], int(coords.sum()))
         gates = np.zeros(self.layout.rank * len(self.layout.modules), np.float32)
         if self.layout.sora:
-            if GATES not in content.array_records:
-                raise PayloadError(f"no ArrayRecord {GATES!r} in reply")
             alive = self.layout.alive_gates()
-            gates[alive] = expect_array(to_numpy(content.array_records[GATES]), "g",
-                                        np.dtype(np.float32), int(alive.sum()))
+            gates[alive] = expect_array(received[GATES], "g", np.dtype(np.float32),
+                                        int(alive.sum()))
+        elif GATES in received:
+            raise PayloadError(f"a {GATES!r} record, but the model has no SoRA gates")
         return delta, gates
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
@@ -186,10 +184,11 @@ class Flasc(FedSparseStrategy):
 
     # -- checkpoint -----------------------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
-        return {ALIVE: self.layout.alive_gates().astype(np.uint8),
+        return {**super().state_arrays(), ALIVE: self.layout.alive_gates().astype(np.uint8),
                 **{OPTIMIZER_PREFIX + k: v for k, v in self.optimizer.state_arrays().items()}}
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        super().load_state_arrays(arrays)
         if ALIVE in arrays:
             self.layout.load_bitmap(np.packbits(arrays[ALIVE].astype(bool)))
         self.optimizer.load_state_arrays({k[len(OPTIMIZER_PREFIX):]: v for k, v in arrays.items()

@@ -21,12 +21,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedsparse.checkpoint import Checkpoint
+from fedsparse.payload import MetricSpec, PayloadError, check_metrics
 from fedsparse.protocol import METRICS, NUM_PARTITIONS, PARTITION_ID
 from fedsparse.scenario import Scenario
 from fedsparse.tracking import events
 from fedsparse.tracking.continual import task_end_metrics
 from fedsparse.tracking.history import Row
 from strategies.base import FedSparseStrategy
+from strategies.exchange import exchange
 from strategies.records import from_numpy, to_numpy
 
 log = logging.getLogger("fedsparse.loop")
@@ -59,12 +61,11 @@ def discover(grid: Grid, scenario: Scenario) -> dict[int, int]:
     queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
                for n in nodes]
     node_of: dict[int, int] = {}
-    for reply in grid.send_and_receive(queries, timeout=scenario.run.node_wait_s):
+    for reply in exchange(grid, queries, scenario.run.node_wait_s):
         if reply.has_error():
             raise DiscoveryError(f"node {reply.metadata.src_node_id} failed to identify itself: "
                                  f"{reply.error.reason}")
-        info = reply.content.metric_records[METRICS]
-        pid, count = int(info[PARTITION_ID]), int(info[NUM_PARTITIONS])
+        pid, count = _identity(reply, expected)
         if count != expected:
             raise DiscoveryError(f"a node reports {NUM_PARTITIONS}={count} but the scenario has "
                                  f"data.num_clients={expected}")
@@ -75,6 +76,18 @@ def discover(grid: Grid, scenario: Scenario) -> dict[int, int]:
     if missing:
         raise DiscoveryError(f"no node answered for partition ids {missing}")
     return node_of
+
+
+def _identity(reply: Message, expected: int) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` a node reports; DiscoveryError if malformed."""
+    identity = {PARTITION_ID: MetricSpec(high=expected - 1, integer=True),
+                NUM_PARTITIONS: MetricSpec(low=1, integer=True)}
+    try:
+        info = check_metrics(reply.content.metric_records[METRICS], identity)
+        return int(info[PARTITION_ID]), int(info[NUM_PARTITIONS])
+    except (KeyError, PayloadError) as err:
+        raise DiscoveryError(f"node {reply.metadata.src_node_id} identified itself "
+                             f"malformed: {err}") from None
 
 
 @dataclass
@@ -113,9 +126,9 @@ def run_rounds(grid: Grid, scenario: Scenario, strategy: FedSparseStrategy, stat
     for server_round in range(state.next_round, run.rounds + 1):
         start = time.perf_counter()
         row: Row = {"round": server_round}
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, state.arrays, ConfigRecord(), grid),
-            timeout=run.round_timeout_s)
+        replies = exchange(
+            grid, strategy.configure_train(server_round, state.arrays, ConfigRecord(), grid),
+            run.round_timeout_s)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             state.arrays = new_arrays
@@ -123,9 +136,9 @@ def run_rounds(grid: Grid, scenario: Scenario, strategy: FedSparseStrategy, stat
         row |= strategy.after_round(server_round, state.arrays, grid)
         if scenario.evaluates(server_round):
             row |= evaluate_central(server_round, state.arrays)
-            replies = grid.send_and_receive(
-                strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid),
-                timeout=run.round_timeout_s)
+            replies = exchange(
+                grid, strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(),
+                                                  grid), run.round_timeout_s)
             row |= dict(strategy.aggregate_evaluate(server_round, replies))
         totals = state.totals()
         for key, cum in CUMULATIVE.items():

@@ -52,11 +52,20 @@ from fedsparse.protocol import (
 )
 from fedsparse.registry import STRATEGIES, StrategyParams
 from fedsparse.scenario import Scenario
-from strategies.base import EVALUATE, FedSparseStrategy, Reply, personal_accuracy
+from strategies.base import (
+    EVALUATE,
+    TRAIN,
+    FedSparseStrategy,
+    Reply,
+    no_arrays,
+    personal_accuracy,
+)
+from strategies.exchange import exchange
 from strategies.fedavg import sample_weighted_mean
-from strategies.records import cast_like, from_numpy, to_numpy
+from strategies.records import Received, cast_like, from_numpy
 
 NOVEL = "novel"
+SIZE_PARTITIONS, SIZES = "sizes/partition", "sizes/examples"
 log = logging.getLogger("fedsparse.strategy")
 
 
@@ -69,6 +78,9 @@ class PFedGateParams(StrategyParams):
     novel_clients: int = Field(0, ge=0, description="last partitions held out of training")
     novel_steps: int = Field(20, ge=0, description="minibatches a novel client fits its gates")
 
+    def training_pool(self, num_clients: int) -> int:
+        return num_clients - self.novel_clients
+
     def check_scenario(self, scenario: Any) -> None:
         if self.novel_clients >= scenario.data.num_clients:
             raise ValueError(f"strategy.novel_clients = {self.novel_clients} leaves no client "
@@ -80,12 +92,12 @@ class PFedGate(FedSparseStrategy):
     Params = PFedGateParams
     params: PFedGateParams
     client_programs: ClassVar[tuple[str, ...]] = ("pfedgate",)
+    train_records: ClassVar[frozenset[str]] = frozenset({UPDATE})
 
     def __init__(self, params: PFedGateParams, scenario: Scenario) -> None:
         super().__init__(params, scenario)
         self.partition = BlockPartition(scenario_model(scenario),
                                         scenario.client.blocks_per_tensor)
-        self.pool = range(self.num_clients - params.novel_clients)
         self.param_names = set(dict(scenario_model(scenario).named_parameters()))
         self.data_sizes: dict[int, int] = {}  # all_clients: partition id -> n_i
 
@@ -105,21 +117,20 @@ class PFedGate(FedSparseStrategy):
         queries = [Message(RecordDict({CONFIG: ConfigRecord({QUERY: NUM_EXAMPLES})}),
                            dst_node_id=self.node_of[pid], message_type=MessageType.QUERY)
                    for pid in missing]
-        for reply in grid.send_and_receive(queries, timeout=self.scenario.run.round_timeout_s):
+        for reply in exchange(grid, queries, self.scenario.run.round_timeout_s):
             pid = self.partition_of.get(reply.metadata.src_node_id)
             try:
                 if pid is None or reply.has_error():
                     raise PayloadError(reply.error.reason if reply.has_error() else "unknown node")
                 self.data_sizes[pid] = check_count(
-                    reply.content.metric_records[METRICS][NUM_EXAMPLES], NUM_EXAMPLES)
+                    reply.content.metric_records[METRICS][NUM_EXAMPLES], NUM_EXAMPLES,
+                    self.example_bound(pid, TRAIN))
             except (PayloadError, KeyError) as err:
                 log.warning("client %s did not report its size: %s", pid, err)
 
-    def check_train_reply(self, content: RecordDict) -> dict[str, np.ndarray]:
+    def check_train_reply(self, received: Received) -> dict[str, np.ndarray]:
         """The client's ``theta_i``: its used blocks over the ``theta`` that was sent."""
-        if UPDATE not in content.array_records:
-            raise PayloadError(f"no ArrayRecord {UPDATE!r} in reply")
-        update = to_numpy(content.array_records[UPDATE])
+        update = received[UPDATE]
         scheme, coded = indices.find(update, f"{BLOCKS}.")
         used = np.zeros(len(self.partition), bool)
         used[indices.decode(scheme, coded, len(self.partition))] = True
@@ -136,7 +147,7 @@ class PFedGate(FedSparseStrategy):
         if extra:
             raise PayloadError(f"unexpected arrays {extra}")
         theta = {k: torch.from_numpy(v.copy()) for k, v in self.current.items()}
-        self.partition.scatter(torch.from_numpy(values), keep, theta)
+        self.partition.scatter(torch.from_numpy(values.copy()), keep, theta)
         return {k: v.numpy() for k, v in theta.items()} | buffers
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
@@ -164,6 +175,18 @@ class PFedGate(FedSparseStrategy):
                 metrics[f"{key.replace('-', '_')}_mean"] = unweighted_mean(values)
         return arrays, metrics
 
+    # -- checkpoint -----------------------------------------------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        sizes = sorted(self.data_sizes.items())
+        return {**super().state_arrays(),
+                SIZE_PARTITIONS: np.array([p for p, _ in sizes], np.int64),
+                SIZES: np.array([n for _, n in sizes], np.int64)}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        super().load_state_arrays(arrays)
+        self.data_sizes = {int(p): int(n) for p, n in
+                           zip(arrays[SIZE_PARTITIONS], arrays[SIZES], strict=True)}
+
     # -- novel clients ------------------------------------------------------------------
     def after_round(self, server_round: int, arrays: ArrayRecord,
                     grid: Grid) -> dict[str, float]:
@@ -173,8 +196,8 @@ class PFedGate(FedSparseStrategy):
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
         messages = [self._send(server_round, NOVEL, pid, content)
                     for pid in range(self.pool.stop, self.num_clients)]
-        replies = grid.send_and_receive(messages, timeout=self.scenario.run.round_timeout_s)
-        accepted = self._receive(server_round, NOVEL, replies, lambda content: None)
+        replies = exchange(grid, messages, self.scenario.run.round_timeout_s)
+        accepted = self._receive(server_round, NOVEL, replies, no_arrays)
         return {**{f"novel_{k}": v for k, v in personal_accuracy(accepted).items()},
                 "novel_clients_ok": len(accepted)}
 

@@ -10,11 +10,14 @@ and the reading chosen where the paper's listing is uncertain are documented in
 ``fedsparse/scaffold.py``.
 
 With ``audit = true`` the server asks every client for its c_i after each round and logs
-``audit_control_gap = max |c - mean_i c_i|`` (the invariant the method relies on).
+``audit_control_gap = max |c - mean_i c_i|`` (the invariant the method relies on) and
+``audit_clients_answered``; when a client does not answer (or answers malformed) the round
+has no gap, and the run goes on.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import ClassVar
 
@@ -31,6 +34,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 
 from fedsparse.compress import build_compressor
+from fedsparse.compress.base import expect_array
 from fedsparse.flat import flatten, unflatten
 from fedsparse.models import scenario_model
 from fedsparse.payload import PayloadError
@@ -39,7 +43,11 @@ from fedsparse.registry import STRATEGIES
 from fedsparse.scaffold import ScafcomParams, ScaffoldParams, ScallionParams, server_update
 from fedsparse.scenario import Scenario
 from strategies.base import FedSparseStrategy, Reply
-from strategies.records import from_numpy, to_numpy
+from strategies.exchange import exchange
+from strategies.records import Received, from_numpy
+
+log = logging.getLogger("fedsparse.strategy")
+CONTROL_VARIATE = "c"
 
 
 class ControlledAveraging(FedSparseStrategy):
@@ -47,6 +55,7 @@ class ControlledAveraging(FedSparseStrategy):
 
     Params: ClassVar[type[ScaffoldParams]]
     client_programs: ClassVar[tuple[str, ...]] = ("controlled_sgd",)
+    train_records: ClassVar[frozenset[str]] = frozenset({UPDATE})
     params: ScaffoldParams
 
     def __init__(self, params: ScaffoldParams, scenario: Scenario) -> None:
@@ -62,9 +71,10 @@ class ControlledAveraging(FedSparseStrategy):
                              f"statistics), which the control variates do not cover")
 
     def _setup(self) -> None:
-        """Control variate and decoder, sized from the first model sent."""
+        """Control variate (unless restored) and decoder, sized from the first model sent."""
         if self.c is None:
             self.c = np.zeros(flatten(self.current).size, np.float32)
+        if self.compressor is None:
             self.compressor = build_compressor(self.rule.compressor,
                                                [a.size for a in self.current.values()])
 
@@ -74,13 +84,9 @@ class ControlledAveraging(FedSparseStrategy):
         return RecordDict({ARRAYS: arrays, CONTROL: ArrayRecord({"c": Array(self.c)}),
                            CONFIG: config})
 
-    def check_train_reply(self, content: RecordDict) -> np.ndarray:
-        if UPDATE not in content.array_records:
-            raise PayloadError(f"no ArrayRecord {UPDATE!r} in reply")
-        delta = self.compressor.decompress(to_numpy(content.array_records[UPDATE]), self.c.size)
-        if not np.isfinite(delta).all():  # finite values can overflow once rescaled (d/k)
-            raise PayloadError(f"{UPDATE}: decodes to a vector that is not finite")
-        return delta
+    def check_train_reply(self, received: Received) -> np.ndarray:
+        # finite values can overflow once rescaled (d/k): the base checks what this decodes
+        return self.compressor.decompress(received[UPDATE], self.c.size)
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
         deltas = [r.decoded for r in replies]
@@ -97,6 +103,13 @@ class ControlledAveraging(FedSparseStrategy):
         metrics["control_norm"] = float(np.linalg.norm(self.c)) if self.c is not None else 0.0
         return arrays, metrics
 
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return super().state_arrays() | ({} if self.c is None else {CONTROL_VARIATE: self.c})
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        super().load_state_arrays(arrays)
+        self.c = arrays.get(CONTROL_VARIATE)
+
     def after_round(self, server_round: int, arrays: ArrayRecord,
                     grid: Grid) -> dict[str, float]:
         if not self.params.audit or self.c is None:
@@ -105,12 +118,25 @@ class ControlledAveraging(FedSparseStrategy):
                        QUERY: "control", COMMIT_ROUND: self.accepted_round.get(pid, 0)})}),
                            dst_node_id=node, message_type=MessageType.QUERY)
                    for pid, node in sorted(self.node_of.items())]
-        replies = list(grid.send_and_receive(queries, timeout=self.scenario.run.round_timeout_s))
-        if len(replies) != self.num_clients or any(r.has_error() for r in replies):
-            raise RuntimeError(f"audit: {len(replies)} of {self.num_clients} clients answered")
-        c_mean = np.mean([r.content.array_records[CONTROL]["c_i"].numpy() for r in replies],
-                         axis=0)
-        return {"audit_control_gap": float(np.abs(self.c - c_mean).max())}
+        c_i = {}
+        for reply in exchange(grid, queries, self.scenario.run.round_timeout_s):
+            pid = self.partition_of.get(reply.metadata.src_node_id)
+            try:
+                if pid is None:
+                    raise PayloadError(f"node {reply.metadata.src_node_id} is no client")
+                if reply.has_error():
+                    raise PayloadError(str(reply.error.reason))
+                c_i[pid] = expect_array(Received(reply.content)[CONTROL], "c_i",
+                                        np.dtype(np.float32), self.c.size)
+            except PayloadError as err:
+                log.warning("round %d audit: client %s: %s", server_round, pid, err)
+        answered = {"audit_clients_answered": len(c_i)}
+        if len(c_i) < self.num_clients:  # the gap needs every c_i; the run goes on
+            log.warning("round %d audit: %d of %d clients answered; no control gap",
+                        server_round, len(c_i), self.num_clients)
+            return answered
+        c_mean = np.mean([c_i[pid] for pid in sorted(c_i)], axis=0)
+        return {**answered, "audit_control_gap": float(np.abs(self.c - c_mean).max())}
 
 
 @STRATEGIES.register("scaffold", ScaffoldParams)

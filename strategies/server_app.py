@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -29,6 +30,7 @@ from safetensors.torch import save_file
 
 from fedsparse.checkpoint import Checkpoint
 from fedsparse.data import held_out_set, load_dataset
+from fedsparse.durable import write_bytes
 from fedsparse.models import load_shared_state, scenario_model, shared_state
 from fedsparse.protocol import RUN_CONFIG_DEFAULTS, derive_seed, run_setting
 from fedsparse.registry import STRATEGIES
@@ -51,6 +53,7 @@ from strategies.loop import Evaluator, LoopState, discover, run_rounds
 
 app = ServerApp()
 log = logging.getLogger("fedsparse")
+CLIENT_ROWS = "clients.jsonl"
 
 
 def build_strategy(scenario: Scenario) -> FedSparseStrategy:
@@ -107,9 +110,21 @@ def export_adapter(scenario: Scenario, arrays: ArrayRecord, directory: Path) -> 
 
 
 def _append_client_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Append this round's per-client rows (JSON lines: strategies report varying metrics)."""
+    """Append this round's per-client rows (JSON lines: strategies report varying metrics),
+    on disk before the round's checkpoint is."""
     with open(path, "a") as fh:
         fh.writelines(json.dumps(row) + "\n" for row in rows)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _keep_client_rows(path: Path, last_round: int) -> None:
+    """Drop the rows of rounds after ``last_round`` (a run stopped before it checkpointed
+    them; the resumed run writes them again)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines()
+                 if json.loads(line)["round"] <= last_round]
+        write_bytes(path, "".join(line + "\n" for line in lines).encode())
 
 
 def _client_table(jsonl: Path, csv_path: Path) -> Path:
@@ -120,10 +135,12 @@ def _client_table(jsonl: Path, csv_path: Path) -> Path:
 
 def _finish(out_dir: Path, scenario: Scenario, state: LoopState, tracker: MlflowRun,
             wall_s: float) -> dict[str, Any]:
-    """Write and log the run's artifacts; return the summary."""
+    """Write and log the run's artifacts; return the summary (``failure``: why the run
+    counts as failed, "" if it does not)."""
     summary = summarize(state.history, wall_s, tracker.run_id)
+    summary["failure"] = scenario.run.verdict(summary["rounds"], summary["rounds_failed"])
     files = [out_dir / "scenario.toml", write_csv(state.history, out_dir / "metrics.csv"),
-             _client_table(out_dir / "clients.jsonl", out_dir / "clients.csv")]
+             _client_table(out_dir / CLIENT_ROWS, out_dir / "clients.csv")]
     files += accuracy_plots({scenario.name: state.history}, out_dir / "plots")
     if scenario.continual is not None:
         summary |= task_end_metrics(state.history, scenario)
@@ -177,6 +194,7 @@ def prepare(scenario: Scenario, strategy: FedSparseStrategy, setting: dict[str, 
     KILLED when it is interrupted while the clients are still starting."""
     if setting["resume-from"]:
         checkpoint = Checkpoint.load(Path(setting["resume-from"]))
+        _keep_client_rows(out_dir / CLIENT_ROWS, checkpoint.round)
         tracker = MlflowRun(setting["tracking-uri"], checkpoint.state["mlflow_run_id"])
         tracker.reopen()
         events.emit("tracking", mlflow_run_id=tracker.run_id)
@@ -203,6 +221,8 @@ def main(grid: Grid, context: Context) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "scenario.toml").write_text(scenario.to_toml())
     strategy = build_strategy(scenario)
+    if setting["federation"] == "deployment":  # the devices' data is theirs: a cap, not sizes
+        strategy.examples_cap = scenario.run.max_client_examples
     # MLflow and the model are set up while the clients start (Ray, actors): both take seconds.
     with ThreadPoolExecutor(max_workers=1) as pool:
         preparing = pool.submit(prepare, scenario, strategy, setting, out_dir)
@@ -223,11 +243,13 @@ def main(grid: Grid, context: Context) -> None:
         return prepared.prior_wall_s + time.perf_counter() - started
 
     def on_round(server_round: int, row: Row) -> None:
-        tracker.log_round(server_round, _numeric(row))
-        _append_client_rows(out_dir / "clients.jsonl",
+        """The round on disk first (client rows, then the checkpoint), then to MLflow."""
+        _append_client_rows(out_dir / CLIENT_ROWS,
                             [r.row() for r in strategy.client_records if r.round == server_round])
-        state.checkpoint(strategy, {"mlflow_run_id": tracker.run_id,
-                                    "wall_s": wall_s()}).save(out_dir)
+        state.checkpoint(strategy, {"mlflow_run_id": tracker.run_id, "wall_s": wall_s(),
+                                    "fedsparse_run_id": setting["fedsparse-run-id"]}
+                         ).save(out_dir)
+        tracker.log_round(server_round, _numeric(row))
 
     try:
         run_rounds(grid, scenario, strategy, state, prepared.evaluate_central, on_round)
@@ -236,5 +258,8 @@ def main(grid: Grid, context: Context) -> None:
         tracker.finish("FAILED")
         events.emit("error", message=f"{type(err).__name__}: {err}", out_dir=str(out_dir))
         raise
-    tracker.finish()
+    if summary["failure"]:
+        log.error("the run failed: %s (clients.csv says why each reply was dropped)",
+                  summary["failure"])
+    tracker.finish("FAILED" if summary["failure"] else "FINISHED")
     events.emit("done", summary=summary, out_dir=str(out_dir))

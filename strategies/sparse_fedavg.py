@@ -58,7 +58,7 @@ from fedsparse.sparse import (
 )
 from fedsparse.sparse.wire import decode_values, encode_model, encode_positions
 from strategies.base import FedSparseStrategy, Reply
-from strategies.records import from_numpy, to_numpy
+from strategies.records import Received, from_numpy, to_numpy
 
 log = logging.getLogger("fedsparse.strategy")
 
@@ -118,6 +118,7 @@ class SparseFedAvg(FedSparseStrategy):
     Params = SparseFedAvgParams
     params: SparseFedAvgParams
     client_programs: ClassVar[tuple[str, ...]] = ("continual",)
+    train_records: ClassVar[frozenset[str]] = frozenset({ARRAYS, SIGNAL})
 
     def __init__(self, params: SparseFedAvgParams, scenario: Scenario) -> None:
         super().__init__(params, scenario)
@@ -243,22 +244,20 @@ class SparseFedAvg(FedSparseStrategy):
             content[FROZEN] = from_numpy(encode_positions(frozen))
         return content
 
-    def check_train_reply(self, content: RecordDict) -> Any:
-        if ARRAYS not in content.array_records:
-            raise PayloadError(f"no ArrayRecord {ARRAYS!r} in reply")
+    def check_train_reply(self, received: Received) -> Any:
         masks = self._masks_np()
-        state = decode_values(to_numpy(content.array_records[ARRAYS]), self.current, masks)
+        state = decode_values(received[ARRAYS], self.current, masks)
         kind = self.requested
         if kind == "none":
+            if SIGNAL in received:
+                raise PayloadError(f"a {SIGNAL!r} record this round did not ask for")
             return state, None
-        if SIGNAL not in content.array_records:
-            raise PayloadError(f"no ArrayRecord {SIGNAL!r} ({kind}) in reply")
-        received = to_numpy(content.array_records[SIGNAL])
+        signal = received[SIGNAL]
         reference = {name: self.current[name] for name in masks}
         if kind == "grad":
-            return state, decode_values(received, reference, masks)
-        check_dense(received, reference)
-        return state, received
+            return state, decode_values(signal, reference, masks)
+        check_dense(signal, reference)
+        return state, signal
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord]:
@@ -300,8 +299,9 @@ class SparseFedAvg(FedSparseStrategy):
 
     # -- checkpoint -----------------------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
-        out = {MASK_PREFIX + n: m.numpy().astype(np.uint8) for n, m in self.mask.items()} \
-            if self.mask is not None else {}
+        out = super().state_arrays()
+        if self.mask is not None:
+            out |= {MASK_PREFIX + n: m.numpy().astype(np.uint8) for n, m in self.mask.items()}
         if self.signal is not None:
             out |= {SIGNAL_PREFIX + n: s.numpy() for n, s in self.signal.items()}
         if self.isolation is not None:
@@ -312,6 +312,7 @@ class SparseFedAvg(FedSparseStrategy):
         return out
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        super().load_state_arrays(arrays)
         masks = {k[len(MASK_PREFIX):]: torch.from_numpy(v.astype(bool))
                  for k, v in arrays.items() if k.startswith(MASK_PREFIX)}
         signal = {k[len(SIGNAL_PREFIX):]: torch.from_numpy(v)

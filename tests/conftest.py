@@ -27,6 +27,13 @@ def flower_task() -> None:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
 
 
+def shipped_scenarios() -> list[Path]:
+    """Every scenario file of scenarios/ and tests/data/ but the partial ones (``_*.toml``,
+    only meant to be extended)."""
+    files = sorted((REPO / "scenarios").rglob("*.toml")) + sorted(DATA.glob("*.toml"))
+    return [f for f in files if not f.name.startswith("_")]
+
+
 def digits_scenario(**sections: dict) -> str:
     """tests/data/digits.toml with some keys replaced (``section={key: value}``)."""
     import tomllib

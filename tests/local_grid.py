@@ -1,18 +1,27 @@
 """An in-process stand-in for Flower's Grid, for fast wiring tests without Ray.
 
 Every node runs the fedsparse ClientApp in this process with its own ``Context`` (node
-config ``partition-id``/``num-partitions``, persistent ``state``), as the Simulation Engine
-does; an exception in the ClientApp becomes an error reply, as in Flower.
+config ``partition-id``/``num-partitions``), as the Simulation Engine does, and keeps its
+client state under ``state_dir`` (a temporary folder unless given); an exception in the
+ClientApp becomes an error reply, as in Flower. A pushed message is answered at once;
+``pull_messages`` hands out the replies to the ids it is given.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 
 from clients.client_app import app as client_app
+from fedsparse.client_state import StateStore
 from fedsparse.scenario import Scenario
 from fedsparse.tracking.history import Row
 from strategies.base import FedSparseStrategy
@@ -22,8 +31,18 @@ from strategies.server_app import build_strategy, central_evaluator, initial_arr
 Tamper = Callable[[Message, Message], Message]
 
 
+RUN_ID = "local-grid-run"
+
+
 class LocalGrid:
-    def __init__(self, num_nodes: int, run_config: dict, tamper: Tamper | None = None) -> None:
+    def __init__(self, num_nodes: int, run_config: dict, tamper: Tamper | None = None,
+                 state_dir: Path | None = None) -> None:
+        if state_dir is None:
+            state_dir = Path(tempfile.mkdtemp(prefix="fedsparse-clients-"))
+            weakref.finalize(self, shutil.rmtree, state_dir, ignore_errors=True)
+        self.state_dir = state_dir
+        run_config = {"fedsparse-run-id": RUN_ID, "client-state-dir": str(state_dir),
+                      **run_config}
         self.contexts = {
             1000 + i: Context(run_id=1, node_id=1000 + i, state=RecordDict(),
                               node_config={"partition-id": i, "num-partitions": num_nodes},
@@ -32,6 +51,7 @@ class LocalGrid:
         self.tamper = tamper
         self.sent: list[Message] = []
         self.received: list[Message] = []
+        self.outbox: dict[str, Message] = {}  # message id -> its reply, until pulled
 
     @staticmethod
     def partition_of(message: Message) -> int:
@@ -41,10 +61,10 @@ class LocalGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages: Iterable[Message],
-                         timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             self.sent.append(message)
             try:
                 reply = client_app(message, self.contexts[message.metadata.dst_node_id])
@@ -53,11 +73,18 @@ class LocalGrid:
             if self.tamper is not None:
                 reply = self.tamper(message, reply)
             self.received.append(reply)
-            replies.append(reply)
-        return replies
+            self.outbox[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
 
-    def state(self, partition_id: int) -> RecordDict:
-        return self.contexts[1000 + partition_id].state
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
+
+    def client_state(self, partition_id: int, commit_round: int
+                     ) -> dict[str, dict[str, np.ndarray]]:
+        """Client ``partition_id``'s state as of ``commit_round`` (what it starts from)."""
+        run_id = self.contexts[1000 + partition_id].run_config["fedsparse-run-id"]
+        return StateStore(self.state_dir, str(run_id), partition_id).load(commit_round)[0]
 
 
 @dataclass
@@ -72,10 +99,12 @@ class Federation:
 
 
 def run_federation(scenario: Scenario, tamper: Tamper | None = None,
-                   on_round: Callable[[int, Federation], None] | None = None) -> Federation:
+                   on_round: Callable[[int, Federation], None] | None = None,
+                   state_dir: Path | None = None) -> Federation:
     """The real ServerApp round loop and strategy over a :class:`LocalGrid`;
     ``on_round(round, federation)`` runs after every round."""
-    grid = LocalGrid(scenario.data.num_clients, {"scenario": scenario.to_toml()}, tamper)
+    grid = LocalGrid(scenario.data.num_clients, {"scenario": scenario.to_toml()}, tamper,
+                     state_dir)
     strategy = build_strategy(scenario)
     strategy.bind(discover(grid, scenario))
     federation = Federation(scenario, grid, strategy, LoopState(arrays=initial_arrays(scenario)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedsparse.cli import main
 from fedsparse.data import (
     available,
     client_data,
@@ -14,8 +15,9 @@ from fedsparse.data import (
     partition,
     partition_indices,
 )
-from fedsparse.data.partition import local_split
-from fedsparse.scenario import DataSpec
+from fedsparse.data.partition import check_partition, local_split
+from fedsparse.scenario import DataSpec, ScenarioError, load_scenario
+from tests.conftest import DATA, shipped_scenarios
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -173,3 +175,97 @@ def test_impossible_split_names_the_keys():
                     min_partition_size=10)
     with pytest.raises(ValueError, match=r"data\.num_clients=500"):
         partition_indices(labels("digits"), spec, seed=0)
+
+
+def test_check_partition_gives_the_clients_own_splits():
+    spec = DataSpec(dataset="digits", num_clients=6, partition="dirichlet", alpha=1.0,
+                    min_partition_size=20)
+    splits = check_partition(spec, seed=7)
+    for pid, split in enumerate(splits):
+        own = client_indices(spec, 7, pid)
+        assert np.array_equal(split.train, own.train) and np.array_equal(split.test, own.test)
+    assert min(split.train.size for split in splits) >= 16  # 20 examples, a fifth for testing
+
+
+@pytest.mark.slow
+def test_every_shipped_scenario_can_be_split():
+    """What ``fedsparse run`` checks first, for each distinct split of the shipped files."""
+    splits = {}
+    for path in shipped_scenarios():
+        scenario = load_scenario(path)
+        splits.setdefault((scenario.data, scenario.seed), path)
+    for (spec, seed), path in splits.items():
+        if available(spec.dataset):
+            assert min(s.train.size for s in check_partition(spec, seed, str(path))) >= 1
+
+
+DIGITS_TRAIN = "the 1437 training examples of 'digits'"
+
+
+@pytest.mark.parametrize(("overrides", "line"), [
+    (["data.num_clients=2000"],
+     f"data.num_clients = 2000: more clients than {DIGITS_TRAIN} (allowed: at most 1437)"),
+    (["data.num_clients=100", "data.min_partition_size=20"],
+     f"data.min_partition_size = 20: 100 clients x 20 = 2000 examples, more than "
+     f"{DIGITS_TRAIN} (allowed: at most 14)"),
+    (["data.num_clients=100", "data.min_partition_size=14"],
+     "cannot split 1437 examples into data.num_clients=100 with data.partition='dirichlet' "
+     "(data.alpha=1.0, data.min_partition_size=14, 100 draws): The max number of attempts (10) "
+     "was reached. Please update the values of alpha and try again."),
+    (["data.num_clients=1000", "data.min_partition_size=0"],
+     "data.partition = 'dirichlet': leaves 204 of the 1000 clients with no example (client 0); "
+     "raise data.min_partition_size (now 0)"),
+    (["data.partition=shards", "data.shards_per_client=2", "data.num_clients=1000"],
+     f"data.shards_per_client = 2: 1000 clients x 2 = 2000 shards, more than {DIGITS_TRAIN} "
+     f"(allowed: at most 1)"),
+    (["data.partition=pathological", "data.classes_per_client=11"],
+     "data.classes_per_client = 11: more than the 10 classes of 'digits' (allowed: 1 to 10)"),
+    (["data.partition=iid", "data.num_clients=1437", "data.test_fraction=0.6"],
+     "data.test_fraction = 0.6: leaves 1437 of the 1437 clients with no local training example "
+     "(the smallest partition is 1; allowed: below 0.5)"),
+])
+def test_a_split_that_cannot_be_made_is_refused_by_validate(overrides, line, capsys):
+    assert main(["validate", str(DATA / "digits.toml"),
+                 *(arg for o in overrides for arg in ("--set", o))]) == 2
+    err = capsys.readouterr().err
+    assert [p.removeprefix("  - ") for p in err.splitlines() if p.startswith("  - ")] == [line]
+
+
+def test_a_partitioner_that_cannot_assign_the_classes_names_the_keys():
+    spec = DataSpec(dataset="digits", num_clients=1000, partition="pathological",
+                    classes_per_client=10)
+    with pytest.raises(ScenarioError) as info:
+        check_partition(spec, seed=0, source="arm.toml")
+    assert info.value.source == "arm.toml"
+    [line] = info.value.problems
+    assert line.startswith("cannot split 1437 examples into data.num_clients=1000 with "
+                           "data.partition='pathological' (data.classes_per_client=10): Label: ")
+
+
+@pytest.mark.parametrize(("spec", "ending"), [
+    (DataSpec(dataset="digits", num_clients=1000, partition="shards", shards_per_client=2),
+     " (data.shards_per_client=2): division by zero"),
+    (DataSpec(dataset="digits", num_clients=2000, partition="iid"),
+     ": Index 1437 out of range for dataset of size 1437."),
+])
+def test_a_partitioner_crash_becomes_one_line_naming_the_keys(spec, ending, monkeypatch):
+    """What the size checks refuse first makes flwr-datasets' partitioners crash."""
+    monkeypatch.setattr(partition, "_impossible_sizes", lambda *_: [])
+    with pytest.raises(ScenarioError) as info:
+        check_partition(spec, seed=0)
+    assert info.value.problems == [
+        f"cannot split 1437 examples into data.num_clients={spec.num_clients} with "
+        f"data.partition={spec.partition!r}{ending}"]
+
+
+def test_run_and_compare_check_the_split_before_anything_starts(workdir, capsys):
+    bad = ["--set", "data.num_clients=2000"]
+    assert main(["run", str(DATA / "digits.toml"), *bad]) == 2
+    assert "data.num_clients = 2000: more clients" in capsys.readouterr().err
+    (workdir / "fine.toml").write_text((DATA / "digits.toml").read_text())
+    (workdir / "few.toml").write_text((DATA / "digits.toml").read_text().replace(
+        "num_clients = 6", "num_clients = 2000"))
+    assert main(["compare", "fine.toml", "few.toml"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid scenario few.toml:\n  - data.num_clients = 2000: more clients" in err
+    assert sorted(p.name for p in workdir.iterdir()) == ["few.toml", "fine.toml"]  # no run

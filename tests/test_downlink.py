@@ -93,8 +93,8 @@ def test_compressed_downlink_through_the_whole_stack():
             assert record.downlink_bytes == 4 * d  # the whole public model, once
         else:
             assert record.downlink_bytes < 4 * d / 2  # only what changed since
-    for pid, synced_round in strategy.synced.items():  # clients hold the public model
-        held = grid.state(pid).array_records["public-model"]["x_hat"].numpy()
+    for pid, synced_round in strategy.accepted_round.items():  # clients hold the public model
+        held = grid.client_state(pid, synced_round)["public-model"]["x_hat"]
         if synced_round == 4:
             assert np.array_equal(held, strategy.public.x_hat)
     evals = [r for r in strategy.client_records if r.phase == "evaluate"]

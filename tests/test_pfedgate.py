@@ -28,7 +28,7 @@ from fedsparse.personal import (
 )
 from fedsparse.scenario import ScenarioError, parse_scenario
 from fedsparse.training import batches
-from strategies.records import to_numpy
+from strategies.records import Received, to_numpy
 from strategies.server_app import initial_arrays
 from tests.conftest import DATA
 from tests.local_grid import LocalGrid, run_federation
@@ -194,7 +194,7 @@ def test_gating_layers_and_optimiser_state_never_leave_the_client(federation):
                                                for s in ("plain", "delta", "bitmap")}
     trained = {r.partition_id for r in strategy.client_records if r.phase == "train"}
     for pid in trained:
-        state = grid.state(pid).array_records
+        state = held(grid, strategy, pid)
         assert "pfedgate-gating" in state and "pfedgate-momentum" in state
 
 
@@ -219,15 +219,20 @@ def test_state_survives_rounds_and_novel_clients_join_at_the_end(federation):
     assert [r.partition_id for r in novel_records] == [novel]
     assert novel_records[0].status == "ok"
     assert 0 <= rows[-1]["novel_accuracy_mean"] <= 1
-    assert "pfedgate-gating" in grid.state(novel).array_records  # it fitted its gates
+    assert not held(grid, strategy, novel)  # its fit served that evaluation, nothing kept
     assert "fed_accuracy_bottom10" in rows[-1]
     assert rows[-1]["fed_accuracy_bottom10"] <= rows[-1]["fed_accuracy_mean"]
     twice = [pid for pid in range(novel)
              if sum(r.partition_id == pid for r in strategy.client_records
                     if r.phase == "train") >= 2]
     assert twice  # some client trained in two rounds: its momentum was restored in between
-    momentum = grid.state(twice[0]).array_records["pfedgate-momentum"]
+    momentum = held(grid, strategy, twice[0])["pfedgate-momentum"]
     assert any(k.startswith("gating/") for k in momentum)
+
+
+def held(grid: LocalGrid, strategy, pid: int) -> dict:
+    """Client ``pid``'s state as of the server's last commit of its updates."""
+    return grid.client_state(pid, strategy.accepted_round.get(pid, 0))
 
 
 def edited(**sections: dict) -> str:
@@ -272,7 +277,7 @@ def test_all_client_weighting_moves_theta_by_the_sampled_share():
     n = sum(strategy.data_sizes.values())
     for name in theta0:
         step = sum(strategy.data_sizes[pid] / n
-                   * (strategy.check_train_reply(content)[name].astype(np.float64)
+                   * (strategy.check_train_reply(Received(content))[name].astype(np.float64)
                       - theta0[name]) for pid, content in sent.items())
         np.testing.assert_allclose(theta1[name], theta0[name] + step, rtol=0, atol=1e-6)
     assert any(not np.array_equal(theta1[name], theta0[name]) for name in theta0)
@@ -346,26 +351,28 @@ def test_budgets_per_client_and_drawn_from_levels():
 
 @pytest.mark.parametrize("finetune", ["gating", "all"])
 def test_finetuning_before_evaluation_changes_the_evaluation_only(federation, finetune):
-    _, grid, _, state, rows = federation
-    _, tuned_grid, _, tuned_state, tuned_rows = run(TEXT.replace(
+    _, grid, strategy, state, rows = federation
+    _, tuned_grid, tuned_strategy, tuned_state, tuned_rows = run(TEXT.replace(
         "budget = 0.5", f'budget = 0.5\nfinetune_epochs = 1\nfinetune = "{finetune}"'))
     for name, value in to_numpy(state.arrays).items():  # the same training ...
         np.testing.assert_array_equal(value, to_numpy(tuned_state.arrays)[name])
     for pid in range(6):
-        kept, tuned_kept = grid.state(pid).array_records, tuned_grid.state(pid).array_records
+        kept, tuned_kept = held(grid, strategy, pid), held(tuned_grid, tuned_strategy, pid)
         assert kept.keys() == tuned_kept.keys()
         for key in kept:
             for name, array in kept[key].items():
-                np.testing.assert_array_equal(array.numpy(), tuned_kept[key][name].numpy())
+                np.testing.assert_array_equal(array, tuned_kept[key][name])
     # ... and the clients evaluate after tuning
     assert rows[-1]["fed_loss_weighted"] != tuned_rows[-1]["fed_loss_weighted"]
 
 
-def test_novel_clients_fit_their_gates_only_and_are_never_finetuned():
+def test_novel_clients_fit_their_gates_only_and_are_never_finetuned(federation):
     """With ``novel_steps = 0`` a novel client evaluates the global model behind its untrained
-    gating layer, whether or not the other clients fine-tune before they evaluate."""
+    gating layer, whether or not the other clients fine-tune before they evaluate; with
+    ``novel_steps = 3`` (the fixture) it fits its gates first."""
     plain = TEXT.replace("novel_steps = 3", "novel_steps = 0")
     rows = run(plain)[4]
+    assert rows[-1]["novel_loss_weighted"] != federation[4][-1]["novel_loss_weighted"]
     tuned = run(plain.replace("budget = 0.5", "budget = 0.5\nfinetune_epochs = 1"))[4]
     assert rows[-1]["novel_loss_weighted"] == tuned[-1]["novel_loss_weighted"]
     assert rows[-1]["fed_loss_weighted"] != tuned[-1]["fed_loss_weighted"]

@@ -1,12 +1,13 @@
 """SCAFFOLD / SCALLION / SCAFCOM through the real ServerApp loop, strategies and ClientApp,
-on an in-process grid (no Ray): state in Context.state, the c = mean c_i invariant with and
-without lost messages, byte accounting of compressed payloads, reductions to SCAFFOLD."""
+on an in-process grid (no Ray): client state as of the server's commit, the c = mean c_i
+invariant with and without lost messages, byte accounting of compressed payloads,
+reductions to SCAFFOLD."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, Message
+from flwr.app import Array, Error, Message
 
 from fedsparse.compress import payload_bytes
 from fedsparse.flat import flatten
@@ -33,15 +34,9 @@ def run(scn: Scenario, tamper=None, on_round=None):
 
 
 def committed_c_i(grid: LocalGrid, strategy, pid: int) -> np.ndarray:
-    state = grid.state(pid)
-    if "control" not in state.array_records:
-        return np.zeros_like(strategy.c)
-    arrays = state.array_records["control"]
-    c_i = arrays["c_i"].numpy()
-    if int(state.config_records["control-meta"]["server-round"]) == \
-            strategy.accepted_round.get(pid, 0):
-        c_i = c_i + arrays["pending"].numpy()
-    return c_i
+    """c_i as client ``pid`` holds it after the server's last commit of its updates."""
+    state = grid.client_state(pid, strategy.accepted_round.get(pid, 0))
+    return state["control"]["c_i"] if state else np.zeros_like(strategy.c)
 
 
 def check_invariant(rnd, grid, strategy):
@@ -54,16 +49,17 @@ SCAFCOM_TOPK = {"name": "scafcom", "beta": 0.3, "audit": True,
                 "compressor": {"name": "topk", "ratio": 0.1, "value_dtype": "float16"}}
 
 
-def test_state_lives_in_context_and_c_is_the_mean_of_all_c_i():
+def test_client_state_persists_and_c_is_the_mean_of_all_c_i():
     grid, strategy, _, rows = run(scenario(SCAFCOM_TOPK), on_round=check_invariant)
     assert all(row["audit_control_gap"] < 1e-6 for row in rows)  # the server's own audit
     assert np.abs(strategy.c).max() > 0
     sampled = {r.partition_id for r in strategy.client_records if r.phase == "train"}
     never = set(range(6)) - sampled
     for pid in sampled:  # clients keep c_i and v_i between rounds, sampled or not
-        assert np.abs(grid.state(pid).array_records["control"]["v_i"].numpy()).max() > 0
+        held = grid.client_state(pid, strategy.accepted_round[pid])["control"]
+        assert np.abs(held["v_i"]).max() > 0
     for pid in never:
-        assert "control" not in grid.state(pid).array_records
+        assert not (grid.state_dir / "local-grid-run" / str(pid)).exists()
 
 
 def test_a_rejected_message_does_not_move_c_i():
@@ -101,10 +97,61 @@ def test_an_update_that_overflows_when_decoded_is_rejected():
                                           on_round=check_invariant)
     assert all(row["audit_control_gap"] < 1e-6 for row in rows)
     rejected = [r for r in strategy.client_records if r.status == "rejected"]
-    assert rejected and all(r.partition_id == 0 and "not finite" in r.reason
+    assert rejected and all(r.partition_id == 0 and "contains NaN or Inf" in r.reason
                             for r in rejected)
     assert np.isfinite(strategy.c).all()
     assert all(np.isfinite(a).all() for a in to_numpy(state.arrays).values())
+
+
+def test_an_aggregate_that_overflows_leaves_the_model_and_c_unchanged():
+    """Each message within max_abs_value, the model step beyond float32: the round does not
+    count, x and c stay as they were and no client's c_i step is committed."""
+    def big(message: Message, reply: Message) -> Message:
+        config = message.content.config_records.get("config")
+        if config and config.get("server-round") == 2 and "update" in reply.content:
+            update = reply.content.array_records["update"]
+            update["val"] = Array(np.full_like(update["val"].numpy(), 3e38))
+        return reply
+
+    before = {}
+
+    def remember(rnd, grid, strategy):
+        check_invariant(rnd, grid, strategy)
+        before[rnd] = strategy.c.copy()
+
+    scaffold = {"name": "scaffold", "audit": True, "global_lr": 10.0, "max_abs_value": 1e39}
+    _grid, strategy, _, rows = run(scenario(scaffold, rounds=3), tamper=big, on_round=remember)
+    assert [row["round_counted"] for row in rows] == [1, 0, 1]
+    np.testing.assert_array_equal(before[2], before[1])
+    assert all(row["audit_control_gap"] < 1e-6 for row in rows)
+    assert not any(r == 2 for r in strategy.accepted_round.values())
+
+
+def test_a_round_below_min_train_replies_does_not_count():
+    def reject_one(message: Message, reply: Message) -> Message:
+        if "update" in reply.content and LocalGrid.partition_of(message) == 1:
+            del reply.content.metric_records["metrics"]
+        return reply
+
+    _grid, strategy, _, rows = run(scenario({"name": "scaffold", "audit": True,
+                                             "fraction_train": 1.0, "min_train_replies": 6},
+                                            rounds=2),
+                                   tamper=reject_one, on_round=check_invariant)
+    assert [row["round_counted"] for row in rows] == [0, 0]
+    assert [row["clients_ok"] for row in rows] == [5, 5]
+    assert not strategy.accepted_round and not np.abs(strategy.c).any()
+
+
+def test_the_audit_goes_on_when_a_client_does_not_answer():
+    def mute_audit(message: Message, reply: Message) -> Message:
+        config = message.content.config_records.get("config")
+        if config and config.get("query") == "control" and LocalGrid.partition_of(message) == 3:
+            return Message(Error(code=0, reason="gone"), reply_to=message)
+        return reply
+
+    _grid, _strategy, _, rows = run(scenario(SCAFCOM_TOPK, rounds=2), tamper=mute_audit)
+    assert [row["audit_clients_answered"] for row in rows] == [5, 5]
+    assert all("audit_control_gap" not in row for row in rows)
 
 
 def test_uplink_is_the_compressed_payload():

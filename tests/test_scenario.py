@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from fedsparse.cli import main
 from fedsparse.scenario import ScenarioError, apply_overrides, load_scenario, parse_scenario
-from tests.conftest import DATA, REPO, digits_scenario
+from tests.conftest import DATA, REPO, digits_scenario, shipped_scenarios
 
 
 def problems(text: str, overrides: list[str] = ()) -> str:
@@ -18,10 +19,10 @@ def problems(text: str, overrides: list[str] = ()) -> str:
 
 
 def test_every_shipped_scenario_is_valid():
-    """Every scenario file but the partial ones (``_*.toml``, only meant to be extended)."""
-    files = [f for f in sorted((REPO / "scenarios").rglob("*.toml")) + sorted(DATA.glob("*.toml"))
-             if not f.name.startswith("_")]
-    assert len(files) >= 13
+    """Strict types included: every shipped file validates, and its TOML round trip (what the
+    ServerApp and ClientApps parse) gives the same scenario."""
+    files = shipped_scenarios()
+    assert len(files) >= 49
     for path in files:
         scenario = load_scenario(path)
         assert parse_scenario(scenario.to_toml()) == scenario  # TOML round trip is exact
@@ -177,3 +178,121 @@ def test_extends_merges_sections_and_detects_cycles(tmp_path: Path):
     (tmp_path / "c.toml").write_text('extends = "missing.toml"\n')
     with pytest.raises(ScenarioError, match="file not found"):
         load_scenario(tmp_path / "c.toml")
+
+
+def refused(args: list[str], capsys) -> list[str]:
+    """``fedsparse ARGS`` exits with code 2; the problem lines it printed."""
+    assert main(args) == 2
+    return [line.removeprefix("  - ") for line in capsys.readouterr().err.splitlines()
+            if line.startswith("  - ")]
+
+
+@pytest.mark.parametrize(("override", "line"), [
+    ("client.lr=inf", "client.lr = inf: Input should be a finite number"),
+    ("client.lr=nan", "client.lr = nan: Input should be a finite number"),
+    ("data.test_fraction=-inf", "data.test_fraction = -inf: Input should be a finite number"),
+    ("client.lr=true", "client.lr = True: Input should be a valid number"),
+    ("run.rounds=true", "run.rounds = True: Input should be a valid integer"),
+    ("run.rounds=2.0", "run.rounds = 2.0: Input should be a valid integer"),
+    ('run.rounds="2"', "run.rounds = '2': Input should be a valid integer"),
+    ("model.hidden=[-5]", "model.hidden.0 = -5: Input should be greater than 0"),
+    ("model.hidden=[8, 0]", "model.hidden.1 = 0: Input should be greater than 0"),
+])
+def test_numbers_are_finite_and_types_strict(override, line, capsys):
+    assert refused(["validate", str(DATA / "digits.toml"), "--set", override], capsys) == [line]
+
+
+@pytest.mark.parametrize(("override", "line"), [
+    ("model.channels=[4, 0]", "model.channels.1 = 0: Input should be greater than 0"),
+    ("model.hidden=[-1]", "model.hidden.0 = -1: Input should be greater than 0"),
+    ("client.budget=nan", "client.budget.number = nan: Input should be a finite number"),
+    ('client.budget="x"', "client.budget.number = 'x': Input should be a valid number"),
+    ("client.budget=[0.5, nan]", "client.budget.list.1 = nan: Input should be a finite number"),
+    ("client.budget={levels = [0.5, inf]}",
+     "client.budget.table.levels.1 = inf: Input should be a finite number"),
+    ("client.budget={levels = [0.5], bogus = 1}",
+     "client.budget.table.bogus: unknown key (allowed in [client.budget.table]: levels, weights)"),
+])
+def test_cnn_sizes_and_pfedgate_budgets_are_checked_at_validation(override, line, capsys):
+    """pFedGate's budget is one number, a list or a table: a bad one gets one error."""
+    assert refused(["validate", str(DATA / "pfedgate_digits.toml"), "--set", override],
+                   capsys) == [line]
+
+
+def test_strict_types_still_take_an_int_for_a_float_and_every_budget_form():
+    assert parse_scenario(digits_scenario(), ["client.lr=1"]).client.lr == 1.0
+    text = (DATA / "pfedgate_digits.toml").read_text()
+    for budget, expected in [("1", 1.0), ("[0.5, 1, 0.5, 1, 0.5, 1]", [0.5, 1.0] * 3)]:
+        scenario = parse_scenario(text, [f"client.budget={budget}"])
+        assert scenario.client.budget == expected
+        assert parse_scenario(scenario.to_toml()) == scenario
+    levels = parse_scenario(text, ["client.budget={levels = [0.5, 1], weights = [1, 3]}"])
+    assert levels.client.budget.weights == [1.0, 3.0]
+    assert parse_scenario(levels.to_toml()) == levels
+
+
+@pytest.mark.parametrize("target", ['"."', '"sub.toml"', '"/abs/base.toml"', '"base.txt"',
+                                    '""', "3"])
+def test_extends_names_a_relative_toml_file(target, tmp_path: Path, capsys):
+    (tmp_path / "sub.toml").mkdir()
+    (tmp_path / "arm.toml").write_text(f"extends = {target}\n")
+    value = repr(tomllib.loads(f"v = {target}")["v"])
+    assert refused(["validate", str(tmp_path / "arm.toml")], capsys) == [
+        f"extends = {value}: an extends target must be a relative path to a .toml file"]
+
+
+def test_extends_of_a_missing_file_names_the_resolved_path(tmp_path: Path, capsys):
+    (tmp_path / "arm.toml").write_text('extends = "../gone/base.toml"\n')
+    assert refused(["validate", str(tmp_path / "arm.toml")], capsys) == [
+        f"extends = '../gone/base.toml': file not found ({tmp_path.parent}/gone/base.toml)"]
+
+
+def test_a_file_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path, capsys):
+    (tmp_path / "latin1.toml").write_bytes('name = "café"\n'.encode("latin-1"))
+    assert refused(["validate", str(tmp_path / "latin1.toml")], capsys) == [
+        "not UTF-8 text: byte 0xe9 at offset 11"]
+
+
+def test_a_partition_override_drops_the_keys_of_the_old_partition(capsys):
+    digits = str(DATA / "digits.toml")
+    assert main(["validate", digits, "--set", "data.partition=iid"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ("fedsparse: note: dropped data.alpha = 1.0 (it applies only to "
+                   "partition = 'dirichlet')\n")
+    assert 'partition = "iid"' in out and "alpha" not in out
+    assert refused(["validate", digits, "--set", "data.partition=iid", "--set",
+                    "data.alpha=0.5"], capsys) == [
+        "data: data.alpha only applies to partition = 'dirichlet', not 'iid'"]
+    assert refused(["validate", digits, "--set", "data.partition=shards"], capsys) == [
+        "data: partition = 'shards' needs data.shards_per_client"]
+
+
+def test_a_partition_in_the_file_itself_keeps_its_error():
+    text = digits_scenario(data={"partition": "iid"})
+    assert "data.alpha only applies to partition = 'dirichlet', not 'iid'" in problems(text)
+
+
+def test_unset_removes_a_key_of_the_file_before_validation(capsys):
+    digits = str(DATA / "digits.toml")
+    assert main(["validate", digits, "--unset", "data.alpha", "--set", "data.partition=iid",
+                 "--unset", "client.lr"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "alpha" not in out
+    assert "lr = 0.05\n" in out  # the sgd program's default
+    assert refused(["validate", digits, "--unset", "data.alhpa"], capsys) == [
+        "data.alhpa: no such key in the scenario file ([data] has: dataset, num_clients, "
+        "partition, alpha, min_partition_size)"]
+    assert refused(["validate", digits, "--unset", "bogus.key"], capsys) == [
+        "bogus.key: no such key in the scenario file"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "fedsparse run: error: one of the arguments FILE --resume is required"),
+    (["a.toml", "--resume", "runs/a"], "fedsparse run: error: argument --resume: not allowed "
+                                       "with argument FILE"),
+])
+def test_run_needs_a_file_or_resume_as_a_usage_error(args, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", *args])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == message

@@ -22,10 +22,13 @@ def make(fraction_train: float = 0.5, num_clients: int = 6, seed: int = 7):
     # Flower node ids are random per run: any mapping must give the same behaviour
     rng = np.random.default_rng()
     strategy.bind({pid: int(rng.integers(1, 2**62)) for pid in range(num_clients)})
+    strategy.examples_cap = 1000  # these tests are about mechanics, not the example bound
     return scenario, strategy, initial_arrays(scenario)
 
 
 def reply(message: Message, arrays: dict[str, np.ndarray] | None, **metrics) -> Message:
+    """A reply as the ClientApp sends it: metrics stamped with the round they answer."""
+    metrics["server-round"] = message.content.config_records["config"]["server-round"]
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if arrays is not None:
         content["arrays"] = from_numpy(arrays)
@@ -148,10 +151,8 @@ def test_bad_num_examples_is_rejected(num_examples):
     _, strategy, arrays = make(fraction_train=0.2)
     (message,) = strategy.configure_train(1, arrays, ConfigRecord(), None)
     content = RecordDict({"arrays": arrays})
-    if isinstance(num_examples, str):
-        content["metrics"] = MetricRecord({})
-    else:
-        content["metrics"] = MetricRecord({"num-examples": num_examples})
+    content["metrics"] = MetricRecord({"server-round": 1} if isinstance(num_examples, str)
+                                      else {"num-examples": num_examples, "server-round": 1})
     new, metrics = strategy.aggregate_train(1, [Message(content, reply_to=message)])
     assert new is None and metrics["clients_rejected"] == 1
     assert "num-examples" in strategy.client_records[-1].reason
@@ -182,3 +183,39 @@ def test_federated_evaluation_mean_and_weighted():
     assert metrics["fed_loss_weighted"] == pytest.approx(1 - np.average(accs, weights=counts))
     assert metrics["fed_accuracy_bottom10"] == 0.0  # the worst of 6 clients: at least one
     assert metrics["eval_downlink_bytes"] == 6 * nbytes(arrays)
+
+
+def test_federated_evaluation_below_min_evaluate_replies_is_not_reported():
+    scenario = parse_scenario(digits_scenario(strategy={"min_evaluate_replies": 4}))
+    strategy = build_strategy(scenario)
+    strategy.bind({pid: 50 + pid for pid in range(6)})
+    messages = list(strategy.configure_evaluate(1, initial_arrays(scenario), ConfigRecord(),
+                                                None))
+    replies = [reply(m, None, **{"num-examples": 2, "eval-acc": 0.5, "eval-loss": 1.0})
+               for m in messages[:3]]
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["eval_clients_ok"] == 3 and metrics["eval_counted"] == 0
+    assert not [k for k in metrics if k.startswith("fed_")]
+
+
+@pytest.mark.parametrize(("strategy", "message"), [
+    ({"fraction_train": 0.5, "min_train_replies": 4},
+     "strategy.min_train_replies = 4 exceeds the 3 clients sampled per round"),
+    ({"fraction_evaluate": 0.5, "min_evaluate_replies": 5},
+     "strategy.min_evaluate_replies = 5 exceeds the 3 clients sampled per round"),
+])
+def test_unreachable_reply_minimums_are_refused(strategy, message):
+    from fedsparse.scenario import ScenarioError
+
+    with pytest.raises(ScenarioError, match=message):
+        parse_scenario(digits_scenario(strategy=strategy))
+
+
+@pytest.mark.parametrize(("rounds", "failed", "verdict"), [
+    (10, 0, ""), (10, 5, ""),
+    (10, 6, "6 of 10 rounds did not count, more than run.max_failed_round_fraction = 0.5"),
+    (3, 3, "no round counted (3 of 3 failed)"),
+])
+def test_a_run_fails_when_too_many_rounds_did_not_count(rounds, failed, verdict):
+    scenario = parse_scenario(digits_scenario())
+    assert scenario.run.verdict(rounds, failed) == verdict

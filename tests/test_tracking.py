@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsparse.checkpoint import FILE, Checkpoint
+from fedsparse.checkpoint import FILE, PREVIOUS, Checkpoint
+from fedsparse.durable import CorruptFile
 from fedsparse.tracking import events
 from fedsparse.tracking.history import read_csv, write_csv
 from fedsparse.tracking.report import markdown_table, write_report
@@ -40,14 +41,39 @@ def test_checkpoint_round_trip_is_exact(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir()] == [FILE]  # no temp file left behind
 
 
-def test_checkpoint_overwrite_and_missing(tmp_path: Path):
-    Checkpoint(round=1, arrays={"w": np.zeros(2)}).save(tmp_path)
-    Checkpoint(round=2, arrays={"w": np.ones(2)}).save(tmp_path)
-    assert Checkpoint.load(tmp_path).round == 2
+def test_checkpoint_keeps_two_generations_and_refuses_reserved_names(tmp_path: Path):
+    for rnd in (1, 2, 3):
+        Checkpoint(round=rnd, arrays={"w": np.full(2, rnd)}).save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FILE, PREVIOUS]
+    assert Checkpoint.load(tmp_path).round == 3
     with pytest.raises(FileNotFoundError):
         Checkpoint.load(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="reserved"):
-        Checkpoint(round=1, arrays={"__state__": np.zeros(1)}).save(tmp_path)
+    for name in ("__document__", "__sha256__"):
+        with pytest.raises(ValueError, match="reserved"):
+            Checkpoint(round=1, arrays={name: np.zeros(1)}).save(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def test_a_damaged_checkpoint_falls_back_to_the_previous_generation(tmp_path: Path, damage,
+                                                                   caplog):
+    Checkpoint(round=1, arrays={"w": np.zeros(64, np.float32)}).save(tmp_path)
+    Checkpoint(round=2, arrays={"w": np.ones(64, np.float32)}).save(tmp_path)
+    latest = tmp_path / FILE
+    data = bytearray(latest.read_bytes())
+    if damage == "truncate":
+        data = data[:len(data) // 2]
+    elif damage == "flip":  # one bit of the array data
+        offset = data.index(np.ones(1, np.float32).tobytes())
+        data[offset] ^= 0x01
+    else:
+        data = bytearray(b"not a checkpoint")
+    latest.write_bytes(bytes(data))
+    loaded = Checkpoint.load(tmp_path)
+    assert loaded.round == 1 and not loaded.arrays["w"].any()
+    assert "previous generation" in caplog.text
+    (tmp_path / PREVIOUS).write_bytes(b"also broken")
+    with pytest.raises(CorruptFile, match="every checkpoint generation is damaged"):
+        Checkpoint.load(tmp_path)
 
 
 def test_history_csv_round_trip(tmp_path: Path):

@@ -1,10 +1,12 @@
 """What a client program is: the local procedure a ClientApp runs for one instruction.
 
 A program is built for one client and one message: it gets the scenario, its partition id
-and the client's persistent state (Flower's ``Context.state``, the only state that
-survives between rounds: ClientApp objects are recreated for every message). It turns the
-instruction's RecordDict into the reply's RecordDict; the maths it calls lives in
-``fedsparse``.
+and the client's state as of the last round the server committed (``fedsparse/
+client_state.py``: ``state.get(name)``; what it changes it stages with ``state.put(name,
+arrays)``, and the ClientApp saves it as this round's state after a train instruction).
+ClientApp objects are recreated for every message, so nothing else survives between rounds.
+It turns the instruction's RecordDict into the reply's RecordDict; the maths it calls lives
+in ``fedsparse``.
 """
 
 from __future__ import annotations
@@ -13,18 +15,17 @@ import time
 from abc import ABC, abstractmethod
 from typing import ClassVar, Protocol
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
+from fedsparse.client_state import ClientState
 from fedsparse.data import ClientData, client_data
 from fedsparse.downlink import apply_sync
 from fedsparse.flat import unflatten
 from fedsparse.models import load_shared_state, scenario_model, shared_state
 from fedsparse.protocol import (
     ARRAYS,
-    COMMIT_ROUND,
     CONFIG,
     METRICS,
     MODEL_SYNC,
@@ -54,7 +55,7 @@ class ClientProgram(ABC):
 
     Params: ClassVar[type[PluginParams]]
 
-    def __init__(self, scenario: Scenario, partition_id: int, state: RecordDict) -> None:
+    def __init__(self, scenario: Scenario, partition_id: int, state: ClientState) -> None:
         self.scenario = scenario
         self.params = scenario.client
         self.partition_id = partition_id
@@ -76,11 +77,10 @@ class ClientProgram(ABC):
             load_shared_state(model, content.array_records[ARRAYS].to_torch_state_dict())
             return model
         template = {k: v.numpy() for k, v in shared_state(model).items()}
-        held = self.state.array_records.get(PUBLIC_MODEL)
-        x_hat = apply_sync(None if held is None else held["x_hat"].numpy(),
+        x_hat = apply_sync(self.state.get(PUBLIC_MODEL).get("x_hat"),
                            {k: a.numpy() for k, a in content.array_records[MODEL_SYNC].items()},
                            sum(v.size for v in template.values()))
-        self.state[PUBLIC_MODEL] = ArrayRecord({"x_hat": Array(x_hat)})
+        self.state.put(PUBLIC_MODEL, {"x_hat": x_hat})
         load_shared_state(model, {k: torch.from_numpy(v)
                                   for k, v in unflatten(x_hat, template).items()})
         return model
@@ -90,22 +90,6 @@ class ClientProgram(ABC):
         server_round = int(self.config(content)[SERVER_ROUND])
         seed = derive_seed(self.scenario.seed, self.partition_id, server_round)
         return torch.Generator().manual_seed(seed)
-
-    def load_state(self, name: str, content: RecordDict) -> tuple[dict[str, np.ndarray], bool]:
-        """Arrays saved under ``name`` in ``Context.state`` ({} if none), and whether the
-        server counted the update sent with them (the instruction's commit-round is the
-        round they were saved in): the two-phase commit of ``fedsparse/protocol.py``."""
-        if name not in self.state.array_records:
-            return {}, False
-        arrays = {key: array.numpy() for key, array in self.state.array_records[name].items()}
-        saved_round = int(self.state.config_records[f"{name}-meta"][SERVER_ROUND])
-        return arrays, saved_round == int(self.config(content)[COMMIT_ROUND])
-
-    def save_state(self, name: str, arrays: dict[str, np.ndarray], content: RecordDict) -> None:
-        """Keep ``arrays`` in ``Context.state`` until the next instruction."""
-        self.state[name] = ArrayRecord({key: Array(value) for key, value in arrays.items()})
-        self.state[f"{name}-meta"] = ConfigRecord(
-            {SERVER_ROUND: int(self.config(content)[SERVER_ROUND])})
 
     @staticmethod
     def config(content: RecordDict) -> ConfigRecord:

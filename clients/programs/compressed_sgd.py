@@ -1,8 +1,8 @@
 """The client of compressed FedAvg (``fedavg_ef``): local SGD as FedAvg's ClientUpdate, then
 the update ``y - x`` is sent compressed, with error feedback (``fedsparse/error_feedback.py``).
 
-State: ``ef`` = {residual if the last message was counted, residual if it was lost}; the
-next instruction's commit-round says which one holds (two-phase commit).
+State: ``ef`` = the residual e_i as of the last round the server counted (a round it did
+not count leaves the residual as it was: ``fedsparse/client_state.py``).
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ class CompressedSGD(SGDProgram):
         started = time.perf_counter()
         model = self.model_from(content)
         x = flat_parameters(model)
-        arrays, counted = self.load_state(STATE, content)
-        residual = arrays["counted" if counted else "lost"] if arrays else np.zeros_like(x)
+        residual = self.state.get(STATE).get("residual", np.zeros_like(x))
         result = self.local_sgd(model, content)
         rule = self.scenario.strategy
         rng = np.random.default_rng(derive_seed(self.scenario.seed, self.partition_id,
@@ -46,7 +45,6 @@ class CompressedSGD(SGDProgram):
         sizes = [q.numel() for q in model.parameters()]
         message = ef_message(flat_parameters(model) - x, residual,
                              build_compressor(rule.compressor, sizes), rng, rule.error_feedback)
-        self.save_state(STATE, {"counted": message.residual_if_counted,
-                                "lost": message.residual_if_lost}, content)
+        self.state.put(STATE, {"residual": message.residual})
         update = ArrayRecord({k: Array(v) for k, v in message.payload.items()})
         return RecordDict({UPDATE: update, METRICS: self.train_metrics(result, started)})

@@ -5,8 +5,9 @@ or dense (``fedavg``).
 Round ``r`` trains task ``t = (r - 1) // rounds_per_task`` for ``local_epochs`` epochs, the
 epochs ``k*E .. (k+1)*E - 1`` of that task (``k``: the round within the task), so the
 schedules that count epochs within a task (DDR's removals) run as on a single device. What
-outlives a round stays in ``Context.state``: the replay buffer (examples, labels, logits,
-count seen) and DDR's statistics and kept examples for the current task. The learner's
+outlives a round is client state (``fedsparse/client_state.py``): the replay buffer
+(examples, labels, logits, count seen) and DDR's statistics and kept examples for the
+current task. The learner's
 optimiser is plain SGD re-created every round (SparCL re-creates it every task and uses no
 momentum, so nothing is lost with momentum 0).
 """
@@ -23,6 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from clients.programs.base import ClientProgram
+from fedsparse.client_state import ClientState
 from fedsparse.continual import (
     DERPP,
     DataRemoval,
@@ -94,7 +96,7 @@ class ContinualProgram(ClientProgram):
     Params = ContinualParams
     params: ContinualParams
 
-    def __init__(self, scenario: Scenario, partition_id: int, state: RecordDict) -> None:
+    def __init__(self, scenario: Scenario, partition_id: int, state: ClientState) -> None:
         super().__init__(scenario, partition_id, state)
         assert scenario.continual is not None  # the scenario requires it
         self.spec: ContinualSpec = scenario.continual
@@ -143,8 +145,9 @@ class ContinualProgram(ClientProgram):
 
     def _buffer(self, input_shape: tuple[int, ...]) -> ReservoirBuffer:
         buffer = ReservoirBuffer(self.params.buffer_size, input_shape, self.num_classes)
-        if BUFFER in self.state.array_records:
-            buffer.load({k: a.numpy() for k, a in self.state.array_records[BUFFER].items()})
+        saved = self.state.get(BUFFER)
+        if saved:
+            buffer.load(saved)
         return buffer
 
     def _removal(self, task: int, n: int) -> DataRemoval | None:
@@ -154,14 +157,10 @@ class ContinualProgram(ClientProgram):
         ddr = DataRemoval(n, fraction=p.removal_fraction, every=p.removal_every,
                           until=p.removal_until,
                           max_count=self.spec.rounds_per_task * p.local_epochs)
-        saved = self.state.array_records.get(REMOVAL)
-        if saved is not None and int(saved["task"].numpy()[0]) == task:
-            ddr.load({k: a.numpy() for k, a in saved.items() if k != "task"})
+        saved = self.state.get(REMOVAL)
+        if saved and int(saved["task"][0]) == task:
+            ddr.load({k: v for k, v in saved.items() if k != "task"})
         return ddr
-
-    def _save(self, name: str, arrays: dict[str, np.ndarray]) -> None:
-        self.state[name] = ArrayRecord({k: Array(np.ascontiguousarray(v))
-                                        for k, v in arrays.items()})
 
     def train(self, content: RecordDict) -> RecordDict:
         started = time.perf_counter()
@@ -193,9 +192,9 @@ class ContinualProgram(ClientProgram):
                                                           (k + 1) * p.local_epochs),
                               batch_size=p.batch_size, generator=generator, flops=flops, ddr=ddr)
         if p.learner != "naive":
-            self._save(BUFFER, buffer.state())
+            self.state.put(BUFFER, buffer.state())
         if ddr is not None:
-            self._save(REMOVAL, {**ddr.state(), "task": np.array([task])})
+            self.state.put(REMOVAL, {**ddr.state(), "task": np.array([task])})
         reply = RecordDict({METRICS: self.metrics(result, started)})
         state = {n: v.detach().numpy() for n, v in model.state_dict().items()}
         masks = {} if mask is None else {n: m.numpy() for n, m in mask.items()}

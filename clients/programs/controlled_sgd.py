@@ -1,10 +1,11 @@
 """The client of the SCAFFOLD family (SCAFFOLD, SCALLION, SCAFCOM): K corrected SGD steps,
-one compressed message, control variate and momentum kept in ``Context.state``.
+one compressed message, control variate and momentum kept as client state.
 
 The maths is ``fedsparse/scaffold.py``; this program moves it in and out of Flower records.
-State: ``control`` = {c_i, v_i, pending}, where ``pending`` is ``alpha * delta`` of the last
-message; it joins c_i only once the server says it counted that message (two-phase commit,
-``fedsparse/protocol.py``), so c = mean c_i holds even when a message is lost or rejected.
+State: ``control`` = {c_i, v_i}. After a round the client saves ``c_i + alpha * delta`` and
+the new v_i, which hold only if the server counts the message (``fedsparse/
+client_state.py``): a lost or rejected message leaves both as they were, so c = mean c_i
+holds whatever is lost.
 """
 
 from __future__ import annotations
@@ -39,20 +40,19 @@ class ControlledSGD(ClientProgram):
     Params = ControlledSGDParams
     params: ControlledSGDParams
 
-    def control(self, d: int, content: RecordDict) -> ControlState:
-        """c_i and v_i, with the pending step applied if the server counted it."""
-        arrays, counted = self.load_state(STATE, content)
+    def control(self, d: int) -> ControlState:
+        """c_i and v_i as of the last round the server counted (zeros before any)."""
+        arrays = self.state.get(STATE)
         if not arrays:
             return ControlState.zeros(d)
-        c_i = arrays["c_i"] + arrays["pending"] if counted else arrays["c_i"]
-        return ControlState(c_i, arrays["v_i"])
+        return ControlState(arrays["c_i"], arrays["v_i"])
 
     def train(self, content: RecordDict) -> RecordDict:
         started = time.perf_counter()
         model = self.model_from(content)
         sizes = [p.numel() for p in model.parameters()]
         c = content.array_records[CONTROL]["c"].numpy()
-        state = self.control(sum(sizes), content)
+        state = self.control(sum(sizes))
         rule = self.scenario.strategy.rule()
         shift, grad_scale = step_direction(rule, state, c)
         data = self.data
@@ -66,12 +66,11 @@ class ControlledSGD(ClientProgram):
         message = client_message(rule.variant, result.g_bar, state,
                                  build_compressor(rule.compressor, sizes), rng, rule.alpha,
                                  rule.beta)
-        self.save_state(STATE, {"c_i": state.c_i, "v_i": state.v_i,
-                                "pending": message.c_i_step}, content)
+        self.state.put(STATE, {"c_i": state.c_i + message.c_i_step, "v_i": state.v_i})
         update = ArrayRecord({k: Array(v) for k, v in message.payload.items()})
         return RecordDict({UPDATE: update, METRICS: self.train_metrics(result, started)})
 
     def query(self, content: RecordDict) -> RecordDict:
         """The audit: this client's c_i as the server should count it (after commit)."""
         d = sum(p.numel() for p in self.build_model().parameters())
-        return RecordDict({CONTROL: ArrayRecord({"c_i": Array(self.control(d, content).c_i)})})
+        return RecordDict({CONTROL: ArrayRecord({"c_i": Array(self.control(d).c_i)})})

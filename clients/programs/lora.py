@@ -4,10 +4,10 @@
 Train: receive ``P * M`` (the adapters and head over the download mask, compressed as the
 server says) and, with SoRA, the alive ranks and their gates; train every adapter entry
 densely for ``local_epochs``; upload the top ``up-density`` of ``D = P * M - P_i`` over the
-alive coordinates (plus the residual of earlier rounds with error feedback, kept in
-``Context.state`` with the two-phase commit of ``fedsparse/protocol.py``) and the gates
-dense. Pruned ranks are neither received, trained nor sent. Evaluate: the dense model the
-server sends, on the local test split. The frozen base model never crosses the wire.
+alive coordinates (plus the residual of earlier rounds with error feedback, kept as client
+state, which holds once the server counts the upload: ``fedsparse/client_state.py``) and the
+gates dense. Pruned ranks are neither received, trained nor sent. Evaluate: the dense model
+the server sends, on the local test split. The frozen base model never crosses the wire.
 """
 
 from __future__ import annotations
@@ -108,21 +108,16 @@ class LoRAProgram(ClientProgram):
         trained, gates = layout.split({k: v.numpy() for k, v in
                                        model.federated_state_dict().items()})
         coords = layout.coordinates()
-        saved, counted = self.load_state(STATE, content)
-        residual = np.zeros(layout.size, np.float32)
-        if saved:
-            residual = saved["counted" if counted else "lost"]
+        residual = self.state.get(STATE).get("residual", np.zeros(layout.size, np.float32))
         rng = np.random.default_rng(derive_seed(self.scenario.seed, self.partition_id,
                                                 server_round, "compress"))
         upload = sparsifier(float(config[UP_DENSITY]), str(config[UP_VALUE_DTYPE]))
         message = ef_message((sent - trained)[coords], residual[coords], upload, rng,
                              bool(config[ERROR_FEEDBACK]))
         if bool(config[ERROR_FEEDBACK]):
-            full = {"counted": np.zeros(layout.size, np.float32),
-                    "lost": np.zeros(layout.size, np.float32)}
-            full["counted"][coords] = message.residual_if_counted
-            full["lost"][coords] = message.residual_if_lost
-            self.save_state(STATE, full, content)
+            kept = np.zeros(layout.size, np.float32)
+            kept[coords] = message.residual
+            self.state.put(STATE, {"residual": kept})
         reply = RecordDict({
             UPDATE: ArrayRecord({k: Array(v) for k, v in message.payload.items()}),
             METRICS: MetricRecord({

@@ -6,12 +6,14 @@ of ``theta`` and the client's gating layer under its budget ``s_i``, and send ba
 blocks of ``theta`` that were kept in at least one minibatch of the round: their block ids,
 coded like the index sets of ``fedsparse/compress/indices.py``, and their values (plus the
 model's buffers, if any, dense). The gating layer (weights and normalisation statistics) and
-the momentum of both optimisers stay in ``Context.state`` and never leave the client;
+the momentum of both optimisers are client state (``fedsparse/client_state.py``) and never
+leave the client;
 ``s_i`` follows from the scenario and is reported as the metric ``budget``. Every tensor's
 first block is always sent (it is always kept), even by a client that trained no step.
 Evaluate: the client's own gated sparse model on its local test split; with ``adapt-steps``
 in the instruction (a novel client), first fit only the gating layer for that many
-minibatches, the base model frozen (kept in ``Context.state``), and never fine-tune.
+minibatches, the base model frozen, and never fine-tune (that fit serves this evaluation;
+evaluation never changes a client's state).
 pFedGate + fine-tuning (``finetune_epochs``, the counterpart of FedAvg + fine-tuning): first
 ``finetune_epochs`` epochs of gated training of the gating layer and the base model (or the
 gating layer only), under the same budget; the tuned models are evaluated and dropped, so
@@ -22,14 +24,15 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from flwr.app import MetricRecord, RecordDict
+from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 
 from clients.programs.base import ClientProgram
+from fedsparse.client_state import ClientState
 from fedsparse.compress import indices
 from fedsparse.metrics.sparse_flops import SparseFlops
 from fedsparse.models import shared_state
@@ -44,6 +47,7 @@ from fedsparse.personal import (
 from fedsparse.protocol import ADAPT_STEPS, METRICS, NUM_EXAMPLES, QUERY, UPDATE, derive_seed
 from fedsparse.registry import CLIENT_PROGRAMS, PluginParams
 from fedsparse.scenario import Scenario
+from fedsparse.schema import SCENARIO_CONFIG
 from fedsparse.sparse import sparse_parameters
 from fedsparse.training import batches, num_steps
 from strategies.records import from_numpy
@@ -55,7 +59,7 @@ BLOCKS, VALUES, BUFFER_PREFIX = "blocks", "values", "buffer/"
 class BudgetLevels(BaseModel):
     """Heterogeneous budgets drawn per client: ``levels[j]`` with probability ``weights[j]``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SCENARIO_CONFIG
     levels: list[float] = Field(min_length=1)
     weights: list[float] | None = None
 
@@ -71,6 +75,18 @@ class BudgetLevels(BaseModel):
         return self
 
 
+def _budget_form(value: Any) -> str:
+    """Which form of ``client.budget`` a value has, so that a bad one gets one error (its
+    form is the tag in the error's location, e.g. ``client.budget.number``)."""
+    if isinstance(value, list):
+        return "list"
+    return "table" if isinstance(value, dict | BudgetLevels) else "number"
+
+
+Budget = Annotated[Annotated[float, Tag("number")] | Annotated[list[float], Tag("list")]
+                   | Annotated[BudgetLevels, Tag("table")], Discriminator(_budget_form)]
+
+
 class PFedGateParams(PluginParams):
     program: Literal["pfedgate"] = "pfedgate"
     lr: float = Field(0.1, gt=0, description="base model learning rate")
@@ -81,7 +97,7 @@ class PFedGateParams(PluginParams):
     batch_size: int = Field(128, ge=2)
     local_epochs: int = Field(1, ge=1)
     blocks_per_tensor: int = Field(5, ge=1, description="B: chunks per parameter tensor")
-    budget: float | list[float] | BudgetLevels = Field(
+    budget: Budget = Field(
         1.0, description="s: fraction of parameters allowed; one value, one per client, or "
                          "{levels = [...], weights = [...]} drawn per client")
     solver: Solver = Field("greedy", description="knapsack solver: greedy or exact")
@@ -128,7 +144,7 @@ class PFedGateProgram(ClientProgram):
     Params = PFedGateParams
     params: PFedGateParams
 
-    def __init__(self, scenario: Scenario, partition_id: int, state: RecordDict) -> None:
+    def __init__(self, scenario: Scenario, partition_id: int, state: ClientState) -> None:
         super().__init__(scenario, partition_id, state)
         self.budget = self.params.budget_of(partition_id, scenario.seed)
 
@@ -143,8 +159,9 @@ class PFedGateProgram(ClientProgram):
             with torch.random.fork_rng():  # the gating layer's initialisation: per client
                 torch.manual_seed(derive_seed(self.scenario.seed, "gating", self.partition_id))
                 gating = GatingLayer(input_shape, len(partition))
-            if GATING in self.state.array_records:
-                gating.load_state_dict(self.state.array_records[GATING].to_torch_state_dict())
+            saved = self.state.get(GATING)
+            if saved:
+                gating.load_state_dict({k: torch.from_numpy(v) for k, v in saved.items()})
         gated = GatedModel(model, partition, self.budget, gating=gating, solver=p.solver,
                            rule=p.budget_rule)
         learner = GatedLearner(gated, lr=p.lr, lr_gating=p.lr_gating, momentum=p.momentum,
@@ -155,14 +172,12 @@ class PFedGateProgram(ClientProgram):
         return learner
 
     def _load_momentum(self, learner: GatedLearner) -> None:
-        if MOMENTUM not in self.state.array_records:
-            return
-        saved = self.state.array_records[MOMENTUM]
+        saved = self.state.get(MOMENTUM)
         for prefix, optimizer, module in self._optimized(learner):
             for name, param in module.named_parameters():
                 if f"{prefix}{name}" in saved:
                     optimizer.state[param]["momentum_buffer"] = \
-                        torch.from_numpy(saved[f"{prefix}{name}"].numpy().copy())
+                        torch.from_numpy(saved[f"{prefix}{name}"].copy())
 
     @staticmethod
     def _optimized(learner: GatedLearner) -> list[tuple[str, torch.optim.Optimizer,
@@ -173,16 +188,17 @@ class PFedGateProgram(ClientProgram):
         return pairs
 
     def _save(self, learner: GatedLearner) -> None:
-        """Keep the gating layer and both optimisers' momentum in ``Context.state``."""
+        """Keep the gating layer and both optimisers' momentum as client state."""
         if learner.gated.gating is not None:
-            self.state[GATING] = ArrayRecord(learner.gated.gating.state_dict())
+            self.state.put(GATING, {k: v.numpy().copy()
+                                    for k, v in learner.gated.gating.state_dict().items()})
         momentum = {}
         for prefix, optimizer, module in self._optimized(learner):
             for name, param in module.named_parameters():
                 buffer = optimizer.state.get(param, {}).get("momentum_buffer")
                 if buffer is not None:
-                    momentum[f"{prefix}{name}"] = Array(buffer.numpy().copy())
-        self.state[MOMENTUM] = ArrayRecord(momentum)
+                    momentum[f"{prefix}{name}"] = buffer.numpy().copy()
+        self.state.put(MOMENTUM, momentum)
 
     def train(self, content: RecordDict) -> RecordDict:
         started = time.perf_counter()
@@ -222,7 +238,6 @@ class PFedGateProgram(ClientProgram):
             adapt = int(config[ADAPT_STEPS])
             if adapt and learner.gated.gating is not None:
                 learner.fit(data.x_train, data.y_train, stream, adapt, train_model=False)
-                self._save(learner)
         elif p.finetune_epochs:
             learner.fit(data.x_train, data.y_train, stream,
                         num_steps(len(data.x_train), p.batch_size, p.finetune_epochs, None),

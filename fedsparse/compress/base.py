@@ -23,9 +23,10 @@ from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from fedsparse.payload import PayloadError
+from fedsparse.schema import SCENARIO_CONFIG
 
 Payload = dict[str, np.ndarray]
 ValueDtype = Literal["float32", "float16", "int8", "int4", "int3", "int2"]
@@ -40,7 +41,7 @@ def int_levels(bits: int) -> int:
 class CompressorSpec(BaseModel):
     """Parameters of a compressor (a scenario's ``[strategy.compressor]`` section)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SCENARIO_CONFIG
 
     name: str
     value_dtype: ValueDtype = "float32"
@@ -105,12 +106,15 @@ def count(ratio: float, d: int) -> int:
 
 def stochastic_levels(v: np.ndarray, top_level: int,
                       rng: np.random.Generator) -> tuple[np.float32, np.ndarray]:
-    """``s = max|v| / L`` (the smallest float32 step where that underflows, 0 for v = 0) and
-    ``q = floor(v / s + u)`` clipped to ``[-L, L]``, as int64."""
+    """``s = max|v| / L`` in float32 (the smallest float32 step where that underflows, one step
+    up where a subnormal ``s`` rounded down would clip ``max|v|`` by more than a level; 0 for
+    v = 0), and ``q = floor(v / s + u)`` clipped to ``[-L, L]``, as int64."""
     top = float(np.abs(v).max(initial=0.0))
     if top == 0:
         return np.float32(0), np.zeros(v.size, np.int64)
     scale = max(np.float32(top / top_level), np.finfo(np.float32).smallest_subnormal)
+    if float(scale) * (top_level + 1) < top:  # a subnormal scale rounded down so far that
+        scale = np.nextafter(scale, np.float32(np.inf))  # max|v| would clip more than a level
     levels = np.floor(v.astype(np.float64) / float(scale) + rng.random(v.size))
     return scale, np.clip(levels, -top_level, top_level).astype(np.int64)
 

@@ -11,6 +11,9 @@ Three encodings; :func:`encode` picks the one with the fewest bytes:
 The name of the encoding travels as the suffix of the array's key (``idx.plain``,
 ``idx.delta``, ``idx.bitmap``); the bytes counted are the array's ``nbytes``. :func:`decode`
 validates everything it reads: dtype, range, strict order, lengths, padding, well-formedness.
+Since :func:`encode` never sends a coding longer than the bitmap, :func:`decode` refuses one
+before decoding it: what decoding allocates stays a small multiple of ``d`` bytes, whatever
+a sender puts in the array.
 """
 
 from __future__ import annotations
@@ -95,6 +98,12 @@ def find(payload: dict[str, np.ndarray], prefix: str = "") -> tuple[str, np.ndar
     return scheme, payload[keys[0]]
 
 
+def _not_longer_than_bitmap(scheme: str, data: np.ndarray, d: int) -> None:
+    if data.nbytes > (d + 7) // 8:
+        raise PayloadError(f"{scheme} coding of {data.nbytes} bytes is longer than the "
+                           f"{(d + 7) // 8}-byte bitmap of d={d} (the sender picks the shortest)")
+
+
 def decode(scheme: str, data: np.ndarray, d: int) -> np.ndarray:
     """Sorted unique int64 indices in ``[0, d)``; raises PayloadError if ``data`` is malformed."""
     if data.ndim != 1:
@@ -111,8 +120,10 @@ def decode(scheme: str, data: np.ndarray, d: int) -> np.ndarray:
         if data.dtype != index_dtype(max(d, 1)):
             raise PayloadError(f"plain indices must be {index_dtype(max(d, 1))} for d={d}, "
                                f"got {data.dtype}")
+        _not_longer_than_bitmap(scheme, data, d)
         idx = data.astype(np.int64)
     else:
+        _not_longer_than_bitmap(scheme, data, d)
         gaps = varint_decode(data)
         if gaps.size and (gaps[1:] == 0).any():
             raise PayloadError("delta-coded indices repeat an index (zero gap)")

@@ -13,7 +13,8 @@
 
 Each client's partition is then split into a local train and a local test part. The same
 spec and seed always give the same partition, in every process and whichever client a
-process serves first.
+process serves first. :func:`check_partition` makes that split once, before a run starts,
+and says which data key makes it impossible.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from fedsparse.scenario import DataSpec
+from fedsparse.scenario import PARTITION_KEYS, DataSpec, ScenarioError
 
 RESAMPLING_CALLS = 10  # DirichletPartitioner draws 10 times per call before it raises
 
@@ -96,12 +97,19 @@ def _determined(partitioner, spec: DataSpec, n_examples: int):
             return partitioner
         except ValueError as err:
             error = err
-    knobs = (f" (data.alpha={spec.alpha}, data.min_partition_size={spec.min_partition_size},"
-             f" {RESAMPLING_CALLS * 10} draws)" if spec.partition == "dirichlet" else "")
-    raise ValueError(
-        f"cannot split {n_examples} examples into data.num_clients={spec.num_clients} with "
-        f"data.partition={spec.partition!r}{knobs}: {error}"
-    ) from None
+    raise ValueError(_cannot_split(spec, n_examples, error)) from None
+
+
+def _cannot_split(spec: DataSpec, n_examples: int, reason: Exception) -> str:
+    """One line: the split ``spec`` asks of ``n_examples`` failed, with the keys that shape it."""
+    key = PARTITION_KEYS.get(spec.partition)
+    knobs = [f"data.{key}={getattr(spec, key)}"] if key else []
+    if spec.partition == "dirichlet":
+        knobs += [f"data.min_partition_size={spec.min_partition_size}",
+                  f"{RESAMPLING_CALLS * 10} draws"]
+    shape = f" ({', '.join(knobs)})" if knobs else ""
+    return (f"cannot split {n_examples} examples into data.num_clients={spec.num_clients} with "
+            f"data.partition={spec.partition!r}{shape}: {reason}")
 
 
 def _load(partitioner, partition_id: int) -> np.ndarray:
@@ -145,3 +153,73 @@ def client_indices(spec: DataSpec, seed: int, partition_id: int) -> ClientIndice
         )
     partitioner = _cached_partitioner(spec, seed)
     return local_split(_load(partitioner, partition_id), spec.test_fraction, seed, partition_id)
+
+
+def check_partition(spec: DataSpec, seed: int, source: str = "<scenario>") -> list[ClientIndices]:
+    """Every client's local train/test split, as a run will make it; a :class:`ScenarioError`
+    naming the data key that makes the split impossible or leaves a client without a local
+    training example.
+
+    It loads the dataset: call it where a run is set up (the CLI), not where every process
+    parses the scenario.
+    """
+    from fedsparse.data.datasets import DatasetUnavailable, load_dataset
+
+    try:
+        data = load_dataset(spec.dataset)
+    except DatasetUnavailable as err:
+        raise ScenarioError(source, [f"data.dataset = {spec.dataset!r}: {err}"]) from None
+    labels = data.y_train
+    problems = _impossible_sizes(spec, len(labels), len(np.unique(labels)))
+    if problems:
+        raise ScenarioError(source, problems)
+    try:
+        parts = partition_indices(labels, spec, seed, getattr(data, "groups", None))
+    except ValueError as err:  # already one line that names the keys (_determined)
+        raise ScenarioError(source, [str(err)]) from None
+    except (ZeroDivisionError, IndexError) as err:
+        raise ScenarioError(source, [_cannot_split(spec, len(labels), err)]) from None
+    splits = [local_split(part, spec.test_fraction, seed, i) for i, part in enumerate(parts)]
+    problems = _without_training_examples(spec, parts, splits)
+    if problems:
+        raise ScenarioError(source, problems)
+    return splits
+
+
+def _impossible_sizes(spec: DataSpec, n_examples: int, n_classes: int) -> list[str]:
+    """What no split of ``n_examples`` of ``n_classes`` classes can give, whatever the draw."""
+    of = f"the {n_examples} training examples of {spec.dataset!r}"
+    clients = spec.num_clients
+    if clients > n_examples:
+        return [f"data.num_clients = {clients}: more clients than {of} "
+                f"(allowed: at most {n_examples})"]
+    per_client = {"dirichlet": ("min_partition_size", "examples"),
+                  "shards": ("shards_per_client", "shards")}.get(spec.partition)
+    if per_client and getattr(spec, per_client[0]) * clients > n_examples:
+        key, unit = per_client
+        value = getattr(spec, key)
+        return [f"data.{key} = {value}: {clients} clients x {value} = {clients * value} "
+                f"{unit}, more than {of} (allowed: at most {n_examples // clients})"]
+    if spec.partition == "pathological" and spec.classes_per_client > n_classes:
+        return [f"data.classes_per_client = {spec.classes_per_client}: more than the "
+                f"{n_classes} classes of {spec.dataset!r} (allowed: 1 to {n_classes})"]
+    return []
+
+
+def _without_training_examples(spec: DataSpec, parts: list[np.ndarray],
+                               splits: list[ClientIndices]) -> list[str]:
+    """The clients a split leaves with no local training example, named by the key to blame:
+    the partition if it gave them nothing, else ``data.test_fraction``."""
+    empty = [i for i, part in enumerate(parts) if part.size == 0]
+    if empty:
+        hint = (f"; raise data.min_partition_size (now {spec.min_partition_size})"
+                if spec.partition == "dirichlet" else "")
+        return [f"data.partition = {spec.partition!r}: leaves {len(empty)} of the "
+                f"{spec.num_clients} clients with no example (client {empty[0]}){hint}"]
+    bare = [split for split in splits if split.train.size == 0]
+    if not bare:
+        return []
+    smallest = min(part.size for part in parts)
+    return [f"data.test_fraction = {spec.test_fraction}: leaves {len(bare)} of the "
+            f"{spec.num_clients} clients with no local training example (the smallest "
+            f"partition is {smallest}; allowed: below {(smallest - 0.5) / smallest:.3g})"]

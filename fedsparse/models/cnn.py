@@ -10,7 +10,7 @@ import itertools
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveInt
 from torch import nn
 
 from fedsparse.models.mlp import dense_stack
@@ -19,8 +19,8 @@ from fedsparse.registry import MODELS, PluginParams
 
 class CNNParams(PluginParams):
     name: Literal["cnn"] = "cnn"
-    channels: list[int] = Field(default_factory=lambda: [6, 16], min_length=1, max_length=3)
-    hidden: list[int] = Field(default_factory=lambda: [120, 84])
+    channels: list[PositiveInt] = Field(default_factory=lambda: [6, 16], min_length=1, max_length=3)
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [120, 84])
 
 
 @MODELS.register("cnn", CNNParams)

@@ -9,7 +9,7 @@ import itertools
 import math
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveInt
 from torch import nn
 
 from fedsparse.registry import MODELS, PluginParams
@@ -17,13 +17,11 @@ from fedsparse.registry import MODELS, PluginParams
 
 class MLPParams(PluginParams):
     name: Literal["mlp"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [200, 200], min_length=1)
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [200, 200], min_length=1)
 
 
 @MODELS.register("mlp", MLPParams)
 def build(params: MLPParams, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    if any(width < 1 for width in params.hidden):
-        raise ValueError(f"model.hidden = {params.hidden}: every width must be >= 1")
     return nn.Sequential(nn.Flatten(), *dense_stack([math.prod(input_shape), *params.hidden],
                                                      num_classes))
 

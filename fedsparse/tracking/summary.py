@@ -44,6 +44,7 @@ def summarize(history: Sequence[Row], wall_s: float, mlflow_run_id: str) -> dict
     summary |= {out: last[key] for key, out in FINAL_TOTALS_IF_REPORTED.items() if key in last}
     summary |= {key: sum(row.get(key, 0) for row in history) for key in SUMMED}
     summary["replies_dropped"] = sum(summary[key] for key in DROPPED)  # clients.csv says why
+    summary["rounds_failed"] = sum(row.get("round_counted", 1) == 0 for row in history)
     summary["rounds_s"] = sum(row["round_s"] for row in history)
     summary["wall_s"] = wall_s
     summary["mlflow_run_id"] = mlflow_run_id
