@@ -53,3 +53,13 @@ class Checkpoint:
                             "round %s", "; ".join(errors), state["round"])
             return cls(round=int(state.pop("round")), arrays=arrays, state=state)
         raise CorruptFile("every checkpoint generation is damaged: " + "; ".join(errors))
+
+
+def finished_round(directory: Path) -> int | None:
+    """The round a resume from ``directory`` continues after, that of the generation
+    :meth:`Checkpoint.load` takes (what an interrupted run reports); None when there is
+    nothing to resume from."""
+    try:
+        return Checkpoint.load(directory).round
+    except (FileNotFoundError, CorruptFile):
+        return None

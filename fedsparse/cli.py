@@ -6,22 +6,29 @@
     fedsparse run --resume RUN_DIR [--set run.rounds=N]
     fedsparse compare A.toml B.toml ... [--experiment NAME] [--out DIR]
     fedsparse sync RUN_DIR
+
+Exit codes: 0 done, 1 the federation failed (or too many of its rounds did not count),
+2 invalid input or a run folder in use, 128 + N stopped by signal N (130 Ctrl-C,
+143 SIGTERM), saying how to resume.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
 import sys
 import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from fedsparse.experiments import compare, new_run_dir, run_scenario
+from fedsparse.checkpoint import finished_round
+from fedsparse.experiments import Interrupted, compare, new_run_dir, run_scenario
 from fedsparse.resume import plan_resume
+from fedsparse.run_lock import RunDirBusy, hold
 from fedsparse.scenario import Scenario, ScenarioError, ScenarioNote, load_scenario
 
 EXIT_INVALID, EXIT_FAILED = 2, 1
@@ -126,9 +133,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    resume = None
-    if args.resume:
-        resume = plan_resume(args.resume, args.overrides, args.unset)
+    if args.resume:  # planned under the folder's lock: a run in use is refused first
+        with hold(args.resume) if args.resume.is_dir() else nullcontext():
+            resume = plan_resume(args.resume, args.overrides, args.unset)
         if resume.finished:
             print(f"fedsparse: {args.resume} has finished all {resume.checkpoint.round} "
                   f"rounds; nothing to do (raise run.rounds with --set to go further)",
@@ -140,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
         run_dir = args.run_dir or new_run_dir(scenario)
     summary = run_scenario(scenario, run_dir=run_dir, quiet=args.quiet, superlink=args.superlink,
                            root_certificates=args.root_certificates,
-                           tracking_uri=args.tracking_uri, resume=resume)
+                           tracking_uri=args.tracking_uri, resume=bool(args.resume))
     if args.summary:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2))
@@ -168,21 +175,17 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from fedsparse.checkpoint import Checkpoint
     from fedsparse.tracking.mirror import TRACKING_FILE, sync
 
     if not (args.run_dir / TRACKING_FILE).is_file():
         raise ScenarioError(str(args.run_dir), [f"not a run folder: no {TRACKING_FILE}"])
-    try:
-        rows = Checkpoint.load(args.run_dir).state["history"]
-    except FileNotFoundError:
-        rows = []
-    try:
-        record, pushed = sync(args.run_dir, rows, status="KILLED")
-    except Exception as err:  # MLflow away or refusing: say so, nothing is lost
-        print(f"fedsparse: MLflow did not take the run ({type(err).__name__}: {err}); the run "
-              f"folder still holds everything", file=sys.stderr)
-        return EXIT_FAILED
+    with hold(args.run_dir):  # a run that goes on pushes by itself; KILLED would be wrong
+        try:
+            record, pushed = sync(args.run_dir, status="KILLED")
+        except Exception as err:  # MLflow away or refusing: say so, nothing is lost
+            print(f"fedsparse: MLflow did not take the run ({type(err).__name__}: {err}); "
+                  f"the run folder still holds everything", file=sys.stderr)
+            return EXIT_FAILED
     print(f"fedsparse: {args.run_dir}: MLflow run {record.mlflow_run_id} at "
           f"{record.tracking_uri or 'the default store'} is up to date ({pushed} rounds "
           f"pushed now, status {record.status})")
@@ -207,31 +210,51 @@ def _notes_to_stderr() -> Iterator[None]:
 
 
 @contextmanager
-def _exit_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit, so that every started Flower process gets stopped."""
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted`: the run in progress is stopped (its
+    processes, then its MLflow status) and the CLI says how to resume it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, interrupt)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def interrupted_message(err: Interrupted) -> str:
+    """Where an interrupted command left its run, and the command that resumes it."""
+    if err.run_dir is None:
+        return "fedsparse: interrupted"
+    if err.superlink:
+        return f"fedsparse: interrupted; the run goes on at the SuperLink {err.superlink}"
+    finished = finished_round(err.run_dir)
+    if finished is None:
+        return (f"fedsparse: interrupted before round 1 finished; nothing to resume in "
+                f"{err.run_dir}")
+    return (f"fedsparse: interrupted after round {finished}; resume with: "
+            f"fedsparse run --resume {shlex.quote(str(err.run_dir))}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"validate": _validate, "run": _run, "compare": _compare, "sync": _sync}
     try:
-        with _exit_on_sigterm(), _notes_to_stderr():
+        with _signals_interrupt(), _notes_to_stderr():
             return handlers[args.command](args)
-    except ScenarioError as err:
+    except (ScenarioError, RunDirBusy) as err:
         print(f"fedsparse: {err}", file=sys.stderr)
         return EXIT_INVALID
-    except KeyboardInterrupt:
-        print("fedsparse: interrupted; finished rounds are checkpointed in the run folder "
-              "(resume with fedsparse run --resume RUN_DIR)", file=sys.stderr)
-        return 130
+    except Interrupted as err:
+        print(interrupted_message(err), file=sys.stderr)
+        return err.exit_code
     except Exception as err:
         from fedsparse.launch import LaunchError
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import sys
 import time
 import uuid
@@ -16,11 +17,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsparse.resume import Resume
+from fedsparse.checkpoint import Checkpoint
+from fedsparse.launch import Launch, run_flower
+from fedsparse.run_lock import hold
 from fedsparse.scenario import DataSpec, Scenario, ScenarioError, load_scenario
 from fedsparse.tracking.history import Row
 
 CLIENT_STATE = "client-state"  # the run folder's client state store (simulation)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a command. ``run_dir``: the run it stopped, if one was going
+    (``superlink``: the SuperLink that run was submitted to, where it goes on)."""
+
+    def __init__(self, signum: int, run_dir: Path | None = None, superlink: str = "") -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.run_dir = run_dir
+        self.superlink = superlink
+
+    @classmethod
+    def of(cls, err: KeyboardInterrupt, run_dir: Path, superlink: str) -> Interrupted:
+        """``err`` as the interrupt of this run (a plain KeyboardInterrupt is a SIGINT)."""
+        return cls(err.signum if isinstance(err, cls) else signal.SIGINT, run_dir, superlink)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def end_status(err: BaseException) -> str:
+    """The MLflow status of a run that ``err`` ended: KILLED on an interrupt, else FAILED."""
+    return "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
 
 
 def tracking_settings(workdir: Path, uri: str = "", deployment: bool = False) -> dict[str, str]:
@@ -66,6 +94,13 @@ class Progress:
         elif kind in ("done", "error"):
             self.bar.close()
 
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
 
 def format_round(server_round: int, rounds: int, m: dict[str, Any]) -> str:
     def num(key: str, fmt: str) -> str:
@@ -80,44 +115,76 @@ def format_round(server_round: int, rounds: int, m: dict[str, Any]) -> str:
 
 def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: str = "",
                  root_certificates: Path | None = None, tracking_uri: str = "",
-                 extra: dict[str, str] | None = None, resume: Resume | None = None
-                 ) -> dict[str, Any]:
-    """Run one scenario through Flower (``resume``: continue ``run_dir``, see
-    ``fedsparse/resume.py``); return its summary (see ``tracking/summary.py``). Its
-    ``total_wall_s`` adds the time of the earlier sessions of a resumed run, as ``wall_s``
-    does, up to their last finished round."""
-    from fedsparse.launch import Launch, run_flower
+                 extra: dict[str, str] | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run one scenario through Flower (``resume``: continue ``run_dir`` from its checkpoint,
+    ``fedsparse/resume.py`` says what may change); return its summary (see
+    ``tracking/summary.py``), whose ``total_wall_s`` adds the time of a resumed run's
+    earlier sessions up to their last finished round, as ``wall_s`` does.
 
+    The run folder is locked while the run goes on (``run_lock.RunDirBusy`` if it is in
+    use). A simulation that ends on an interrupt or an error has its MLflow run marked KILLED
+    or FAILED once its processes are stopped, so the ServerApp's own status cannot overwrite
+    it; an interrupt is raised again as :class:`Interrupted`, naming the run folder.
+    """
     workdir = Path.cwd()
-    prior_total_s = float(resume.checkpoint.state["total_wall_s"]) if resume else 0.0
     settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
-                **(extra or {}), "fedsparse-run-id": uuid.uuid4().hex,
-                "cli-started-at": repr(time.time()), "prior-total-wall-s": repr(prior_total_s)}
-    if resume:
-        settings["resume-from"] = str(run_dir.resolve())
-        settings["fedsparse-run-id"] = resume.checkpoint.state["fedsparse_run_id"]
+                **(extra or {}), "fedsparse-run-id": uuid.uuid4().hex}
     if not superlink:  # simulated clients keep their state in the run folder
         settings["client-state-dir"] = str((run_dir / CLIENT_STATE).resolve())
         _preflight(settings["tracking-uri"], run_dir)
-    launch = Launch(scenario=scenario, run_dir=run_dir, workdir=workdir, superlink=superlink,
-                    insecure=root_certificates is None, root_certificates=root_certificates,
-                    settings=settings)
-    if not quiet:
-        where = f"SuperLink {superlink}" if superlink else "Ray simulation"
-        print(f"fedsparse: {scenario.name} on {where}, {scenario.data.num_clients} clients, "
-              f"{scenario.run.rounds} rounds -> {run_dir} (Flower log: {launch.log_path})",
-              file=sys.stderr)
-    started = time.perf_counter()
-    progress = Progress(scenario.name, scenario.run.rounds, quiet)
-    try:
-        summary = run_flower(launch, progress)
-    finally:
-        if progress.bar is not None:
-            progress.bar.close()
+    with hold(run_dir) as lock:
+        prior_total_s = 0.0
+        if resume:  # read under the lock: no other run is writing the checkpoint now
+            checkpoint = Checkpoint.load(run_dir)
+            settings["resume-from"] = str(run_dir.resolve())
+            settings["fedsparse-run-id"] = checkpoint.state["fedsparse_run_id"]
+            prior_total_s = float(checkpoint.state["total_wall_s"])
+        settings |= {"cli-started-at": repr(time.time()),
+                     "prior-total-wall-s": repr(prior_total_s)}
+        launch = Launch(scenario=scenario, run_dir=run_dir, workdir=workdir,
+                        superlink=superlink, insecure=root_certificates is None,
+                        root_certificates=root_certificates, settings=settings,
+                        pass_fds=(lock,))
+        if not quiet:
+            where = f"SuperLink {superlink}" if superlink else "Ray simulation"
+            print(f"fedsparse: {scenario.name} on {where}, {scenario.data.num_clients} "
+                  f"clients, {scenario.run.rounds} rounds -> {run_dir} "
+                  f"(Flower log: {launch.log_path})", file=sys.stderr)
+        started = time.perf_counter()
+        summary = _follow(launch, quiet)
     summary["total_wall_s"] = prior_total_s + time.perf_counter() - started
     summary["run_dir"] = str(run_dir)
     return summary
 
+
+def _follow(launch: Launch, quiet: bool) -> dict[str, Any]:
+    """``run_flower`` with a progress display; see ``run_scenario`` for how it ends."""
+    scenario = launch.scenario
+    try:
+        with Progress(scenario.name, scenario.run.rounds, quiet) as progress:
+            return run_flower(launch, progress)
+    except BaseException as err:
+        if not launch.superlink:
+            _mark_ended(launch.run_dir, err)
+        if isinstance(err, KeyboardInterrupt):
+            raise Interrupted.of(err, launch.run_dir, launch.superlink) from err
+        raise
+
+
+def _mark_ended(run_dir: Path, err: BaseException) -> None:
+    """Give the run's MLflow run the status ``err`` ended it with, with whatever rounds
+    MLflow lacks (from the run folder); if MLflow fails, only say so (the run's own end is
+    what the user must see, and ``fedsparse sync`` can push it later)."""
+    from fedsparse.tracking.mirror import TRACKING_FILE, sync
+
+    if not (run_dir / TRACKING_FILE).is_file():  # the ServerApp never got that far
+        return
+    status = end_status(err)
+    try:
+        sync(run_dir, status, override=True)
+    except Exception as mlflow_err:
+        print(f"fedsparse: could not mark the MLflow run {status} ({type(mlflow_err).__name__}"
+              f"); push it later with fedsparse sync {run_dir}", file=sys.stderr)
 
 
 def _preflight(tracking_uri: str, run_dir: Path) -> None:
@@ -197,8 +264,8 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
                                      target=target, reference=reference)
         for path in files_written:
             parent.log_artifact(path, "plots" if path.suffix == ".png" else None)
-    except BaseException:
-        parent.finish("FAILED")
+    except BaseException as err:
+        parent.finish(end_status(err))
         raise
     parent.finish()
     return Comparison(experiment, parent.run_id, summaries, histories, out / "report.md")

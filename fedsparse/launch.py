@@ -4,6 +4,8 @@ Simulation: a simulation-mode ``flower-superlink`` is started on a free loopback
 this run alone (Flower's home and Ray's temp files under the working directory), the run is
 submitted with ``flwr run <app> <connection> --stream``, and every process started is
 stopped at the end. Deployment: the same ``flwr run`` goes to an existing SuperLink.
+Every process is started under a supervisor (``supervise.py``), so that nothing of a run
+outlives the CLI, even when the CLI is killed.
 
 The Flower App submitted is a minimal one written under the working directory: a
 ``pyproject.toml`` whose components are ``strategies.server_app:app`` and
@@ -29,6 +31,7 @@ import psutil
 import tomli_w
 
 import fedsparse
+from fedsparse import supervise
 from fedsparse.protocol import RUN_CONFIG_DEFAULTS
 from fedsparse.runtime_env import process_env, state_dir
 from fedsparse.scenario import Scenario
@@ -56,6 +59,7 @@ class Launch:
     insecure: bool = True
     root_certificates: Path | None = None
     settings: dict[str, str] = field(default_factory=dict)  # run-config keys (protocol.py)
+    pass_fds: tuple[int, ...] = ()  # kept open by every supervisor of the run (its lock)
 
     @property
     def log_path(self) -> Path:
@@ -87,6 +91,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def start_supervised(command: list[str], *, pass_fds: tuple[int, ...] = (),
+                     **popen: Any) -> subprocess.Popen:
+    """Start ``command`` under a supervisor owned by this process, in a session of its own
+    (a Ctrl-C at the terminal reaches only the CLI, which then stops the tree).
+
+    Call this from the main thread: the supervisor asks for SIGTERM when the *thread* that
+    forked it exits (``PR_SET_PDEATHSIG``), so one started from a worker thread would stop
+    when that thread ends, not when the CLI does.
+    """
+    return subprocess.Popen(supervise.command(os.getpid(), command), pass_fds=pass_fds,
+                            start_new_session=True, **popen)
+
+
 def stop_tree(proc: psutil.Process | subprocess.Popen, timeout: float = 10.0) -> None:
     """Terminate a process and all its descendants; kill what is left after ``timeout``."""
     try:
@@ -113,8 +130,8 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path) 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise LaunchError(f"{proc.args[0]} exited with code {proc.returncode}; "
-                              f"see {log_path}")
+            raise LaunchError(f"{supervise.supervised(proc.args)[0]} exited with code "
+                              f"{proc.returncode}; see {log_path}")
         try:
             with urllib.request.urlopen(url, timeout=1.0) as response:
                 if 200 <= response.status < 300:
@@ -125,15 +142,16 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path) 
 
 
 @contextmanager
-def simulation_superlink(env: dict[str, str], log_path: Path, cwd: Path) -> Iterator[str]:
+def simulation_superlink(env: dict[str, str], log_path: Path, cwd: Path,
+                         pass_fds: tuple[int, ...] = ()) -> Iterator[str]:
     """A simulation-mode SuperLink on a free loopback port, stopped (with its tree) on exit."""
     port = free_port()
     command = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
                "--host", "127.0.0.1", "--port", str(port),
                "--disable-runtime-dependency-installation"]
     with open(log_path, "a") as log:
-        proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = start_supervised(command, pass_fds=pass_fds, env=env, cwd=cwd, stdout=log,
+                                stderr=subprocess.STDOUT)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, SUPERLINK_START_TIMEOUT_S, log_path)
         yield f"127.0.0.1:{port}"
@@ -193,7 +211,8 @@ def _superlink(launch: Launch, env: dict[str, str]) -> Iterator[str]:
     if launch.superlink:
         yield launch.superlink
     else:
-        with simulation_superlink(env, launch.log_path, launch.workdir) as address:
+        with simulation_superlink(env, launch.log_path, launch.workdir,
+                                  launch.pass_fds) as address:
             yield address
 
 
@@ -204,8 +223,8 @@ def _stream(command: list[str], env: dict[str, str], launch: Launch,
     with open(launch.log_path, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        proc = subprocess.Popen(command, env=env, cwd=launch.workdir, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = start_supervised(command, pass_fds=launch.pass_fds, env=env, cwd=launch.workdir,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -240,7 +259,8 @@ class LocalDeployment:
 
     The Deployment Engine exactly as on real devices (insecure transport), each node
     serving ``partition-id=i num-partitions=num_nodes``; every process (and its SuperExec
-    and ClientApp children) is stopped on exit. Use as a context manager; ``address`` is
+    and ClientApp children) is stopped on exit, or when the process that started them dies
+    (each runs under a supervisor). Use as a context manager; ``address`` is
     what ``fedsparse run --superlink`` takes.
     """
 
@@ -256,8 +276,8 @@ class LocalDeployment:
         (self.home / name).mkdir(parents=True, exist_ok=True)
         env = {**self.env, "FLWR_HOME": str(self.home / name)}
         with open(self.home / f"{name}.log", "a") as log:
-            proc = subprocess.Popen(command, env=env, cwd=self.home, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = start_supervised(command, env=env, cwd=self.home, stdout=log,
+                                    stderr=subprocess.STDOUT)
         self.processes.append(proc)
         return proc
 

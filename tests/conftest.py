@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psutil
 import pytest
 
 DATA = Path(__file__).parent / "data"
@@ -48,3 +49,13 @@ def digits_scenario(**sections: dict) -> str:
     return tomli_w.dumps(tree)
 
 
+
+
+def flower_processes(workdir: Path) -> list[int]:
+    """Pids of the processes a run started in ``workdir`` (not those of other runs on the
+    same machine): the supervisors, Flower's, and Ray's (binaries, scripts and workers)."""
+    names = ("fedsparse.supervise", "flower-superlink", "flower-superexec", "flwr-simulation",
+             "flwr run", "/ray/", "ray::")
+    return [proc.pid for proc in psutil.process_iter(["cmdline", "cwd"])
+            if proc.info["cwd"] and Path(proc.info["cwd"]).is_relative_to(workdir.resolve())
+            and any(name in " ".join(proc.info["cmdline"] or []) for name in names)]

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import psutil
 import pytest
 
 from fedsparse.cli import main
 from fedsparse.resume import RESUMABLE
 from fedsparse.scenario import load_scenario
 from fedsparse.tracking.history import read_csv
-from tests.conftest import DATA, REPO
+from tests.conftest import DATA, REPO, flower_processes
 
 pytestmark = pytest.mark.simulation
 
@@ -23,16 +22,6 @@ MODEL_BYTES = (64 * 32 + 32 + 32 * 10 + 10) * 4  # MLP 64-32-10, float32
 
 def fedsparse(*args: str) -> int:
     return main([str(a) for a in args])
-
-
-def flower_processes(workdir: Path) -> list[int]:
-    """Pids of the Flower and Ray processes working in ``workdir``: those a run started there
-    (not the ones of other runs on the same machine)."""
-    names = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr run", "raylet",
-             "gcs_server")
-    return [proc.pid for proc in psutil.process_iter(["cmdline", "cwd"])
-            if proc.info["cwd"] and Path(proc.info["cwd"]).is_relative_to(workdir.resolve())
-            and any(name in " ".join(proc.info["cmdline"] or []) for name in names)]
 
 
 def deterministic(rows: list[dict]) -> list[dict]:

@@ -204,14 +204,22 @@ class BackgroundMirror:
                 self.synced.set()
 
 
-def sync(run_dir: Path, rows: Sequence[Row], status: str = "") -> tuple[TrackedRun, int]:
-    """Push everything ``run_dir`` holds that its MLflow run lacks (``fedsparse sync``); a
-    run that stopped without a final status gets ``status`` if given. Returns the record and
-    the rounds pushed."""
+def sync(run_dir: Path, status: str = "", override: bool = False) -> tuple[TrackedRun, int]:
+    """Push everything ``run_dir`` holds that its MLflow run lacks (``fedsparse sync``: the
+    rounds of its checkpoint, its artifacts, its status); a run that stopped without a final
+    status gets ``status`` (with ``override``, whatever status it has: the CLI that
+    interrupted a run knows better than the run it stopped). Returns the record and the
+    rounds pushed."""
+    from fedsparse.checkpoint import Checkpoint
+
     record = TrackedRun.load(run_dir)
-    if status and not record.status:
+    if status and (override or not record.status):
         record.status = status
         record.save(run_dir)
+    try:
+        rows = Checkpoint.load(run_dir).state["history"]
+    except FileNotFoundError:  # stopped before its first round finished
+        rows = []
     return record, push(record, run_dir, rows, reopen=False)
 
 
