@@ -313,8 +313,9 @@ def test_a_run_sigkilled_at_a_random_point_resumes_bit_identical(workdir: Path):
     timing = {"round_s", "train_s"}
     for name in ("metrics.csv", "clients.csv"):
         rows = [[{k: v for k, v in r.items() if k not in timing} for r in read_csv(
-            workdir / run / name)] for run in ("ref", "k")]
+            workdir / "runs" / run / name)] for run in ("ref", "k")]
         assert rows[0] == rows[1], name
-    reference, resumed = (load_file(workdir / run / "model.safetensors") for run in ("ref", "k"))
+    reference, resumed = (load_file(workdir / "runs" / run / "model.safetensors")
+                          for run in ("ref", "k"))
     assert all(reference[k].tobytes() == resumed[k].tobytes() for k in reference)
     assert all(row["audit_control_gap"] < 1e-6 for row in read_csv(workdir / "runs/k/metrics.csv"))
