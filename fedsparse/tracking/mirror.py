@@ -151,22 +151,27 @@ class BackgroundMirror:
             os.environ.setdefault(key, value)
         self.record, self.run_dir, self.rows = record, run_dir, rows
         self.ready = 0  # rounds on disk, complete
-        self.synced = threading.Event()
+        self.synced = threading.Event()  # MLflow holds everything asked for so far
         self._wake, self._stop = threading.Event(), threading.Event()
+        self._lock, self._asked = threading.Lock(), 0  # requests, so a push knows it is stale
         self._failing = False
         self._thread = threading.Thread(target=self._loop, name="mlflow-mirror", daemon=True)
         self._thread.start()
 
     def round_done(self, server_round: int) -> None:
         self.ready = server_round
-        self.synced.clear()
-        self._wake.set()
+        self._ask()
 
     def finish(self, status: str, artifacts: Sequence[tuple[Path, str | None]]) -> None:
         self.record.artifacts = [(str(p.relative_to(self.run_dir)), f) for p, f in artifacts]
         self.record.status = status
         self.record.save(self.run_dir)
-        self.synced.clear()
+        self._ask()
+
+    def _ask(self) -> None:
+        with self._lock:
+            self._asked += 1
+            self.synced.clear()
         self._wake.set()
 
     def close(self, timeout: float) -> bool:
@@ -186,6 +191,8 @@ class BackgroundMirror:
         while not self._stop.is_set():
             self._wake.wait(pause if self._failing else None)
             self._wake.clear()
+            with self._lock:
+                asked = self._asked
             rows = [row for row in self.rows() if row["round"] <= self.ready]
             try:
                 push(self.record, self.run_dir, rows, reopen)
@@ -199,9 +206,9 @@ class BackgroundMirror:
             if self._failing:
                 log.info("MLflow is back: pushed what was buffered")
             self._failing, pause, reopen = False, 1.0, False
-            if self.ready == (rows[-1]["round"] if rows else 0) and (
-                    not self.record.status or self.record.pushed_status == self.record.status):
-                self.synced.set()
+            with self._lock:
+                if self._asked == asked:  # nothing new was asked for during this push
+                    self.synced.set()
 
 
 def sync(run_dir: Path, status: str = "", override: bool = False) -> tuple[TrackedRun, int]:
