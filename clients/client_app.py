@@ -16,6 +16,7 @@ config's ``fedsparse-run-id`` (which a resume keeps) and the partition id.
 
 from __future__ import annotations
 
+import importlib
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +26,7 @@ from flwr.clientapp import ClientApp
 
 from clients.programs.base import ClientProgram
 from fedsparse.client_state import ClientState, StateStore
+from fedsparse.data import client_data
 from fedsparse.protocol import (
     COMMIT_ROUND,
     CONFIG,
@@ -81,14 +83,30 @@ def program_for(context: Context, content: RecordDict) -> ClientProgram:
     return program(scenario, partition_id, state)
 
 
+def warm_up(context: Context, partition_id: int, num_partitions: int) -> None:
+    """What a client's first train call would otherwise pay, done while it tells the server
+    its partition: discovery waits up to ``run.node_wait_s``, whereas seconds spent in the
+    first round (importing flwr-datasets and partitioning to load the client's data, cached
+    per process; torch.optim importing ``torch._dynamo`` when it builds its first optimizer)
+    come out of ``run.round_timeout_s``, and a timeout of a few seconds would drop every
+    reply of the first rounds. A node whose partitions do not match the scenario's clients
+    loads nothing: the server says what is wrong."""
+    scenario = _scenario(run_setting(context.run_config, "scenario"))
+    if num_partitions == scenario.data.num_clients:
+        client_data(scenario.data, scenario.seed, partition_id)
+        importlib.import_module("torch._dynamo")
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """By default, tell the server which partition this node serves (node ids are random per
-    run); a query naming a ``query`` in its config goes to the client program."""
+    run), and warm up (:func:`warm_up`); a query naming a ``query`` in its config goes to the
+    client program."""
     config = msg.content.config_records.get(CONFIG)
     if config is not None and config.get(QUERY, ""):
         return Message(program_for(context, msg.content).query(msg.content), reply_to=msg)
     partition_id, num_partitions = node_partition(context)
+    warm_up(context, partition_id, num_partitions)
     metrics = MetricRecord({PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
