@@ -84,6 +84,8 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
     """Run one scenario through Flower; return its summary (see ``tracking/summary.py``)."""
     from fedsparse.launch import Launch, run_flower
 
+    if superlink:
+        scenario.refuse_deployment(f"for --superlink {superlink}")
     workdir = Path.cwd()
     settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
                 **(extra or {}), "fedsparse-run-id": uuid.uuid4().hex}
@@ -143,6 +145,8 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
     scenarios = [load_scenario(f, overrides, unset) for f in files]
     checked: set[tuple[DataSpec, int]] = set()
     for scenario, path in zip(scenarios, files, strict=True):
+        if superlink:
+            scenario.refuse_deployment(str(path))
         if (scenario.data, scenario.seed) not in checked:  # arms often share one split
             check_partition(scenario.data, scenario.seed, str(path))
             checked.add((scenario.data, scenario.seed))
