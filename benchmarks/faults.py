@@ -25,7 +25,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from clients.faults import draw
+from clients.faults import draw, recorded_as
 from fedsparse.experiments import new_run_dir, run_scenario
 from fedsparse.scenario import FAULTS, Scenario, load_scenario
 from fedsparse.tracking.history import read_csv
@@ -33,8 +33,6 @@ from strategies.server_app import build_strategy
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios" / "compression" / "dirichlet"
 ARMS = {"FedAvg": "fedavg", "SCAFCOM top-1%": "scafcom_top1"}
-STATUS = {"crash": "failed", "hang": "no-reply", "corrupt": "rejected",
-          "unavailable": "unavailable", None: "ok"}
 CLIENTS, PER_ROUND = 20, 10
 
 
@@ -56,8 +54,8 @@ def as_drawn(scn: Scenario, clients: list[dict[str, Any]]) -> tuple[int, int]:
     expected = {}
     for r in range(1, scn.run.rounds + 1):
         for pid in strategy.sample(r, "train"):
-            fault = draw(scn.faults, pid, r, "train") if scn.faults else None
-            expected[r, pid] = STATUS[fault.kind if fault else None]
+            expected[r, pid] = recorded_as(draw(scn.faults, pid, r, "train")
+                                           if scn.faults else None)
     observed = {(c["round"], c["partition_id"]): c["status"] for c in clients
                 if c["phase"] == "train"}
     return sum(observed.get(k) == v for k, v in expected.items()), len(expected)

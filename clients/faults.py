@@ -52,6 +52,16 @@ class Fault:
     corruption: str = ""
 
 
+# What the server records in clients.csv for a call with each fault (strategies/base.py).
+RECORDED_AS = {"crash": "failed", "hang": "no-reply", "corrupt": "rejected",
+               "unavailable": "unavailable"}
+
+
+def recorded_as(fault: Fault | None) -> str:
+    """The status a call with ``fault`` must have in clients.csv ("ok" without one)."""
+    return "ok" if fault is None else RECORDED_AS[fault.kind]
+
+
 def _rng(spec: FaultSpec, partition_id: int, server_round: int, phase: str,
          purpose: str) -> np.random.Generator:
     return np.random.default_rng(derive_seed("faults", spec.seed, partition_id, server_round,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.faults import draw
+from clients.faults import RECORDED_AS, draw, recorded_as
 from fedsparse.scenario import parse_scenario
 from fedsparse.tracking.history import read_csv
 from tests.conftest import digits_scenario
@@ -31,8 +31,6 @@ pytestmark = pytest.mark.simulation
 
 ROUNDS, TIMEOUT_S = 20, 2.0
 FAULTS = {"crash": 0.2, "hang": 0.2, "corrupt": 0.2, "unavailable": 0.2}
-STATUS = {"crash": "failed", "hang": "no-reply", "corrupt": "rejected",
-          "unavailable": "unavailable", None: "ok"}
 SCAFFOLD = {"strategy": {"name": "scaffold", "audit": True}}
 
 
@@ -67,7 +65,7 @@ def test_every_fault_is_recorded_as_drawn_and_the_run_goes_on(workdir: Path, str
     assert [(c["round"], c["phase"], c["partition_id"]) for c in clients] == list(expected)
     for c in clients:
         fault = expected[c["round"], c["phase"], c["partition_id"]]
-        assert c["status"] == STATUS[fault.kind if fault else None], c
+        assert c["status"] == recorded_as(fault), c
         where = f"({c['phase']}, round {c['round']}, client {c['partition_id']})"
         kind = fault.kind if fault else None
         if kind == "crash":
@@ -83,8 +81,8 @@ def test_every_fault_is_recorded_as_drawn_and_the_run_goes_on(workdir: Path, str
         else:
             assert c.get("reason", "") == ""
     statuses = Counter(c["status"] for c in clients)
-    assert statuses == Counter(STATUS[f.kind if f else None] for f in expected.values())
-    assert set(statuses) == set(STATUS.values())
+    assert statuses == Counter(recorded_as(f) for f in expected.values())
+    assert set(statuses) == {"ok", *RECORDED_AS.values()}
 
     rows = read_csv(workdir / "runs/f/metrics.csv")
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))

@@ -18,7 +18,7 @@ from flwr.common.constant import ErrorCode
 
 from clients import client_app
 from clients.corruptions import CHANGES
-from clients.faults import Fault, draw
+from clients.faults import Fault, draw, recorded_as
 from fedsparse.cli import main
 from fedsparse.scenario import (
     CORRUPTIONS,
@@ -34,11 +34,6 @@ from tests.local_grid import run_federation
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
-# What the server records for each fault (strategies/base.py); no fault: "ok".
-STATUS = {"crash": "failed", "hang": "no-reply", "corrupt": "rejected",
-          "unavailable": "unavailable", None: "ok"}
-
-
 def with_faults(faults: dict, **sections: dict) -> str:
     return digits_scenario(faults=faults, **sections)
 
@@ -50,8 +45,7 @@ def problems(text: str) -> str:
 
 
 def expected_status(spec: FaultSpec, record) -> str:
-    fault = draw(spec, record.partition_id, record.round, record.phase)
-    return STATUS[fault.kind if fault else None]
+    return recorded_as(draw(spec, record.partition_id, record.round, record.phase))
 
 
 # -- the section ------------------------------------------------------------------------------
