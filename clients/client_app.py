@@ -12,10 +12,14 @@ Client state (``fedsparse/client_state.py``) is read as of the instruction's
 ``state-dir`` (``flower-supernode --node-config "... state-dir=/var/lib/fedsparse"``), else
 ``$FEDSPARSE_CLIENT_STATE_DIR``, else ``~/.fedsparse/client-state``; keyed by the run
 config's ``fedsparse-run-id`` (which a resume keeps) and the partition id.
+
+Train and evaluate calls go through the scenario's fault injection (``[faults]``,
+``clients/faults.py``); queries never do.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -23,8 +27,10 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.faults import with_faults
 from clients.programs.base import ClientProgram
 from fedsparse.client_state import ClientState, StateStore
+from fedsparse.data import client_data
 from fedsparse.protocol import (
     COMMIT_ROUND,
     CONFIG,
@@ -65,9 +71,19 @@ def state_root(context: Context) -> Path:
     return Path(configured or "~/.fedsparse/client-state").expanduser()
 
 
+def scenario_of(context: Context) -> Scenario:
+    """The scenario of this node's run (from the run config)."""
+    return _scenario(run_setting(context.run_config, "scenario"))
+
+
+def client_of(context: Context) -> tuple[Scenario, int]:
+    """This node's scenario and partition id."""
+    return scenario_of(context), node_partition(context)[0]
+
+
 def program_for(context: Context, content: RecordDict) -> ClientProgram:
     """The scenario's client program for this node and instruction, with its state."""
-    scenario = _scenario(run_setting(context.run_config, "scenario"))
+    scenario = scenario_of(context)
     partition_id, num_partitions = node_partition(context)
     if num_partitions != scenario.data.num_clients:
         raise ValueError(f"node config {NUM_PARTITIONS}={num_partitions} but the scenario has "
@@ -81,14 +97,30 @@ def program_for(context: Context, content: RecordDict) -> ClientProgram:
     return program(scenario, partition_id, state)
 
 
+def warm_up(context: Context, partition_id: int, num_partitions: int) -> None:
+    """What a client's first train call would otherwise pay, done while it tells the server
+    its partition: discovery waits up to ``run.node_wait_s``, whereas seconds spent in the
+    first round (importing flwr-datasets and partitioning to load the client's data, cached
+    per process; torch.optim importing ``torch._dynamo`` when it builds its first optimizer)
+    come out of ``run.round_timeout_s``, and a timeout of a few seconds would drop every
+    reply of the first rounds. A node whose partitions do not match the scenario's clients
+    loads nothing: the server says what is wrong."""
+    scenario = scenario_of(context)
+    if num_partitions == scenario.data.num_clients:
+        client_data(scenario.data, scenario.seed, partition_id)
+        importlib.import_module("torch._dynamo")
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """By default, tell the server which partition this node serves (node ids are random per
-    run); a query naming a ``query`` in its config goes to the client program."""
+    run), and warm up (:func:`warm_up`); a query naming a ``query`` in its config goes to the
+    client program."""
     config = msg.content.config_records.get(CONFIG)
     if config is not None and config.get(QUERY, ""):
         return Message(program_for(context, msg.content).query(msg.content), reply_to=msg)
     partition_id, num_partitions = node_partition(context)
+    warm_up(context, partition_id, num_partitions)
     metrics = MetricRecord({PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
@@ -102,6 +134,7 @@ def answer(msg: Message, content: RecordDict) -> Message:
 
 
 @app.train()
+@with_faults(client_of)
 def train(msg: Message, context: Context) -> Message:
     program = program_for(context, msg.content)
     reply = program.train(msg.content)
@@ -110,5 +143,6 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@with_faults(client_of)
 def evaluate(msg: Message, context: Context) -> Message:
     return answer(msg, program_for(context, msg.content).evaluate(msg.content))

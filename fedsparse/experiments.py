@@ -126,6 +126,8 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
     or FAILED once its processes are stopped, so the ServerApp's own status cannot overwrite
     it; an interrupt is raised again as :class:`Interrupted`, naming the run folder.
     """
+    if superlink:
+        scenario.refuse_deployment(f"for --superlink {superlink}")
     workdir = Path.cwd()
     settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
                 **(extra or {}), "fedsparse-run-id": uuid.uuid4().hex}
@@ -229,6 +231,8 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
     scenarios = [load_scenario(f, overrides, unset) for f in files]
     checked: set[tuple[DataSpec, int]] = set()
     for scenario, path in zip(scenarios, files, strict=True):
+        if superlink:
+            scenario.refuse_deployment(str(path))
         if (scenario.data, scenario.seed) not in checked:  # arms often share one split
             check_partition(scenario.data, scenario.seed, str(path))
             checked.add((scenario.data, scenario.seed))

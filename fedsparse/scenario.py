@@ -1,9 +1,10 @@
 """The scenario: one TOML file that names everything a run needs, validated with pydantic.
 
 Sections: top level (``name``, ``seed``, ``description``), ``[data]``, ``[model]``,
-``[strategy]``, ``[client]``, ``[run]``, ``[continual]`` (optional), ``[tracking]``. The
-``[model]``, ``[strategy]`` and ``[client]`` sections are validated against the parameters
-of the model, strategy and client program they name (see :mod:`fedsparse.registry`).
+``[strategy]``, ``[client]``, ``[run]``, ``[continual]`` (optional), ``[faults]`` (optional,
+simulation only), ``[tracking]``. The ``[model]``, ``[strategy]`` and ``[client]`` sections
+are validated against the parameters of the model, strategy and client program they name
+(see :mod:`fedsparse.registry`).
 Unknown keys and bad values are rejected before anything starts, with an error that names
 the key, the value and what is allowed.
 """
@@ -160,6 +161,62 @@ class ContinualSpec(Section):
         return server_round % self.rounds_per_task == 0
 
 
+# The ways a reply can be corrupted (clients/corruptions.py), each one that the server's
+# checks know. These touch a reply's metrics or records, so they apply to any reply ...
+ReplyCorruption = Literal[
+    "num_examples_nan", "num_examples_inf", "num_examples_huge", "num_examples_negative",
+    "num_examples_beyond", "metric_list", "metric_unknown", "round_stale", "record_extra",
+    "record_missing"]
+# ... and these touch its arrays, which only train replies carry.
+ArrayCorruption = Literal[
+    "bytes_garbage", "bytes_empty", "bytes_truncated", "header_huge", "header_shape",
+    "values_nan", "values_inf", "values_huge", "wrong_dtype", "wrong_shape", "array_extra",
+    "array_missing"]
+Corruption = Literal[ReplyCorruption, ArrayCorruption]  # one flat Literal of all kinds
+REPLY_CORRUPTIONS: tuple[str, ...] = typing.get_args(ReplyCorruption)
+CORRUPTIONS: tuple[str, ...] = typing.get_args(Corruption)
+FAULTS = ("crash", "hang", "corrupt", "unavailable")  # the fault categories, in draw order
+
+
+class FaultSpec(Section):
+    """``[faults]``: simulated faults of client calls (train and evaluate replies; never the
+    server's own queries), drawn per call from ``seed``, the partition, the round and the
+    phase (``clients/faults.py``). Simulation only: a run on a SuperLink refuses it."""
+
+    seed: int = Field(ge=0, le=2**31 - 1, description="default: the scenario's seed")
+    crash: float = Field(0.0, ge=0, le=1, description="the ClientApp raises")
+    hang: float = Field(0.0, ge=0, le=1, description="the reply comes after the round's "
+                                                     "timeout, by hang_extra_s")
+    corrupt: float = Field(0.0, ge=0, le=1, description="the reply is corrupted, one of "
+                                                        "corruptions drawn uniformly")
+    unavailable: float = Field(0.0, ge=0, le=1, description="the node cannot be reached")
+    hang_extra_s: float = Field(0.5, gt=0, description="how long after run.round_timeout_s "
+                                                       "a hung client replies")
+    corruptions: list[Corruption] = Field(
+        default_factory=lambda: list(CORRUPTIONS), min_length=1)
+
+    @model_validator(mode="after")
+    def _one_fault_per_call(self) -> FaultSpec:
+        total = sum(getattr(self, fault) for fault in FAULTS)
+        if total > 1 + 1e-9:
+            given = ", ".join(f"{fault} = {getattr(self, fault):g}" for fault in FAULTS)
+            raise ValueError(f"faults.{' + faults.'.join(FAULTS)} = {total:g} ({given}): a call "
+                             f"has at most one fault, so these probabilities sum to at most 1")
+        return self
+
+    @field_validator("corruptions")
+    @classmethod
+    def _corruptions_apply(cls, kinds: list[str]) -> list[str]:
+        twice = sorted({kind for kind in kinds if kinds.count(kind) > 1})
+        if twice:
+            raise ValueError(f"lists {', '.join(map(repr, twice))} more than once; each kind "
+                             f"is drawn with the same probability, so list it once")
+        if not set(kinds) & set(REPLY_CORRUPTIONS):
+            raise ValueError(f"an evaluate reply carries no arrays: list at least one kind "
+                             f"that applies to any reply ({', '.join(REPLY_CORRUPTIONS)})")
+        return kinds
+
+
 class TrackingSpec(Section):
     """Where the run is recorded (MLflow)."""
 
@@ -197,7 +254,19 @@ class Scenario(Section):
     client: SerializeAsAny[PluginParams]
     run: RunSpec = Field(default_factory=RunSpec)
     continual: ContinualSpec | None = None
+    faults: FaultSpec | None = None
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _faults_seed(cls, tree: Any) -> Any:
+        """``faults.seed`` defaults to the scenario's seed, written out (so that the run
+        records it)."""
+        if isinstance(tree, dict) and isinstance(tree.get("faults"), dict) \
+                and "seed" not in tree["faults"]:
+            seed = tree.get("seed", cls.model_fields["seed"].default)
+            return {**tree, "faults": {**tree["faults"], "seed": seed}}
+        return tree
 
     @field_validator("model", mode="before")
     @classmethod
@@ -252,6 +321,14 @@ class Scenario(Section):
                                  f"continual.num_tasks x continual.rounds_per_task = {needed} "
                                  f"rounds")
         return self
+
+    def refuse_deployment(self, source: str) -> None:
+        """ScenarioError unless this scenario may run on a SuperLink: fault injection is for
+        simulation only (on devices it would fault real clients' replies)."""
+        if self.faults is not None:
+            raise ScenarioError(source, [
+                "faults: fault injection runs in simulation only, not on a SuperLink; remove "
+                "the [faults] section (or --unset faults) to run this scenario on devices"])
 
     def evaluates(self, server_round: int) -> bool:
         """Whether ``server_round`` ends with evaluation: every ``run.eval_every`` rounds,

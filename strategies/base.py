@@ -9,8 +9,9 @@ What every fedsparse strategy shares, so that each strategy file holds only its 
 - every reply is validated on receipt against what the server itself knows (its records,
   its metrics against ``protocol.REPLY_METRICS``, its round, ``num-examples`` against the
   examples the client can hold, its arrays decoded without trusting their headers, its
-  decoded values finite and bounded); a failed or malformed reply is recorded with its
-  reason and left out of that round only;
+  decoded values finite and bounded); a failed (the ClientApp raised), unavailable (Flower's
+  ``NODE_UNAVAILABLE``: its node cannot be reached), missing or malformed reply is recorded
+  with its reason and left out of that round only;
 - a round counts only with ``min_train_replies`` valid replies and a finite aggregate;
   otherwise the model and the server state stay as they were, and no client's update is
   committed (``commit-round``);
@@ -32,6 +33,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -70,6 +72,7 @@ from strategies.records import Received, content_bytes, from_numpy, received_byt
 log = logging.getLogger("fedsparse.strategy")
 
 TRAIN, EVALUATE = "train", "evaluate"
+UNANSWERED = ("failed", "unavailable", "no-reply")  # statuses counted as clients_failed
 ReplyCheck = Callable[[Received], Any]
 COMMIT_PARTITIONS, COMMIT_ROUNDS, PUBLIC_PREFIX = "commit/partition", "commit/round", "public/"
 
@@ -96,7 +99,7 @@ class ClientRecord:
     round: int
     phase: str
     partition_id: int
-    status: str = "sent"  # -> ok | failed | rejected | no-reply
+    status: str = "sent"  # -> ok | failed | unavailable | rejected | no-reply
     reason: str = ""
     downlink_bytes: int = 0
     uplink_bytes: int = 0
@@ -177,8 +180,7 @@ class FedSparseStrategy(Strategy):
         its local train (training) or test split, or the deployment cap."""
         if self.examples_cap is not None:
             return self.examples_cap
-        split = client_indices(self.scenario.data, self.scenario.seed, partition_id)
-        return len(split.train if phase == TRAIN else split.test)
+        return client_indices(self.scenario.data, self.scenario.seed, partition_id).size(phase)
 
     # -- train --------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -353,8 +355,10 @@ class FedSparseStrategy(Strategy):
             message = by_partition.get(pid)
             if message is None:
                 record.status, record.reason = "no-reply", "no reply before the round timeout"
-            elif message.has_error():
-                record.status, record.reason = "failed", str(message.error.reason)
+            elif message.has_error():  # the ClientApp raised, or its node cannot be reached
+                record.status = "unavailable" if message.error.code == \
+                    ErrorCode.NODE_UNAVAILABLE else "failed"
+                record.reason = str(message.error.reason)
             else:
                 record.uplink_bytes = received_bytes(message.content)
                 try:
@@ -412,7 +416,7 @@ class FedSparseStrategy(Strategy):
             f"{prefix}downlink_bytes": sum(r.downlink_bytes for r in records),
             f"{prefix}clients_sampled": len(records),
             f"{prefix}clients_ok": len(accepted),
-            f"{prefix}clients_failed": sum(r.status in ("failed", "no-reply") for r in records),
+            f"{prefix}clients_failed": sum(r.status in UNANSWERED for r in records),
             f"{prefix}clients_rejected": sum(r.status == "rejected" for r in records),
         }
         return MetricRecord(out)

@@ -34,7 +34,7 @@ from fedsparse.durable import write_bytes
 from fedsparse.models import load_shared_state, scenario_model, shared_state
 from fedsparse.protocol import RUN_CONFIG_DEFAULTS, derive_seed, run_setting
 from fedsparse.registry import STRATEGIES
-from fedsparse.scenario import Scenario, parse_scenario
+from fedsparse.scenario import Scenario, ScenarioError, parse_scenario
 from fedsparse.sparse import sparse_parameters
 from fedsparse.tracking import events
 from fedsparse.tracking.continual import (
@@ -225,6 +225,12 @@ def main(grid: Grid, context: Context) -> None:
     _setup_logging()
     setting = {key: run_setting(context.run_config, key) for key in RUN_CONFIG_DEFAULTS}
     scenario = parse_scenario(setting["scenario"], source="run config 'scenario'")
+    if setting["federation"] == "deployment":
+        try:
+            scenario.refuse_deployment("run config 'scenario' (federation = deployment)")
+        except ScenarioError as err:
+            events.emit("error", message=str(err))
+            raise
     out_dir = Path(setting["out-dir"] or tempfile.mkdtemp(prefix="fedsparse-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     strategy = build_strategy(scenario)

@@ -3,7 +3,8 @@ random and adversarial content (hypothesis), raises nothing but a rejection, nev
 non-finite or out-of-bound value into the model, and allocates little while it checks.
 
 The valid replies mutated here are real ones: the scenario's own client program answered a
-real instruction on an in-process grid.
+real instruction on an in-process grid. Every kind of corruption the fault injector makes
+(``clients/corruptions.py``) is rejected by every strategy.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 import tracemalloc
 from dataclasses import dataclass
 from functools import cache
@@ -21,6 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from clients.corruptions import FORGERIES, Situation, corrupt, npy_header
 from fedsparse.compress import build_compressor, indices
 from fedsparse.compress.base import decode_values
 from fedsparse.compress.identity import IdentitySpec
@@ -30,7 +33,7 @@ from fedsparse.compress.sign import ScaledSignSpec
 from fedsparse.compress.topk import TopKSpec
 from fedsparse.downlink import apply_sync
 from fedsparse.payload import PayloadError
-from fedsparse.scenario import Scenario, parse_scenario
+from fedsparse.scenario import CORRUPTIONS, REPLY_CORRUPTIONS, Scenario, parse_scenario
 from fedsparse.sparse.wire import decode_positions
 from fedsparse.sparse.wire import decode_values as decode_masked
 from strategies.base import FedSparseStrategy
@@ -54,14 +57,6 @@ def npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def forged_header(shape: tuple[int, ...], dtype: str = "<f4") -> bytes:
-    """A well-formed .npy header that declares ``shape``, with no data after it."""
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False,
-                                                  "shape": shape})
-    return buffer.getvalue()
-
-
 # -- decoders --------------------------------------------------------------------------------
 
 @given(st.binary(max_size=300))
@@ -71,14 +66,14 @@ def test_decode_array_rejects_garbage(data):
 
 
 @pytest.mark.parametrize(("array", "reason"), [
-    (Array("float32", (10**12,), "numpy.ndarray", forged_header((10**12,))), "bytes received"),
+    (Array("float32", (10**12,), "numpy.ndarray", npy_header((10**12,), "<f4")), "bytes received"),
     (Array("float32", (3,), "numpy.ndarray", npy(np.zeros(4, np.float32))), "declared"),
     (Array("float32", (4,), "numpy.ndarray", npy(np.zeros(4, np.float32))[:-1]), "received"),
     (Array("float32", (4,), "numpy.ndarray", npy(np.zeros(4, np.float32)) + b"x"), "received"),
     (Array("float32", (4,), "raw", npy(np.zeros(4, np.float32))), "serialisation"),
-    (Array("float32", (2,), "numpy.ndarray", forged_header((2,), "|O")), "numeric dtype"),
-    (Array("float32", (2,), "numpy.ndarray", forged_header((2,), ">f4") + bytes(8)), "native"),
-    (Array("float32", (2,), "numpy.ndarray", forged_header((-2,))), "not a valid array shape"),
+    (Array("float32", (2,), "numpy.ndarray", npy_header((2,), "|O")), "numeric dtype"),
+    (Array("float32", (2,), "numpy.ndarray", npy_header((2,), ">f4") + bytes(8)), "native"),
+    (Array("float32", (2,), "numpy.ndarray", npy_header((-2,), "<f4")), "not a valid array shape"),
     (Array("float32", (0,), "numpy.ndarray", b""), "not a valid .npy"),
 ])
 def test_decode_array_trusts_no_declared_size(array, reason):
@@ -346,18 +341,10 @@ def mutate_reply(content: RecordDict, data: st.DataObject) -> RecordDict:
 
 
 def forged(array: Array, data: st.DataObject) -> Array:
-    """The array with bytes that do not decode, or a header that lies about its size."""
-    kind = data.draw(st.sampled_from(["garbage", "empty", "truncated", "huge", "shape"]))
-    if kind == "garbage":
-        return Array(array.dtype, array.shape, array.stype, data.draw(st.binary(max_size=200)))
-    if kind == "empty":
-        return Array(array.dtype, array.shape, array.stype, b"")
-    if kind == "truncated":
-        return Array(array.dtype, array.shape, array.stype, array.data[:-3])
-    if kind == "huge":  # 10^12 entries declared, a few bytes sent
-        return Array(array.dtype, (10**12,), array.stype,
-                     forged_header((10**12,), np.dtype(array.dtype).str))
-    return Array(array.dtype, (10**9, 10**9), array.stype, array.data)
+    """The array with bytes that do not decode, or a header that lies about its size (the
+    forgeries of the fault injector)."""
+    kind = data.draw(st.sampled_from(sorted(FORGERIES)))
+    return FORGERIES[kind](array, np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))))
 
 
 STRATEGIES = list(_scenarios())
@@ -443,3 +430,83 @@ def test_a_huge_finite_model_is_rejected():
     assert new is None
     (record,) = [r for r in strategy.client_records if r.status == "rejected"]
     assert "max_abs_value" in record.reason
+
+
+# -- the fault injector's corruptions ------------------------------------------------------
+
+# What each kind is rejected for, where that does not depend on the strategy's payload.
+REASONS = {
+    "num_examples_nan": r"metric 'num-examples' = nan: expected an integer in \[1, ",
+    "num_examples_inf": r"metric 'num-examples' = inf: expected an integer in \[1, ",
+    "num_examples_huge": r"metric 'num-examples' = 1e\+300: expected an integer in \[1, ",
+    "num_examples_negative": r"metric 'num-examples' = -\d+: expected an integer in \[1, ",
+    "num_examples_beyond": r"num-examples = (\d+): more than the \d+ this client can have",
+    "metric_list": r"metric '[a-z-]+' = \[.+\]: expected a number",
+    "metric_unknown": r"metric 'fault-extra' is not one a client reports",
+    "record_extra": r"unexpected records \['fault-extra'\]",
+    "record_missing": r"no (MetricRecord 'metrics'|ArrayRecord '[a-z-]+') in reply",
+    "bytes_garbage": r"not a valid \.npy array",
+    "bytes_empty": r"not a valid \.npy array",
+    "bytes_truncated": r"header declares \d+ x \d bytes of data, \d+ bytes received",
+    "header_huge": r"header declares 1000000000000 x \d bytes of data, 0 bytes received",
+    "header_shape": r"declared \w+ \(1000000000, 1000000000\) differs from its data",
+    "values_nan": r"contains NaN or Inf",
+    "values_inf": r"contains NaN or Inf",
+}
+
+
+def stale_reason(server_round: int) -> str:
+    """Round 0 does not exist: a stale round 1 reply is out of the metric's range."""
+    return (rf"server-round = {server_round - 1}: a reply to another round than {server_round}"
+            if server_round > 1 else r"metric 'server-round' = 0: expected an integer in \[1, ")
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_injected_corruption_is_rejected(name, kind, caplog):
+    a = arena(name)
+    strategy = a.fresh()
+    pid = strategy.partition_of[a.instruction.metadata.dst_node_id]
+    at = Situation(a.server_round, strategy.example_bound(pid, "train"),
+                   np.random.default_rng(0))
+    caplog.clear()
+    _, metrics = strategy.aggregate_train(a.server_round,
+                                          [a.answer(corrupt(kind, a.reply, at))])
+    assert metrics["clients_rejected"] == 1 and metrics["round_counted"] == 0
+    assert "reply check raised" not in caplog.text  # a PayloadError, no check tripping over it
+    (record,) = [r for r in strategy.client_records
+                 if r.partition_id == pid and r.round == a.server_round]
+    assert record.status == "rejected"
+    reason = stale_reason(a.server_round) if kind == "round_stale" else REASONS.get(kind, "")
+    assert re.search(reason, record.reason), record.reason
+
+
+def evaluated(content: RecordDict, server_round: int = 2) -> FedSparseStrategy:
+    """A FedAvg server that sent round ``server_round``'s evaluate instructions and received
+    ``content`` from the first client."""
+    scenario = parse_scenario(digits_scenario())
+    strategy = build_strategy(scenario)
+    strategy.bind({pid: 100 + pid for pid in range(scenario.data.num_clients)})
+    (message, *_) = strategy.configure_evaluate(server_round, initial_arrays(scenario),
+                                                ConfigRecord(), None)
+    strategy.aggregate_evaluate(server_round, [Message(content, reply_to=message)])
+    return strategy
+
+
+@pytest.mark.parametrize("kind", REPLY_CORRUPTIONS)
+def test_every_corruption_of_an_evaluate_reply_is_rejected(kind):
+    honest = RecordDict({"metrics": MetricRecord(
+        {"num-examples": 3, "eval-acc": 0.5, "eval-loss": 1.0, "server-round": 2})})
+    assert evaluated(honest).client_records[0].status == "ok"
+    at = Situation(2, evaluated(honest).example_bound(0, "evaluate"), np.random.default_rng(0))
+    record = evaluated(corrupt(kind, honest, at)).client_records[0]
+    assert record.status == "rejected"
+    reason = stale_reason(2) if kind == "round_stale" else REASONS[kind]
+    assert re.search(reason, record.reason), record.reason
+
+
+def test_an_array_corruption_needs_arrays():
+    with pytest.raises(ValueError, match="corruption 'values_nan': the reply has nothing it "
+                                         "changes"):
+        corrupt("values_nan", RecordDict({"metrics": MetricRecord({"num-examples": 3})}),
+                Situation(1, 10, np.random.default_rng(0)))

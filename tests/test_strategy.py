@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from fedsparse.scenario import parse_scenario
 from strategies.records import from_numpy, to_numpy
@@ -168,6 +169,22 @@ def test_errors_and_missing_replies_are_recorded():
     statuses = {r.status: r.reason for r in strategy.client_records}
     assert statuses == {"failed": "ClientApp crashed", "ok": "",
                         "no-reply": "no reply before the round timeout"}
+
+
+def test_an_unreachable_node_is_recorded_as_unavailable():
+    """Flower's NODE_UNAVAILABLE (a node the SuperLink cannot reach) is its own status; like
+    any other error reply it counts as failed in the round's counters."""
+    _, strategy, arrays = make(fraction_train=0.5)
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), None))
+    replies = [Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node offline"),
+                       reply_to=messages[0]),
+               Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="boom"),
+                       reply_to=messages[1]),
+               reply(messages[2], to_numpy(arrays), **{"num-examples": 3})]
+    new, metrics = strategy.aggregate_train(1, replies)
+    assert new is not None and metrics["clients_failed"] == 2 and metrics["clients_ok"] == 1
+    assert [(r.status, r.reason) for r in strategy.client_records] == [
+        ("unavailable", "node offline"), ("failed", "boom"), ("ok", "")]
 
 
 def test_federated_evaluation_mean_and_weighted():

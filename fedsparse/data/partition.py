@@ -37,6 +37,11 @@ class ClientIndices:
     train: np.ndarray
     test: np.ndarray
 
+    def size(self, phase: str) -> int:
+        """The examples this client holds for ``phase``: its local train split for "train",
+        its local test split for "evaluate" (what a reply's ``num-examples`` may be)."""
+        return len(self.train if phase == "train" else self.test)
+
 
 def _partitioner(spec: DataSpec, seed: int):  # -> flwr_datasets.partitioner.Partitioner
     from flwr_datasets import partitioner as fp
