@@ -7,9 +7,10 @@ train or evaluate reply echoes the instruction's round (``server-round``), so th
 server can tell a reply to another round from one to the round it is in.
 
 Client state (``fedsparse/client_state.py``) is read as of the instruction's
-``commit-round`` and, after a train instruction, saved for its round, under: the run config's
-``client-state-dir`` (simulation: the run folder's ``client-state/``), else the node config's
-``state-dir`` (``flower-supernode --node-config "... state-dir=/var/lib/fedsparse"``), else
+``commit-round`` and, after a train instruction, saved for its round, under: the node
+config's ``state-dir`` (``flower-supernode --node-config "... state-dir=/var/lib/fedsparse"``:
+a device's own choice, which a submitted run cannot override), else the run config's
+``client-state-dir`` (simulation: the run folder's ``client-state/``), else
 ``$FEDSPARSE_CLIENT_STATE_DIR``, else ``~/.fedsparse/client-state``; keyed by the run
 config's ``fedsparse-run-id`` (which a resume keeps) and the partition id.
 
@@ -65,8 +66,8 @@ def node_partition(context: Context) -> tuple[int, int]:
 
 def state_root(context: Context) -> Path:
     """Where this node keeps client state (see the module docstring)."""
-    configured = run_setting(context.run_config, "client-state-dir") \
-        or str(context.node_config.get(STATE_DIR_NODE_KEY, "")) \
+    configured = str(context.node_config.get(STATE_DIR_NODE_KEY, "")) \
+        or run_setting(context.run_config, "client-state-dir") \
         or os.environ.get(STATE_DIR_ENV, "")
     return Path(configured or "~/.fedsparse/client-state").expanduser()
 

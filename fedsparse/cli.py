@@ -2,10 +2,11 @@
 
     fedsparse validate FILE [--set KEY=VALUE ...] [--unset KEY ...]
     fedsparse run FILE [--set KEY=VALUE ...] [--unset KEY ...] [--summary out.json]
-                       [--superlink HOST:PORT]
+                       [--deployment DIR | --superlink HOST:PORT [--root-certificates CA]]
     fedsparse run --resume RUN_DIR [--set run.rounds=N]
     fedsparse compare A.toml B.toml ... [--experiment NAME] [--out DIR]
     fedsparse sync RUN_DIR
+    fedsparse deploy init|up|status|down|add-node|remove-node|register|service ...
 
 Exit codes: 0 done, 1 the federation failed (or too many of its rounds did not count),
 2 invalid input or a run folder in use, 128 + N stopped by signal N (130 Ctrl-C,
@@ -100,13 +101,24 @@ def _parser() -> argparse.ArgumentParser:
                                         "and status), exactly once. A run that stopped "
                                         "before it finished is marked KILLED.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder")
+
+    from fedsparse.deploy.cli import add_commands
+
+    add_commands(commands)
     return parser
 
 
 def _deployment_args(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("deployment (default: Ray simulation on this machine)")
-    group.add_argument("--superlink", metavar="HOST:PORT", default="",
-                       help="submit to this running SuperLink instead of simulating")
+    where = group.add_mutually_exclusive_group()
+    where.add_argument("--deployment", type=Path, metavar="DIR",
+                       help="submit to the federation of a `fedsparse deploy` folder (on its "
+                            "SuperLink host: its Control API listens on 127.0.0.1); the run "
+                            "folder is DIR/runs/<name>-<time>, results go to its MLflow")
+    where.add_argument("--superlink", metavar="HOST:PORT", default="",
+                       help="submit to this running SuperLink instead of simulating (its "
+                            "Control API: for a `fedsparse deploy` federation, the SuperLink "
+                            "host's 127.0.0.1:8010, e.g. through an SSH tunnel)")
     group.add_argument("--root-certificates", type=Path, metavar="CA_PEM",
                        help="CA certificate of a TLS SuperLink (default: insecure transport)")
     group.add_argument("--tracking-uri", default="",
@@ -143,8 +155,17 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         scenario, run_dir = resume.scenario, args.resume
     else:
+        nodes = deployment_target(args)
         scenario = _load_checked(args)
-        run_dir = args.run_dir or new_run_dir(scenario)
+        if nodes is not None and scenario.data.num_clients != nodes:
+            warnings.warn(f"data.num_clients = {nodes}, one client per node of "
+                          f"{args.deployment} (the scenario said {scenario.data.num_clients})",
+                          ScenarioNote, stacklevel=1)
+            args.overrides.append(f"data.num_clients={nodes}")
+            scenario = _load_checked(args)
+        run_dir = args.run_dir or new_run_dir(scenario, args.deployment)
+    if args.resume:
+        deployment_target(args)
     summary = run_scenario(scenario, run_dir=run_dir, quiet=args.quiet, superlink=args.superlink,
                            root_certificates=args.root_certificates,
                            tracking_uri=args.tracking_uri, resume=bool(args.resume))
@@ -159,7 +180,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def deployment_target(args: argparse.Namespace) -> int | None:
+    """Point ``args`` at the SuperLink of ``args.deployment`` (its Control address and CA);
+    the number of nodes it has (None without ``--deployment``)."""
+    if not args.deployment:
+        return None
+    from fedsparse.deploy.manifest import Manifest
+    from fedsparse.deploy.programs import CA
+
+    manifest = Manifest.load(args.deployment)
+    args.superlink = manifest.control_address
+    args.root_certificates = None if manifest.insecure else args.deployment / CA
+    return len(manifest.nodes)
+
+
 def _compare(args: argparse.Namespace) -> int:
+    deployment_target(args)
     result = compare(args.files, overrides=args.overrides, unset=args.unset,
                      experiment=args.experiment or "",
                      out=args.out, quiet=args.quiet, superlink=args.superlink,
@@ -245,11 +281,15 @@ def interrupted_message(err: Interrupted) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"validate": _validate, "run": _run, "compare": _compare, "sync": _sync}
+    from fedsparse.deploy.cli import main as deploy
+    from fedsparse.deploy.manifest import DeploymentError
+
+    handlers = {"validate": _validate, "run": _run, "compare": _compare, "sync": _sync,
+                "deploy": deploy}
     try:
         with _signals_interrupt(), _notes_to_stderr():
             return handlers[args.command](args)
-    except (ScenarioError, RunDirBusy) as err:
+    except (ScenarioError, RunDirBusy, DeploymentError) as err:
         print(f"fedsparse: {err}", file=sys.stderr)
         return EXIT_INVALID
     except Interrupted as err:

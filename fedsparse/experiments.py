@@ -62,22 +62,24 @@ def tracking_settings(workdir: Path, uri: str = "", deployment: bool = False) ->
             "artifact-location": (workdir / "mlruns").as_uri()}
 
 
-def new_run_dir(scenario: Scenario) -> Path:
-    """``runs/<name>-<time>-<random>``."""
+def new_run_dir(scenario: Scenario, deployment: Path | None = None) -> Path:
+    """``runs/<name>-<time>-<random>``, under the deployment folder for a deployed run."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{scenario.name}-{stamp}-{secrets.token_hex(2)}"
+    runs = (deployment / "runs").resolve() if deployment else Path("runs")
+    return runs / f"{scenario.name}-{stamp}-{secrets.token_hex(2)}"
 
 
 class Progress:
     """A progress bar over rounds and one short line per round (Flower chatter goes to a log)."""
 
-    def __init__(self, label: str, rounds: int, quiet: bool) -> None:
+    def __init__(self, label: str, rounds: int, quiet: bool,
+                 starting: str = "starting SuperLink, Ray and the clients") -> None:
         from tqdm import tqdm
 
         self.bar = None if quiet else tqdm(total=rounds, desc=label, unit="round",
                                            dynamic_ncols=True)
         if self.bar is not None:
-            self.bar.set_postfix_str("starting SuperLink, Ray and the clients")
+            self.bar.set_postfix_str(starting)
 
     def __call__(self, event: dict[str, Any]) -> None:
         from tqdm import tqdm
@@ -163,7 +165,9 @@ def _follow(launch: Launch, quiet: bool) -> dict[str, Any]:
     """``run_flower`` with a progress display; see ``run_scenario`` for how it ends."""
     scenario = launch.scenario
     try:
-        with Progress(scenario.name, scenario.run.rounds, quiet) as progress:
+        starting = (f"submitted to {launch.superlink}, waiting for the nodes"
+                    if launch.superlink else "starting SuperLink, Ray and the clients")
+        with Progress(scenario.name, scenario.run.rounds, quiet, starting) as progress:
             return run_flower(launch, progress)
     except BaseException as err:
         if not launch.superlink:

@@ -159,8 +159,9 @@ def simulation_superlink(env: dict[str, str], log_path: Path, cwd: Path,
         stop_tree(proc)
 
 
-def _flower_config(home: Path, address: str, insecure: bool,
-                   root_certificates: Path | None) -> None:
+def flower_config(home: Path, address: str, insecure: bool,
+                  root_certificates: Path | None) -> None:
+    """Flower's configuration under ``home``: one connection, ``CONNECTION``, to ``address``."""
     connection: dict[str, Any] = {"address": address}
     if insecure:
         connection["insecure"] = True
@@ -185,25 +186,88 @@ def _toml_value(value: object) -> str:
     return tomli_w.dumps({"v": value}).removeprefix("v = ").strip()
 
 
+def check_superlink(address: str, root_certificates: Path | None,
+                    timeout: float = 10.0) -> None:
+    """Fail early, saying why, when the SuperLink at ``address`` cannot be reached the way
+    it is asked for (unreachable, TLS against plain HTTP or the reverse, an untrusted or
+    mismatched certificate, a missing CA file)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    if root_certificates is not None and not root_certificates.is_file():
+        raise LaunchError(f"--root-certificates {root_certificates}: no such file")
+    scheme = "http" if root_certificates is None else "https"
+    context = None if root_certificates is None else \
+        ssl.create_default_context(cafile=str(root_certificates))
+    url = f"{scheme}://{address}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context):
+            return
+    except ssl.SSLCertVerificationError as err:
+        raise LaunchError(f"the SuperLink at {address} is not the one {root_certificates} "
+                          f"vouches for: {err.verify_message} (a certificate from another CA, "
+                          f"or one whose names do not include {address.rsplit(':', 1)[0]})"
+                          ) from None
+    except urllib.error.HTTPError:
+        return  # it answered: it is there
+    except (ssl.SSLError, urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(reason):
+            raise LaunchError(f"the SuperLink at {address} speaks plain HTTP (an insecure "
+                              f"SuperLink): drop --root-certificates") from None
+        if root_certificates is None and _speaks_tls(address, timeout):
+            raise LaunchError(f"the SuperLink at {address} speaks TLS: pass "
+                              f"--root-certificates CA_PEM (or --deployment DIR)") from None
+        raise LaunchError(f"the SuperLink at {address} is unreachable: {reason}") from None
+
+
+def _speaks_tls(address: str, timeout: float) -> bool:
+    """Whether a TLS handshake (trusting nothing) gets as far as a server certificate."""
+    import ssl
+
+    host, _, port = address.rpartition(":")
+    context = ssl.create_default_context()
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=host.strip("[]")):
+            return True
+    except ssl.SSLCertVerificationError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def run_flower(launch: Launch, on_event: EventHandler) -> dict[str, Any]:
     """Run the scenario; call ``on_event`` for each progress event; return the summary."""
+    if launch.superlink:
+        check_superlink(launch.superlink, None if launch.insecure else launch.root_certificates)
     launch.run_dir.mkdir(parents=True, exist_ok=True)
     env = process_env(launch.workdir)
     env["FLWR_HOME"] = str(launch.run_dir / ".flwr")
     app_dir = write_app(state_dir(launch.workdir) / "app")
     run_config = (launch.run_dir / "run_config.toml").resolve()
     settings = {**RUN_CONFIG_DEFAULTS, **launch.settings,
-                "scenario": launch.scenario.to_toml(), "out-dir": str(launch.run_dir.resolve()),
+                "scenario": launch.scenario.to_toml(), "out-dir": _out_dir(launch),
                 "federation": "deployment" if launch.superlink else "simulation"}
     run_config.write_text(tomli_w.dumps(settings))
     with _superlink(launch, env) as address:
-        _flower_config(Path(env["FLWR_HOME"]), address, launch.insecure or not launch.superlink,
+        flower_config(Path(env["FLWR_HOME"]), address, launch.insecure or not launch.superlink,
                        launch.root_certificates)
         command = ["flwr", "run", str(app_dir), CONNECTION, "--stream",
                    "--run-config", str(run_config)]
         if not launch.superlink:
             command += ["--federation-config", _federation_config(launch.scenario)]
         return _stream(command, env, launch, on_event)
+
+
+def _out_dir(launch: Launch) -> str:
+    """The run folder as the ServerApp must see it: a relative one given for a SuperLink
+    stays relative (to the ServerApp's folder: in a ``fedsparse deploy`` federation its
+    deployment folder), since the ServerApp runs on the SuperLink's host."""
+    if launch.superlink and not launch.run_dir.is_absolute():
+        return str(launch.run_dir)
+    return str(launch.run_dir.resolve())
 
 
 @contextmanager
@@ -266,6 +330,7 @@ class LocalDeployment:
 
     def __init__(self, num_nodes: int, workdir: Path) -> None:
         self.num_nodes = num_nodes
+        self.workdir = workdir
         self.home = state_dir(workdir) / f"deployment-{secrets.token_hex(3)}"
         self.env = process_env(workdir)
         self.port = free_port()
@@ -276,7 +341,7 @@ class LocalDeployment:
         (self.home / name).mkdir(parents=True, exist_ok=True)
         env = {**self.env, "FLWR_HOME": str(self.home / name)}
         with open(self.home / f"{name}.log", "a") as log:
-            proc = start_supervised(command, env=env, cwd=self.home, stdout=log,
+            proc = start_supervised(command, env=env, cwd=self.workdir, stdout=log,
                                     stderr=subprocess.STDOUT)
         self.processes.append(proc)
         return proc

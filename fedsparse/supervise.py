@@ -10,7 +10,8 @@ and it stops that whole tree (SIGTERM, SIGKILL after a grace period), reaps it a
 
 - when its parent (``--parent-pid``, the CLI) dies, even by SIGKILL: the kernel sends it
   SIGTERM (``PR_SET_PDEATHSIG``), and a poll of ``getppid()`` covers the moment before that
-  was asked for; exit code 143;
+  was asked for; exit code 143 (``--parent-pid 0``: no parent to follow, for the
+  long-lived services of a deployment, ``fedsparse/deploy/daemons.py``);
 - when it receives SIGTERM or SIGINT: exit code 128 + the signal;
 - when CMD exits, after stopping whatever CMD left behind: CMD's exit code (128 + N when a
   signal N ended CMD).
@@ -57,12 +58,13 @@ def _prctl(option: int, value: int) -> None:
         raise OSError(errno, f"prctl({option}, {value}): {os.strerror(errno)}")
 
 
-def own_descendants() -> None:
-    """Adopt every orphaned descendant and get SIGTERM when the parent dies (Linux only;
-    elsewhere the ``getppid()`` poll alone notices the parent's death)."""
+def own_descendants(follow_parent: bool = True) -> None:
+    """Adopt every orphaned descendant and (``follow_parent``) get SIGTERM when the parent
+    dies (Linux only; elsewhere the ``getppid()`` poll alone notices the parent's death)."""
     if sys.platform == "linux":
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
-        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if follow_parent:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _exit_code(status: int) -> int:
@@ -92,7 +94,7 @@ def wait_for_end(child: int, parent_pid: int, received: list[int]) -> int:
             return code
         if received:
             return 128 + received[0]
-        if os.getppid() != parent_pid:
+        if parent_pid and os.getppid() != parent_pid:
             return 128 + signal.SIGTERM
         time.sleep(POLL_S)
 
@@ -127,8 +129,8 @@ def supervise(cmd: Sequence[str], parent_pid: int, grace: float = GRACE_S) -> in
     received: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda number, _frame: received.append(number))
-    own_descendants()
-    if os.getppid() != parent_pid:  # the parent died before PR_SET_PDEATHSIG was in place
+    own_descendants(follow_parent=parent_pid != 0)
+    if parent_pid and os.getppid() != parent_pid:  # died before PR_SET_PDEATHSIG was set
         return 128 + signal.SIGTERM
     child = subprocess.Popen(cmd)
     code = wait_for_end(child.pid, parent_pid, received)
@@ -141,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parent-pid", type=int, required=True,
-                        help="stop everything when this process (the parent) is gone")
+                        help="stop everything when this process (the parent) is gone; "
+                             "0: no parent to follow (a daemon)")
     parser.add_argument("--grace", type=float, default=GRACE_S,
                         help="seconds between SIGTERM and SIGKILL when stopping the tree")
     parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")

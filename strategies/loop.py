@@ -47,35 +47,61 @@ class DiscoveryError(RuntimeError):
     """The connected nodes do not match the scenario's clients."""
 
 
-def discover(grid: Grid, scenario: Scenario) -> dict[int, int]:
-    """Wait for ``data.num_clients`` nodes, ask each its partition id; partition -> node id."""
+def discover(grid: Grid, scenario: Scenario,
+             registered: dict[int, int] | None = None) -> dict[int, int]:
+    """Wait for ``data.num_clients`` nodes, ask each its partition id; partition -> node id.
+
+    ``registered`` (node id -> partition, from a deployment's registry of authenticated
+    nodes) makes the server's own record the truth: only registered nodes are waited for
+    and asked, a node that declares another partition than it was registered for is
+    refused, and nodes that are not registered are ignored."""
     expected = scenario.data.num_clients
+    if registered is not None:
+        _check_registry(registered, expected)
     deadline = time.monotonic() + scenario.run.node_wait_s
-    nodes = list(grid.get_node_ids())
-    while len(nodes) < expected:
+    while True:
+        nodes = list(grid.get_node_ids())
+        if registered is not None:
+            nodes = [n for n in nodes if registered.get(n, expected) < expected]
+        if len(nodes) >= expected:
+            break
         if time.monotonic() > deadline:
             raise DiscoveryError(f"only {len(nodes)} of data.num_clients={expected} nodes "
                                  f"connected within run.node_wait_s={scenario.run.node_wait_s}")
         time.sleep(0.2)
-        nodes = list(grid.get_node_ids())
     queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
                for n in nodes]
     node_of: dict[int, int] = {}
     for reply in exchange(grid, queries, scenario.run.node_wait_s):
+        node_id = reply.metadata.src_node_id
         if reply.has_error():
-            raise DiscoveryError(f"node {reply.metadata.src_node_id} failed to identify itself: "
+            raise DiscoveryError(f"node {node_id} failed to identify itself: "
                                  f"{reply.error.reason}")
         pid, count = _identity(reply, expected)
         if count != expected:
             raise DiscoveryError(f"a node reports {NUM_PARTITIONS}={count} but the scenario has "
                                  f"data.num_clients={expected}")
+        if registered is not None and registered[node_id] != pid:
+            raise DiscoveryError(f"node {node_id} is registered for {PARTITION_ID}="
+                                 f"{registered[node_id]} but its node config says {pid}")
         if pid in node_of:
             raise DiscoveryError(f"two nodes serve {PARTITION_ID}={pid}")
-        node_of[pid] = reply.metadata.src_node_id
+        node_of[pid] = node_id
     missing = sorted(set(range(expected)) - set(node_of))
     if missing:
         raise DiscoveryError(f"no node answered for partition ids {missing}")
     return node_of
+
+
+def _check_registry(registered: dict[int, int], expected: int) -> None:
+    """Every partition of the scenario has exactly one registered node."""
+    partitions = sorted(registered.values())
+    missing = sorted(set(range(expected)) - set(partitions))
+    if missing:
+        raise DiscoveryError(f"data.num_clients={expected} but no node is registered for "
+                             f"partition ids {missing} (registered: {partitions})")
+    if len(set(partitions)) != len(partitions):
+        raise DiscoveryError(f"two registered nodes serve the same partition: {partitions}")
 
 
 def _identity(reply: Message, expected: int) -> tuple[int, int]:

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from fedsparse.checkpoint import Checkpoint
 from fedsparse.data import held_out_set, load_dataset
+from fedsparse.deploy.serverside import confine, deployment_dir, registered_partitions
 from fedsparse.durable import write_bytes
 from fedsparse.models import load_shared_state, scenario_model, shared_state
 from fedsparse.protocol import RUN_CONFIG_DEFAULTS, derive_seed, run_setting
@@ -225,22 +226,26 @@ def main(grid: Grid, context: Context) -> None:
     _setup_logging()
     setting = {key: run_setting(context.run_config, key) for key in RUN_CONFIG_DEFAULTS}
     scenario = parse_scenario(setting["scenario"], source="run config 'scenario'")
-    if setting["federation"] == "deployment":
-        try:
+    deployment, registered = deployment_dir(), None
+    try:
+        if deployment is not None:
+            setting = confine(setting, deployment)
+            registered = registered_partitions(deployment)
+        if setting["federation"] == "deployment" or deployment is not None:
             scenario.refuse_deployment("run config 'scenario' (federation = deployment)")
-        except ScenarioError as err:
-            events.emit("error", message=str(err))
-            raise
+    except ScenarioError as err:
+        events.emit("error", message=str(err))
+        raise
     out_dir = Path(setting["out-dir"] or tempfile.mkdtemp(prefix="fedsparse-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     strategy = build_strategy(scenario)
-    if setting["federation"] == "deployment":  # the devices' data is theirs: a cap, not sizes
+    if setting["federation"] == "deployment" or deployment is not None:  # a cap, not sizes
         strategy.examples_cap = scenario.run.max_client_examples
     # The model and the run's state are set up while the clients start (Ray, actors).
     with ThreadPoolExecutor(max_workers=1) as pool:
         preparing = pool.submit(prepare, scenario, strategy, setting, out_dir)
         try:
-            strategy.bind(discover(grid, scenario))
+            strategy.bind(discover(grid, scenario, registered))
         except BaseException as err:
             events.emit("error", message=f"{type(err).__name__}: {err}", out_dir=str(out_dir))
             raise

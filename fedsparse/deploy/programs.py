@@ -14,6 +14,7 @@ runs ``node:<name>`` (``flower-supernode``, its Runtime API on its own loopback)
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,8 @@ def superlink(directory: Path, manifest: Manifest) -> Program:
     argv += ["--insecure"] if manifest.insecure else [
         "--ssl-ca-certfile", str(directory / CA), "--ssl-certfile", str(directory / SERVER_CERT),
         "--ssl-keyfile", str(directory / SERVER_KEY), "--enable-supernode-auth"]
-    return Program("superlink", argv, env={DEPLOYMENT_ENV: str(directory)},
+    return Program("superlink", argv, env={DEPLOYMENT_ENV: str(directory),
+                                           "FLWR_HOME": str(directory / "state/superlink")},
                    health_url=f"{_scheme(manifest)}://127.0.0.1:{manifest.control_port}/health")
 
 
@@ -76,7 +78,8 @@ def supernode(directory: Path, manifest: Manifest, node: Node) -> Program:
     argv += ["--insecure"] if manifest.insecure else [
         "--root-certificates", str(directory / CA),
         "--auth-supernode-private-key", str(directory / node.key)]
-    return Program(node_service(node), argv)
+    return Program(node_service(node), argv,
+                   env={"FLWR_HOME": str(directory / "state/nodes" / node.name)})
 
 
 def server_programs(directory: Path, manifest: Manifest) -> list[Program]:
@@ -105,11 +108,19 @@ def program(directory: Path, manifest: Manifest, name: str) -> Program:
     return by_name[name]
 
 
-def flower_env(directory: Path, manifest: Manifest) -> dict[str, str]:
-    """What ``flwr`` commands run under to reach the Control API (its CA, no phone-home)."""
-    from fedsparse.runtime_env import NO_PHONE_HOME
+def service_env() -> dict[str, str]:
+    """The environment every service starts from: this one, nothing phoning home, quiet
+    logs, and this interpreter's folder first on PATH (Flower starts its children by name)."""
+    from fedsparse.runtime_env import NO_PHONE_HOME, QUIET
 
-    return {**os.environ, **NO_PHONE_HOME, "FLWR_HOME": str(directory / "state/flwr-cli")}
+    env = {**os.environ, **QUIET, **NO_PHONE_HOME}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def flower_env(directory: Path) -> dict[str, str]:
+    """What ``flwr`` commands run under to reach the Control API (its own Flower home)."""
+    return {**service_env(), "FLWR_HOME": str(directory / "state/flwr-cli")}
 
 
 def _scheme(manifest: Manifest) -> str:
