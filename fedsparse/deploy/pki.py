@@ -200,7 +200,7 @@ def check_node_key(path: Path) -> ec.EllipticCurvePublicKey:
         raise DeploymentError(f"{path}: {found}; flower-supernode --auth-supernode-private-key "
                               "needs an ECDSA key on a NIST curve in the OpenSSH private format "
                               f"(-----BEGIN OPENSSH PRIVATE KEY-----); {MAKE_NODE_KEY}") from None
-    return _nist_ec(path, key.public_key())
+    return _ec_key(path, key.public_key())
 
 
 def check_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
@@ -213,7 +213,7 @@ def check_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
         raise DeploymentError(f"{path}: not an OpenSSH public key; `flwr supernode register` "
                               "needs one line `ecdsa-sha2-nistp384 AAAA...` (the .pub beside "
                               f"the node's key); {MAKE_NODE_KEY}") from None
-    return _nist_ec(path, key)
+    return _ec_key(path, key)
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public: ec.EllipticCurvePublicKey,
@@ -284,7 +284,7 @@ def _check_dates(path: Path, cert: x509.Certificate) -> None:
                               "machine's clock right?")
 
 
-def _nist_ec(path: Path, key: object) -> ec.EllipticCurvePublicKey:
+def _ec_key(path: Path, key: object) -> ec.EllipticCurvePublicKey:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         kind = type(key).__name__.replace("PublicKey", "")
         raise DeploymentError(f"{path}: key type {kind}; Flower's node authentication needs an "
