@@ -158,8 +158,9 @@ def _run(args: argparse.Namespace) -> int:
         nodes = deployment_target(args)
         scenario = _load_checked(args)
         if nodes is not None and scenario.data.num_clients != nodes:
-            warnings.warn(f"data.num_clients = {nodes}, one client per node of "
-                          f"{args.deployment} (the scenario said {scenario.data.num_clients})",
+            warnings.warn(f"data.num_clients = {nodes}, one client per partition the nodes "
+                          f"of {args.deployment} serve (the scenario said "
+                          f"{scenario.data.num_clients})",
                           ScenarioNote, stacklevel=1)
             args.overrides.append(f"data.num_clients={nodes}")
             scenario = _load_checked(args)
@@ -182,7 +183,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def deployment_target(args: argparse.Namespace) -> int | None:
     """Point ``args`` at the SuperLink of ``args.deployment`` (its Control address and CA);
-    the number of nodes it has (None without ``--deployment``)."""
+    the number of partitions its nodes serve (None without ``--deployment``)."""
     if not args.deployment:
         return None
     from fedsparse.deploy.manifest import Manifest
@@ -191,7 +192,7 @@ def deployment_target(args: argparse.Namespace) -> int | None:
     manifest = Manifest.load(args.deployment)
     args.superlink = manifest.control_address
     args.root_certificates = None if manifest.insecure else args.deployment / CA
-    return len(manifest.nodes)
+    return manifest.num_partitions
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -81,6 +81,12 @@ class Manifest:
         """Where runs are submitted and keys registered: the SuperLink host's loopback."""
         return f"127.0.0.1:{self.control_port}"
 
+    @property
+    def num_partitions(self) -> int:
+        """Partitions of the data the nodes serve: 0 .. the highest a node serves (a removed
+        node leaves its partition unserved until ``add-node`` fills it)."""
+        return max((n.partition_id for n in self.nodes), default=-1) + 1
+
     def node(self, name: str) -> Node:
         for node in self.nodes:
             if node.name == name:

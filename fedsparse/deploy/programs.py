@@ -73,7 +73,7 @@ def supernode(directory: Path, manifest: Manifest, node: Node) -> Program:
     argv = ["flower-supernode", "--superlink", manifest.fleet_address,
             "--host", "127.0.0.1", "--port", str(node.runtime_port),
             "--isolation", "subprocess", "--node-config",
-            f"{PARTITION_ID}={node.partition_id} {NUM_PARTITIONS}={len(manifest.nodes)} "
+            f"{PARTITION_ID}={node.partition_id} {NUM_PARTITIONS}={manifest.num_partitions} "
             f"state-dir=\"{directory / 'state/nodes' / node.name / 'client-state'}\""]
     argv += ["--insecure"] if manifest.insecure else [
         "--root-certificates", str(directory / CA),

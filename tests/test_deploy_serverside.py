@@ -1,0 +1,67 @@
+"""What a deployment's ServerApp takes from its own folder rather than from a submitted run:
+the run folders (confined to ``DIR/runs``), the tracking target, and which node serves which
+partition (the registry of registered nodes, not what nodes declare)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedsparse.deploy.manifest import Node, save_registry
+from fedsparse.deploy.serverside import confine, registered_partitions
+from fedsparse.scenario import ScenarioError, load_scenario
+from strategies.loop import DiscoveryError, discover
+from tests.conftest import REPO
+from tests.local_grid import LocalGrid
+
+
+def test_run_folders_are_confined_to_the_deployments_runs(tmp_path: Path):
+    runs = tmp_path / "runs"
+    confined = confine({"out-dir": "runs/a", "resume-from": str(runs / "a")}, tmp_path)
+    assert confined == {"out-dir": str(runs / "a"), "resume-from": str(runs / "a")}
+    for bad in ("/etc/cron.d/x", "runs/../state", str(runs), "../elsewhere/runs/a", "state/x"):
+        with pytest.raises(ScenarioError, match="outside this deployment's run folders"):
+            confine({"out-dir": bad}, tmp_path)
+    with pytest.raises(ScenarioError, match="out-dir is empty"):
+        confine({"out-dir": ""}, tmp_path)
+
+
+@pytest.mark.parametrize("key", ["tracking-uri", "artifact-location", "client-state-dir"])
+def test_a_submitted_run_may_not_choose_tracking_or_device_folders(tmp_path: Path, key: str):
+    with pytest.raises(ScenarioError, match=f"{key} = 'x': set by the deployment"):
+        confine({"out-dir": "runs/a", key: "x"}, tmp_path)
+
+
+def _grid(num_nodes: int, num_clients: int) -> tuple[LocalGrid, object]:
+    scenario = load_scenario(REPO / "scenarios/quickstart.toml",
+                             [f"data.num_clients={num_clients}"])
+    return LocalGrid(num_nodes, {"scenario": scenario.to_toml()}), scenario
+
+
+def test_an_unregistered_node_claiming_a_partition_is_ignored(flower_task: None):
+    grid, scenario = _grid(3, 2)
+    for context in grid.contexts.values():
+        context.node_config["num-partitions"] = 2
+    grid.contexts[1002].node_config["partition-id"] = 0  # a stranger claims partition 0
+    with pytest.raises(DiscoveryError, match="two nodes serve partition-id=0"):
+        discover(grid, scenario)  # trusting what nodes declare, the run cannot start
+    grid.sent.clear()
+    assert discover(grid, scenario, {1000: 0, 1001: 1}) == {0: 1000, 1: 1001}
+    assert {m.metadata.dst_node_id for m in grid.sent} == {1000, 1001}  # never asked
+
+
+def test_a_registered_node_declaring_another_partition_is_refused(flower_task: None):
+    grid, scenario = _grid(2, 2)
+    with pytest.raises(DiscoveryError, match="node 1001 is registered for partition-id=0 but "
+                                             "its node config says 1"):
+        discover(grid, scenario, {1000: 1, 1001: 0})
+
+
+def test_a_registry_must_cover_the_scenarios_clients(tmp_path: Path, flower_task: None):
+    grid, scenario = _grid(2, 2)
+    with pytest.raises(DiscoveryError, match=r"no node is registered for partition ids \[1\]"):
+        discover(grid, scenario, {1000: 0})
+    assert registered_partitions(tmp_path) is None  # no registry: an insecure deployment
+    save_registry(tmp_path, {7: Node("node-0", 0), 9: Node("node-1", 1)})
+    assert registered_partitions(tmp_path) == {7: 0, 9: 1}
