@@ -204,22 +204,21 @@ def check_superlink(address: str, root_certificates: Path | None,
     try:
         with urllib.request.urlopen(url, timeout=timeout, context=context):
             return
-    except ssl.SSLCertVerificationError as err:
-        raise LaunchError(f"the SuperLink at {address} is not the one {root_certificates} "
-                          f"vouches for: {err.verify_message} (a certificate from another CA, "
-                          f"or one whose names do not include {address.rsplit(':', 1)[0]})"
-                          ) from None
     except urllib.error.HTTPError:
         return  # it answered: it is there
-    except (ssl.SSLError, urllib.error.URLError, OSError) as err:
+    except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        if isinstance(reason, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(reason):
-            raise LaunchError(f"the SuperLink at {address} speaks plain HTTP (an insecure "
-                              f"SuperLink): drop --root-certificates") from None
-        if root_certificates is None and _speaks_tls(address, timeout):
-            raise LaunchError(f"the SuperLink at {address} speaks TLS: pass "
-                              f"--root-certificates CA_PEM (or --deployment DIR)") from None
-        raise LaunchError(f"the SuperLink at {address} is unreachable: {reason}") from None
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        raise LaunchError(f"the SuperLink at {address} is not the one {root_certificates} "
+                          f"vouches for: {reason.verify_message} (a certificate from another "
+                          f"CA, or one whose names do not include {address.rsplit(':', 1)[0]})")
+    if isinstance(reason, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(reason):
+        raise LaunchError(f"the SuperLink at {address} speaks plain HTTP (an insecure "
+                          f"SuperLink): drop --root-certificates")
+    if root_certificates is None and _speaks_tls(address, timeout):
+        raise LaunchError(f"the SuperLink at {address} speaks TLS: pass --root-certificates "
+                          f"CA_PEM (or --deployment DIR)")
+    raise LaunchError(f"the SuperLink at {address} is unreachable: {reason}")
 
 
 def _speaks_tls(address: str, timeout: float) -> bool:

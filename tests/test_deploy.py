@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -127,8 +128,10 @@ def test_quickstart_through_the_deployment_reaches_its_mlflow(deployment: Path,
     assert sorted({c["partition_id"] for c in clients}) == [0, 1]
     assert all(c["status"] == "ok" for c in clients)
     # the refused nodes: an unregistered key, plaintext, a SuperLink they cannot trust
-    for name, proc in rogue.items():
-        assert proc.wait(120) != 0, f"the {name} node was not refused"
+    for name, (proc, log, refusal) in rogue.items():
+        os.killpg(proc.pid, signal.SIGKILL)  # Flower's SuperNode logs its exit, then lingers
+        proc.wait(10)
+        assert refusal in log.read_text(errors="replace"), f"the {name} node was not refused"
     # MLflow received it, authenticated; anonymous requests are refused
     env = tracking_env(deployment, Manifest.load(deployment))
     from mlflow.tracking import MlflowClient
@@ -154,9 +157,12 @@ def test_quickstart_through_the_deployment_reaches_its_mlflow(deployment: Path,
     assert refused.value.code == 401
 
 
-def _rogue_nodes(deployment: Path, workdir: Path) -> dict[str, subprocess.Popen]:
-    """Three SuperNodes that must not get in: a key that was never registered, plaintext,
-    and one that trusts another CA; all claim partition 0."""
+Rogue = tuple[subprocess.Popen, Path, str]
+
+
+def _rogue_nodes(deployment: Path, workdir: Path) -> dict[str, Rogue]:
+    """Three SuperNodes that must not get in, each with the refusal it must log: a key that
+    was never registered, plaintext, and one that trusts another CA; all claim partition 0."""
     manifest = Manifest.load(deployment)
     private, _public = pki.make_node_key()
     pki.write_private(workdir / "rogue.key", private)
@@ -164,23 +170,29 @@ def _rogue_nodes(deployment: Path, workdir: Path) -> dict[str, subprocess.Popen]
     (workdir / "other-ca.crt").write_bytes(pki.cert_pem(other_ca))
     own_key = str(deployment / manifest.nodes[0].key)
     variants = {
-        "unregistered": ["--root-certificates", str(deployment / CA),
-                         "--auth-supernode-private-key", str(workdir / "rogue.key")],
-        "plaintext": ["--insecure"],
-        "other-CA": ["--root-certificates", str(workdir / "other-ca.crt"),
-                     "--auth-supernode-private-key", own_key],
+        "unregistered": (["--root-certificates", str(deployment / CA),
+                          "--auth-supernode-private-key", str(workdir / "rogue.key")],
+                         "Failed to activate SuperNode"),
+        "plaintext": (["--insecure"], "Failed to initialize the connection to the SuperLink"),
+        "other-CA": (["--root-certificates", str(workdir / "other-ca.crt"),
+                      "--auth-supernode-private-key", own_key], "CERTIFICATE_VERIFY_FAILED"),
     }
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    procs = {}
-    for name, flags in variants.items():
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    rogues = {}
+    for name, (flags, refusal) in variants.items():
         env["FLWR_HOME"] = str(workdir / f"rogue-{name}")
-        procs[name] = subprocess.Popen(
-            ["flower-supernode", "--superlink", manifest.fleet_address, "--max-retries", "1",
-             "--max-wait-time", "30", "--port", str(free_port()), "--node-config",
-             f"partition-id=0 num-partitions={manifest.num_partitions}", *flags],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
-    return procs
+        log = workdir / f"rogue-{name}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [str(bin_dir / "flower-supernode"), "--superlink", manifest.fleet_address,
+                 "--max-retries", "1", "--max-wait-time", "30", "--port", str(free_port()),
+                 "--node-config", f"partition-id=0 num-partitions={manifest.num_partitions}",
+                 *flags], env=env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        rogues[name] = (proc, log, refusal)
+    return rogues
 
 
 def test_a_misaddressed_submission_says_why(deployment: Path, workdir: Path,

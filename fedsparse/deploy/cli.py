@@ -51,6 +51,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                    help="MLflow's backend store (default postgresql; sqlite: a file, lighter)")
     p.add_argument("--postgres-host", default="", metavar="HOST[:PORT]",
                    help="an existing PostgreSQL server (default: one `deploy up` starts)")
+    p.add_argument("--mlflow-host", default="127.0.0.1", metavar="HOST",
+                   help="the name the ServerApp reaches MLflow by (default 127.0.0.1: it runs "
+                        "on the SuperLink host; in compose: the mlflow service)")
     p.add_argument("--insecure", action="store_true",
                    help="INSECURE: no TLS and no node authentication (a quick trial only)")
     p.add_argument("--force", action="store_true", help="replace existing files")
@@ -112,7 +115,8 @@ def _init(args: argparse.Namespace) -> int:
         print(INSECURE_WARNING, file=sys.stderr)
     manifest = init_deployment(args.dir, args.superlink_host, args.nodes, port=args.port,
                                insecure=args.insecure, mlflow_backend=args.mlflow_backend,
-                               postgres_host=args.postgres_host, force=args.force)
+                               postgres_host=args.postgres_host,
+                               mlflow_host=args.mlflow_host, force=args.force)
     print(f"fedsparse: deployment in {args.dir}: SuperLink {manifest.fleet_address} for "
           f"devices, runs submitted at {manifest.control_address} on the SuperLink host, "
           f"{len(manifest.nodes)} node keys under {args.dir / 'nodes'}")
@@ -202,6 +206,8 @@ def _service(args: argparse.Namespace) -> int:
         return 0
     if prog.name == "postgres":
         mlflow_service.postgres_setup(args.dir, manifest)
+    if prog.name == "mlflow":
+        mlflow_service.mlflow_setup(args.dir, manifest)
     argv = supervise.command(0, prog.argv)
     if prog.user:
         argv = ["runuser", "-u", prog.user, "--", *argv]

@@ -12,8 +12,10 @@ commands that start and stop services (``up``, ``down``, ``add-node``, ``remove-
 from __future__ import annotations
 
 import fcntl
+import grp
 import json
 import os
+import pwd
 import signal
 import ssl
 import subprocess
@@ -23,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -54,6 +57,16 @@ class Daemon:
         except psutil.NoSuchProcess:
             pass
         return None
+
+
+def user_kwargs(user: str) -> dict[str, Any]:
+    """``subprocess`` arguments that run a child as ``user`` with only that user's groups
+    (``user=`` alone would keep root's group); {} for "" (the current user)."""
+    if not user:
+        return {}
+    entry = pwd.getpwnam(user)
+    groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": groups}
 
 
 def _slug(name: str) -> str:
@@ -107,9 +120,10 @@ def start(directory: Path, program: Program, env: dict[str, str],
         return existing
     log = log_path(directory, program.name)
     log.parent.mkdir(parents=True, exist_ok=True)
-    argv = program.argv
-    if program.user:
-        argv = ["runuser", "-u", program.user, "--", *argv]
+    # The supervisor stays this user's (this interpreter may live where the service's user
+    # cannot go); only the service itself runs as its user.
+    argv = ["runuser", "-u", program.user, "--", *program.argv] if program.user \
+        else program.argv
     with open(log, "ab") as out:
         proc = subprocess.Popen(supervise.command(0, argv), stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,

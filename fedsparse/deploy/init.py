@@ -30,6 +30,8 @@ from fedsparse.deploy.manifest import (
 from fedsparse.deploy.programs import CA, SERVER_CERT, SERVER_KEY
 
 CA_KEY, SECRETS = "ca/ca.key", "secrets/mlflow.toml"
+POSTGRES_PASSWORD = "secrets/postgres_password"
+POSTGRES_ROLE = "mlflow"  # the role and database of MLflow's backend store
 MLFLOW_USER = "fedsparse"
 RUNTIME_PORT = 9100  # node-i's own Runtime API port: 9100 + i (unique, so nodes may share a host)
 _NODE_NAME = re.compile(r"^node-(\d+)$")
@@ -37,25 +39,31 @@ _NODE_NAME = re.compile(r"^node-(\d+)$")
 
 def init_deployment(directory: Path, hosts: list[str], nodes: int, *, port: int = FLEET_PORT,
                     insecure: bool = False, mlflow_backend: str = "postgresql",
-                    postgres_host: str = "", force: bool = False) -> Manifest:
+                    postgres_host: str = "", mlflow_host: str = "127.0.0.1",
+                    force: bool = False) -> Manifest:
     """Make a deployment in ``directory``: unless ``insecure``, a CA, the SuperLink's
     certificate for ``hosts`` and the keys of ``nodes`` SuperNodes (``node-0`` ... serving
     partitions 0 ...); always MLflow's credentials and the manifest, which is returned."""
     _check_init_args(hosts, nodes, port, mlflow_backend, postgres_host)
+    pg_host, _, pg_port = postgres_host.rpartition(":") if ":" in postgres_host \
+        else (postgres_host, "", "")
     manifest = Manifest(superlink_hosts=list(hosts),
                         nodes=[Node(f"node-{i}", i, RUNTIME_PORT + i) for i in range(nodes)],
-                        port=port, insecure=insecure, postgres_host=postgres_host,
-                        mlflow_backend=cast(Backend, mlflow_backend))
+                        port=port, insecure=insecure, postgres_host=pg_host,
+                        mlflow_backend=cast(Backend, mlflow_backend), mlflow_host=mlflow_host)
+    if pg_host:  # an existing server: PostgreSQL's own default port unless given
+        manifest.postgres_port = int(pg_port) if pg_port.isdigit() else 5432
     files = [MANIFEST]
     if not insecure:
         files += [CA, CA_KEY, SERVER_CERT, SERVER_KEY]
         files += [f for node in manifest.nodes for f in (node.key, node.public_key)]
-    files.append(SECRETS)
+    files += [SECRETS, POSTGRES_PASSWORD]
     if not force:
         pki.refuse_existing([directory / f for f in files])
     if not insecure:
         ca_key, ca_cert = pki.make_ca(f"fedsparse deployment CA ({hosts[0]})")
-        server_key, server_cert = pki.make_server_cert(ca_key, ca_cert, hosts)
+        server_key, server_cert = pki.make_server_cert(  # MLflow serves the same certificate
+            ca_key, ca_cert, [*hosts, *([mlflow_host] if mlflow_host not in hosts else [])])
         pki.write_private(directory / CA_KEY, pki.key_pem(ca_key), force)
         pki.write_public(directory / CA, pki.cert_pem(ca_cert), force)
         pki.write_private(directory / SERVER_KEY, pki.key_pem(server_key), force)
@@ -64,8 +72,11 @@ def init_deployment(directory: Path, hosts: list[str], nodes: int, *, port: int 
             _write_node_key(directory, node, force)
     secret = {"mlflow": {"username": MLFLOW_USER, "password": secrets.token_urlsafe(24),
                          "secret_key": secrets.token_urlsafe(32)},
-              "postgres": {"username": MLFLOW_USER, "password": secrets.token_urlsafe(24)}}
+              "postgres": {"username": POSTGRES_ROLE, "password": secrets.token_urlsafe(24)}}
     pki.write_private(directory / SECRETS, tomli_w.dumps(secret).encode(), force)
+    # the same password alone in a file, for a PostgreSQL container (POSTGRES_PASSWORD_FILE)
+    pki.write_private(directory / POSTGRES_PASSWORD, secret["postgres"]["password"].encode(),
+                      force)
     manifest.save(directory)
     return manifest
 

@@ -30,6 +30,7 @@ MANIFEST, REGISTRY = "deployment.toml", "registry.json"
 FLEET_PORT = 8000  # Flower's default SuperLink port: what devices connect to
 CONTROL_PORT = 8010  # the SuperLink itself, on 127.0.0.1 only (submission, Runtime API)
 MLFLOW_PORT = 5000
+POSTGRES_PORT = 5440  # not 5432: there the Debian package starts a cluster of its own
 Backend = Literal["postgresql", "sqlite"]
 
 
@@ -67,7 +68,9 @@ class Manifest:
     mlflow_backend: Backend = "postgresql"
     mlflow_port: int = MLFLOW_PORT
     mlflow_bind: str = "127.0.0.1"
+    mlflow_host: str = "127.0.0.1"  # how the ServerApp reaches MLflow (compose: its service)
     postgres_host: str = ""  # "" = a PostgreSQL that ``deploy up`` starts in DIR/state
+    postgres_port: int = POSTGRES_PORT  # the managed one's, or postgres_host's (often 5432)
     version: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 

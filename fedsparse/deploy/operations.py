@@ -63,6 +63,8 @@ def up_server(directory: Path, manifest: Manifest) -> list[daemons.Daemon]:
     for prog in server_programs(directory, manifest):
         if prog.name == "postgres":
             mlflow_service.postgres_setup(directory, manifest)
+        if prog.name == "mlflow":
+            mlflow_service.mlflow_setup(directory, manifest)
         if prog.name == "fleet-proxy":
             register_all(directory, manifest)
         started.append(_start(directory, prog))
