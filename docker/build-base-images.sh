@@ -7,7 +7,7 @@
 #                               with the official image (docker/postgres/)
 #   docker/wheels/              the torch CPU wheel from pip's find-links folder
 #   docker/certs/ca-bundle.crt  the host's CA bundle, only when pip here is set to use one
-#                               (a TLS-intercepting mirror); both folders are git-ignored
+#                               (a TLS-intercepting mirror); their contents are git-ignored
 #
 # Then build with: BASE_IMAGE=local/bookworm-python:3.11 TORCH_SOURCE=wheels \
 #   FEDSPARSE_CA_BUNDLE=docker/certs/ca-bundle.crt POSTGRES_IMAGE=local/postgres:15 \
