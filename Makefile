@@ -1,12 +1,13 @@
 # fedsparse: two commands on a fresh machine (Python 3.11, package registries only).
 #   make quickstart   set up .venv and run scenarios/quickstart.toml (Ray simulation + MLflow)
 #   make test         set up .venv and run the test suite
+#   make compose-e2e  docker-compose.yml end to end on a Docker Engine (docker/compose-e2e.sh)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test test-fast lint bench clean
+.PHONY: setup quickstart test test-fast lint bench clean images-local compose-e2e
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,15 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
+
+# Without a container registry: the debootstrap Python base, local/postgres:15 and the torch
+# CPU wheel in docker/wheels/ (see docker/build-base-images.sh; needs root and debootstrap).
+images-local:
+	docker/build-base-images.sh
+
+# Build the image, run the compose stack, the quickstart through it, check MLflow, down -v.
+compose-e2e:
+	docker/compose-e2e.sh
 
 clean:
 	rm -rf $(VENV) .fedsparse runs reports mlruns mlflow.db
