@@ -3,7 +3,7 @@
 and that it refuses anonymous requests (docker/compose-e2e.sh; standard library only).
 
     docker/check-mlflow.py DIR     DIR holds the deployment's deployment.toml, mlflow.toml
-                                   (username, password) and ca.crt, copied out of the volume
+                                   ([mlflow] username, password) and ca.crt, copied out
 
 The server is reached where docker-compose.yml publishes it: 127.0.0.1:<mlflow_port>.
 """
@@ -51,7 +51,8 @@ def check(directory: Path) -> str:
         raise AssertionError(f"{url} answered an anonymous request")
     except urllib.error.HTTPError as error:
         assert error.code == 401, f"anonymous request: HTTP {error.code}, expected 401"
-    server = Server(url, context, (secrets["username"], secrets["password"]))
+    login = secrets["mlflow"]
+    server = Server(url, context, (login["username"], login["password"]))
     experiments = server.call("/api/2.0/mlflow/experiments/search?max_results=100")
     ids = [e["experiment_id"] for e in experiments.get("experiments", [])]
     assert ids, f"{url} has no experiment"

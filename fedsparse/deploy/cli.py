@@ -54,6 +54,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--mlflow-host", default="127.0.0.1", metavar="HOST",
                    help="the name the ServerApp reaches MLflow by (default 127.0.0.1: it runs "
                         "on the SuperLink host; in compose: the mlflow service)")
+    p.add_argument("--mlflow-bind", default="127.0.0.1", metavar="ADDRESS",
+                   help="where the MLflow server listens (default 127.0.0.1: reach its UI "
+                        "through an SSH tunnel; 0.0.0.0 in a container)")
     p.add_argument("--insecure", action="store_true",
                    help="INSECURE: no TLS and no node authentication (a quick trial only)")
     p.add_argument("--force", action="store_true", help="replace existing files")
@@ -116,7 +119,8 @@ def _init(args: argparse.Namespace) -> int:
     manifest = init_deployment(args.dir, args.superlink_host, args.nodes, port=args.port,
                                insecure=args.insecure, mlflow_backend=args.mlflow_backend,
                                postgres_host=args.postgres_host,
-                               mlflow_host=args.mlflow_host, force=args.force)
+                               mlflow_host=args.mlflow_host, mlflow_bind=args.mlflow_bind,
+                               force=args.force)
     print(f"fedsparse: deployment in {args.dir}: SuperLink {manifest.fleet_address} for "
           f"devices, runs submitted at {manifest.control_address} on the SuperLink host, "
           f"{len(manifest.nodes)} node keys under {args.dir / 'nodes'}")
@@ -196,7 +200,7 @@ def _register(args: argparse.Namespace) -> int:
 
 def _service(args: argparse.Namespace) -> int:
     from fedsparse import supervise
-    from fedsparse.deploy import mlflow_service
+    from fedsparse.deploy import daemons, mlflow_service
     from fedsparse.deploy.programs import program, service_env
 
     manifest = Manifest.load(args.dir)
@@ -208,6 +212,7 @@ def _service(args: argparse.Namespace) -> int:
         mlflow_service.postgres_setup(args.dir, manifest)
     if prog.name == "mlflow":
         mlflow_service.mlflow_setup(args.dir, manifest)
+    daemons.make_folders(args.dir, prog)
     argv = supervise.command(0, prog.argv)
     if prog.user:
         argv = ["runuser", "-u", prog.user, "--", *argv]

@@ -112,6 +112,16 @@ def recorded(directory: Path) -> list[Daemon]:
     return sorted(found, key=lambda d: d.started)
 
 
+def make_folders(directory: Path, program: Program) -> None:
+    """The folders a service writes in that its program does not make itself (its Flower
+    home, the SuperLink's database folder)."""
+    if "FLWR_HOME" in program.env:
+        Path(program.env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
+    if "--database" in program.argv:
+        Path(program.argv[program.argv.index("--database") + 1]).parent.mkdir(
+            parents=True, exist_ok=True)
+
+
 def start(directory: Path, program: Program, env: dict[str, str],
           timeout: float = 120.0) -> Daemon:
     """Start ``program`` as a daemon (unless it already runs) and wait until it is ready."""
@@ -120,6 +130,7 @@ def start(directory: Path, program: Program, env: dict[str, str],
         return existing
     log = log_path(directory, program.name)
     log.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(directory, program)
     # The supervisor stays this user's (this interpreter may live where the service's user
     # cannot go); only the service itself runs as its user.
     argv = ["runuser", "-u", program.user, "--", *program.argv] if program.user \

@@ -40,7 +40,7 @@ _NODE_NAME = re.compile(r"^node-(\d+)$")
 def init_deployment(directory: Path, hosts: list[str], nodes: int, *, port: int = FLEET_PORT,
                     insecure: bool = False, mlflow_backend: str = "postgresql",
                     postgres_host: str = "", mlflow_host: str = "127.0.0.1",
-                    force: bool = False) -> Manifest:
+                    mlflow_bind: str = "127.0.0.1", force: bool = False) -> Manifest:
     """Make a deployment in ``directory``: unless ``insecure``, a CA, the SuperLink's
     certificate for ``hosts`` and the keys of ``nodes`` SuperNodes (``node-0`` ... serving
     partitions 0 ...); always MLflow's credentials and the manifest, which is returned."""
@@ -50,7 +50,8 @@ def init_deployment(directory: Path, hosts: list[str], nodes: int, *, port: int 
     manifest = Manifest(superlink_hosts=list(hosts),
                         nodes=[Node(f"node-{i}", i, RUNTIME_PORT + i) for i in range(nodes)],
                         port=port, insecure=insecure, postgres_host=pg_host,
-                        mlflow_backend=cast(Backend, mlflow_backend), mlflow_host=mlflow_host)
+                        mlflow_backend=cast(Backend, mlflow_backend), mlflow_host=mlflow_host,
+                        mlflow_bind=mlflow_bind)
     if pg_host:  # an existing server: PostgreSQL's own default port unless given
         manifest.postgres_port = int(pg_port) if pg_port.isdigit() else 5432
     files = [MANIFEST]
