@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from fedsparse.deploy.manifest import Manifest
 from fedsparse.deploy.programs import SERVER_SERVICES
 from fedsparse.runtime_env import NO_PHONE_HOME
 from tests.conftest import REPO
@@ -137,3 +138,32 @@ def test_the_image_sets_the_no_phone_home_environment():
     text = (REPO / "docker/Dockerfile").read_text()
     env = dict(re.findall(r"^\s+([A-Z_]+)=(\S+?)(?: \\)?$", text, re.M))
     assert {k: env.get(k) for k in NO_PHONE_HOME} == NO_PHONE_HOME
+
+
+def test_compose_and_deploy_up_start_the_same_programs_with_the_same_flags(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Each compose service runs ``fedsparse deploy service NAME /deploy``, which executes,
+    under the supervisor, exactly the argv that ``deploy up`` starts as a daemon
+    (``programs.program``; ``tests/test_deploy.py`` checks the daemons' argv against it)."""
+    from fedsparse.cli import main
+    from fedsparse.deploy.init import init_deployment
+    from fedsparse.deploy.programs import program
+
+    directory = tmp_path / "deploy"
+    init_deployment(directory, ["superlink"], 2, postgres_host="postgres",
+                    mlflow_host="mlflow", mlflow_bind="0.0.0.0")
+    executed: dict[str, list[str]] = {}
+
+    def execvpe(_file: str, argv: list[str], env: dict[str, str]) -> None:
+        executed["argv"], executed["env"] = argv, env
+
+    monkeypatch.setattr("os.execvpe", execvpe)
+    monkeypatch.chdir(tmp_path)
+    for name, service in fedsparse_services().items():
+        command = service["command"]
+        if command[:3] != ["fedsparse", "deploy", "service"]:
+            continue
+        main([*command[1:3], command[3], str(directory)])
+        expected = program(directory, Manifest.load(directory), command[3])
+        assert executed["argv"][executed["argv"].index("--") + 1:] == expected.argv, name
+        assert all(executed["env"][k] == v for k, v in expected.env.items()), name

@@ -150,6 +150,11 @@ def test_quickstart_through_the_deployment_reaches_its_mlflow(deployment: Path,
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+    # a deployed run resumes from its checkpoint on the SuperLink host, into the same MLflow run
+    assert main(["run", "--resume", str(run_dir), "--deployment", str(deployment),
+                 "--set", "run.rounds=3", "--summary", "resumed.json", "--quiet"]) == 0
+    resumed = json.loads((workdir / "resumed.json").read_text())
+    assert resumed["rounds"] == 3 and resumed["mlflow_run_id"] == summary["mlflow_run_id"]
     url = f"{env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/runs/get?run_id={run.info.run_id}"
     context = daemons.ssl_context(deployment) if url.startswith("https") else None
     with pytest.raises(urllib.error.HTTPError) as refused:
