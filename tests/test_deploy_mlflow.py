@@ -150,7 +150,8 @@ def test_a_folder_postgres_cannot_enter_is_a_clear_error(tmp_path: Path):
 
 def test_missing_secrets_and_external_postgres_are_clear_errors(tmp_path: Path):
     manifest = Manifest(superlink_hosts=["127.0.0.1"], nodes=[])
-    with pytest.raises(DeploymentError, match=r"secrets/mlflow\.toml is missing"):
+    with pytest.raises(DeploymentError, match=r"secrets/mlflow\.toml: cannot read the "
+                                              r"deployment.s credentials"):
         mlflow_service.mlflow(tmp_path, manifest)
     manifest.postgres_host = "db.example"
     with pytest.raises(DeploymentError, match="not one that it manages"):

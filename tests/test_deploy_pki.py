@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from fedsparse.deploy import pki
 from fedsparse.deploy.init import (
     CA_KEY,
+    POSTGRES_PASSWORD,
     SECRETS,
     add_node,
     init_deployment,
@@ -150,7 +151,7 @@ def test_insecure_init_makes_only_credentials_and_manifest(tmp_path: Path):
     manifest = init_deployment(tmp_path, ["127.0.0.1"], 2, insecure=True,
                                mlflow_backend="sqlite")
     assert manifest.insecure and Manifest.load(tmp_path).insecure
-    assert set(snapshot(tmp_path)) == {"deployment.toml", SECRETS}
+    assert set(snapshot(tmp_path)) == {"deployment.toml", SECRETS, POSTGRES_PASSWORD}
     assert read_secrets(tmp_path)["mlflow"]["password"]
     node = add_node(tmp_path)
     assert node.name == "node-2" and not (tmp_path / node.key).exists()

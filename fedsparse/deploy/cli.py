@@ -148,6 +148,11 @@ def _up(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from fedsparse.deploy import operations
 
+    manifest = Manifest.load(args.dir)
+    transport = ("INSECURE: no TLS, no node authentication" if manifest.insecure
+                 else "TLS, node authentication")
+    print(f"{args.dir}: {transport}; devices connect to {manifest.fleet_address}, runs are "
+          f"submitted at {manifest.control_address} on the SuperLink host")
     rows = operations.status(args.dir)
     for row in rows:
         pid = str(row.pid) if row.pid else "-"

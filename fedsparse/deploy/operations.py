@@ -77,7 +77,12 @@ def up_server(directory: Path, manifest: Manifest) -> list[daemons.Daemon]:
 
 def up_nodes(directory: Path, manifest: Manifest, names: list[str]) -> list[daemons.Daemon]:
     """The SuperNodes ``names`` (every node of the manifest if empty) on this machine."""
+    from fedsparse.deploy import pki
+
     nodes = [manifest.node(n) for n in names] if names else manifest.nodes
+    if not manifest.insecure:
+        for node in nodes:
+            pki.check_node_key(directory / node.key)
     return [_start(directory, supernode(directory, manifest, node)) for node in nodes]
 
 
