@@ -7,8 +7,6 @@ Every process is started in its own session and stopped with its descendants
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import ssl
 import subprocess
@@ -20,11 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
+from fedsparse.deploy import pki
 from fedsparse.launch import stop_tree
 from fedsparse.runtime_env import NO_PHONE_HOME
 
@@ -40,60 +34,22 @@ class Certs:
 
 
 def make_certs(directory: Path, names: list[str]) -> Certs:
-    """A CA and a server certificate for ``names`` (DNS names or IP addresses) in
-    ``directory``; the CA's key is not kept."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedsparse test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
-                                       False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                         critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    sans: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            sans.append(x509.DNSName(name))
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    """A CA and a server certificate for ``names`` (DNS names or IP addresses; localhost and
+    127.0.0.1 are always added) in ``directory``; the CA's key is not kept."""
+    ca_key, ca = pki.make_ca("fedsparse test CA")
+    key, cert = pki.make_server_cert(ca_key, ca, names)
     certs = Certs(directory / "ca.crt", directory / "server.crt", directory / "server.key")
-    certs.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    certs.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    certs.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                            serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
+    pki.write_public(certs.ca, pki.cert_pem(ca), force=True)
+    pki.write_public(certs.cert, pki.cert_pem(cert), force=True)
+    pki.write_private(certs.key, pki.key_pem(key), force=True)
     return certs
 
 
 def make_node_key(path: Path) -> Path:
     """A SuperNode's ECDSA key in OpenSSH format at ``path`` (and ``path``.pub); -> .pub."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.OpenSSH,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
-    public = path.with_name(path.name + ".pub")
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH))
-    return public
+    private, public = pki.make_node_key()
+    pki.write_private(path, private, force=True)
+    return pki.write_public(path.with_name(path.name + ".pub"), public, force=True)
 
 
 def flower_env(home: Path) -> dict[str, str]:

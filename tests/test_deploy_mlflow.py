@@ -5,7 +5,6 @@ anonymous and wrongly authenticated requests; the SQLite variant over plain HTTP
 from __future__ import annotations
 
 import base64
-import datetime
 import os
 import shutil
 import signal
@@ -26,7 +25,7 @@ import psutil
 import pytest
 import tomli_w
 
-from fedsparse.deploy import daemons, mlflow_service
+from fedsparse.deploy import daemons, mlflow_service, pki
 from fedsparse.deploy.init import SECRETS as SECRETS_FILE
 from fedsparse.deploy.manifest import DeploymentError, Manifest
 from fedsparse.deploy.programs import CA, SERVER_CERT, SERVER_KEY, Program
@@ -295,43 +294,9 @@ def _free_port() -> int:
 
 
 def _write_certificates(directory: Path) -> None:
-    """A CA and a server certificate for 127.0.0.1 and localhost (what ``deploy init`` makes)."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
-                                       False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                         critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    for rel, data in ((CA, ca.public_bytes(pem)), (SERVER_CERT, cert.public_bytes(pem)),
-                      (SERVER_KEY, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                     serialization.NoEncryption()))):
-        (directory / rel).parent.mkdir(parents=True, exist_ok=True)
-        (directory / rel).write_bytes(data)
-    (directory / SERVER_KEY).chmod(0o600)
+    """A CA and a server certificate for 127.0.0.1 and localhost, as ``deploy init`` makes."""
+    ca_key, ca = pki.make_ca("test CA")
+    key, cert = pki.make_server_cert(ca_key, ca, ["127.0.0.1"])
+    pki.write_public(directory / CA, pki.cert_pem(ca))
+    pki.write_public(directory / SERVER_CERT, pki.cert_pem(cert))
+    pki.write_private(directory / SERVER_KEY, pki.key_pem(key))
