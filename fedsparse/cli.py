@@ -189,6 +189,7 @@ def deployment_target(args: argparse.Namespace) -> int | None:
     from fedsparse.deploy.manifest import Manifest
     from fedsparse.deploy.programs import CA
 
+    args.deployment = args.deployment.resolve()
     manifest = Manifest.load(args.deployment)
     args.superlink = manifest.control_address
     args.root_certificates = None if manifest.insecure else args.deployment / CA
@@ -196,7 +197,11 @@ def deployment_target(args: argparse.Namespace) -> int | None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    deployment_target(args)
+    if args.deployment:  # its parent MLflow run and report would be local, its runs remote
+        raise ScenarioError("--deployment", [
+            "compare runs on a simulation or one --superlink; with a deployment, run each "
+            "scenario with `fedsparse run FILE --deployment DIR` and compare them in its "
+            "MLflow"])
     result = compare(args.files, overrides=args.overrides, unset=args.unset,
                      experiment=args.experiment or "",
                      out=args.out, quiet=args.quiet, superlink=args.superlink,

@@ -46,6 +46,22 @@ def test_a_service_outlives_its_starter_and_stops_with_all_it_started(tmp_path: 
     assert daemons.find(tmp_path, "sleeper") is None and not daemons.stop(tmp_path, "sleeper")
 
 
+def test_a_service_whose_supervisor_was_killed_is_still_stopped(tmp_path: Path):
+    daemon = daemons.start(tmp_path, Program("orphan", [sys.executable, "-c", SPAWNER]), {})
+    supervisor = daemon.process()
+    deadline = time.monotonic() + 10
+    while len(supervisor.children(recursive=True)) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    orphans = supervisor.children(recursive=True)
+    supervisor.kill()  # SIGKILL: it cannot stop its tree
+    supervisor.wait(5)
+    assert all(p.is_running() for p in orphans)
+    assert daemons.stop(tmp_path, "orphan")
+    _, alive = psutil.wait_procs(orphans, timeout=10)
+    assert not alive
+
+
 def test_a_recycled_pid_is_not_the_service(tmp_path: Path):
     daemons.run_dir(tmp_path).mkdir(parents=True)
     me = psutil.Process()  # alive, but started at another time than the record says

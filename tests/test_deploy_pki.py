@@ -344,3 +344,12 @@ def test_tls_client_refuses_another_ca_and_a_host_not_in_the_sans(deployment: Pa
         _handshake(other_ca / CA, "127.0.0.1", *served)
     with pytest.raises(ssl.SSLCertVerificationError, match="mismatch"):
         _handshake(deployment / CA, "10.9.9.9", *served)
+
+
+def test_force_refuses_a_deployment_that_has_been_used(tmp_path: Path):
+    init_deployment(tmp_path, ["127.0.0.1"], 1)
+    (tmp_path / "state").mkdir()
+    before = snapshot(tmp_path)
+    with pytest.raises(DeploymentError, match="has been used"):
+        init_deployment(tmp_path, ["127.0.0.1"], 1, force=True)
+    assert snapshot(tmp_path) == before

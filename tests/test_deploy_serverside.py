@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsparse.deploy.manifest import Node, save_registry
+from fedsparse.deploy.manifest import Manifest, Node, save_registry
 from fedsparse.deploy.serverside import confine, registered_partitions
 from fedsparse.scenario import ScenarioError, load_scenario
 from strategies.loop import DiscoveryError, discover
@@ -62,6 +62,9 @@ def test_a_registry_must_cover_the_scenarios_clients(tmp_path: Path, flower_task
     grid, scenario = _grid(2, 2)
     with pytest.raises(DiscoveryError, match=r"no node is registered for partition ids \[1\]"):
         discover(grid, scenario, {1000: 0})
-    assert registered_partitions(tmp_path) is None  # no registry: an insecure deployment
+    Manifest(superlink_hosts=["h"], nodes=[Node("node-0", 0)], insecure=True).save(tmp_path)
+    assert registered_partitions(tmp_path) is None  # no node auth: nodes say their partition
+    Manifest(superlink_hosts=["h"], nodes=[Node("node-0", 0)]).save(tmp_path)
+    assert registered_partitions(tmp_path) == {}  # a lost registry serves nothing, not all
     save_registry(tmp_path, {7: Node("node-0", 0), 9: Node("node-1", 1)})
     assert registered_partitions(tmp_path) == {7: 0, 9: 1}

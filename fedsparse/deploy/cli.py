@@ -11,8 +11,9 @@ from fedsparse.deploy.manifest import FLEET_PORT, Manifest
 
 INSECURE_WARNING = ("fedsparse: WARNING: an INSECURE deployment: no TLS (everything, model "
                     "updates included, crosses the network in plain text) and no node "
-                    "authentication (any machine that reaches the SuperLink can join). "
-                    "For a trial on a trusted network only.")
+                    "authentication (any machine that reaches the SuperLink can join, claim "
+                    "any partition, or unregister other nodes). For a trial on a trusted "
+                    "network only.")
 
 EPILOG = """\
 On the SuperLink host:
@@ -102,6 +103,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run one ``deploy`` verb (a DeploymentError says what the user must fix)."""
+    args.dir = args.dir.resolve()  # services run elsewhere than here: absolute paths only
     return {"init": _init, "up": _up, "status": _status, "down": _down,
             "add-node": _add_node, "remove-node": _remove_node, "register": _register,
             "service": _service}[args.verb](args)
@@ -130,7 +132,7 @@ def _init(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from fedsparse.deploy import daemons, operations
 
-    manifest = operations.checked_manifest(args.dir)
+    manifest = operations.checked_manifest(args.dir, server=not args.node)
     if manifest.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
     with daemons.locked(args.dir):
@@ -194,11 +196,12 @@ def _remove_node(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from fedsparse.deploy import operations
+    from fedsparse.deploy import daemons, operations
 
-    manifest = operations.checked_manifest(args.dir)
+    manifest = operations.checked_manifest(args.dir, server=True)
     operations.wait_superlink(args.dir, manifest, args.wait)
-    registry = operations.register_all(args.dir, manifest)
+    with daemons.locked(args.dir):
+        registry = operations.register_all(args.dir, manifest)
     print(f"fedsparse: {len(registry)} nodes registered")
     return 0
 

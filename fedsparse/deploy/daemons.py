@@ -5,8 +5,10 @@ it follows no parent) in a session of its own, so it outlives ``fedsparse deploy
 supervisor adopts whatever the service starts (Flower's SuperExec, ClientApp and ServerApp
 processes), so stopping the supervisor stops the whole tree. A service's pidfile
 ``DIR/state/run/<service>.json`` holds the supervisor's pid and start time (a recycled pid
-is never mistaken for it), its command and log. ``DIR/state/deploy.lock`` serialises the
-commands that start and stop services (``up``, ``down``, ``add-node``, ``remove-node``).
+is never mistaken for it), its command and log, and the mark its whole tree carries in its
+environment, by which ``stop`` finds what is left even of a service whose supervisor was
+killed. ``DIR/state/deploy.lock`` serialises the commands that start and stop services
+(``up``, ``down``, ``add-node``, ``remove-node``, ``register``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import grp
 import json
 import os
 import pwd
+import secrets
 import signal
 import ssl
 import subprocess
@@ -35,6 +38,7 @@ from fedsparse.deploy.programs import CA, Program
 from fedsparse.durable import write_bytes
 
 STOP_TIMEOUT_S = 20.0
+SERVICE_ENV = "FEDSPARSE_SERVICE"
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Daemon:
     started: float  # the supervisor's create_time (psutil), to tell a recycled pid apart
     argv: list[str]
     log: str
+    token: str = ""  # the mark in its environment (``SERVICE_ENV``) its whole tree inherits
 
     def process(self) -> psutil.Process | None:
         """The supervisor, if it is still this service's; else None."""
@@ -135,13 +140,14 @@ def start(directory: Path, program: Program, env: dict[str, str],
     # cannot go); only the service itself runs as its user.
     argv = ["runuser", "-u", program.user, "--", *program.argv] if program.user \
         else program.argv
+    token = f"{directory}#{program.name}#{secrets.token_hex(8)}"
     with open(log, "ab") as out:
         proc = subprocess.Popen(supervise.command(0, argv), stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**env, **program.env},
+                                env={**env, **program.env, SERVICE_ENV: token},
                                 cwd=program.cwd or str(directory), close_fds=True)
     daemon = Daemon(program.name, proc.pid, psutil.Process(proc.pid).create_time(),
-                    program.argv, str(log))
+                    program.argv, str(log), token)
     run_dir(directory).mkdir(parents=True, exist_ok=True)
     write_bytes(run_dir(directory) / f"{_slug(program.name)}.json",
                 json.dumps(asdict(daemon)).encode())
@@ -185,20 +191,33 @@ def _tail(log: Path, lines: int = 8) -> str:
     return f"; last lines of {log}:\n  " + "\n  ".join(text) if text else ""
 
 
+def members(daemon: Daemon) -> list[psutil.Process]:
+    """Every process still carrying the service's mark (``SERVICE_ENV`` in its environment,
+    which every descendant inherits): its tree even when its supervisor was killed and its
+    descendants started sessions of their own."""
+    found = []
+    for proc in psutil.process_iter():
+        with suppress(psutil.Error, OSError):
+            if proc.environ().get(SERVICE_ENV) == daemon.token:
+                found.append(proc)
+    return found
+
+
 def stop(directory: Path, name: str, timeout: float = STOP_TIMEOUT_S) -> bool:
-    """Stop service ``name`` and everything it started; True if it was running."""
+    """Stop service ``name`` and everything it started (even if its supervisor is gone);
+    True if something of it was running."""
     daemon = find(directory, name)
     if daemon is None:
         return False
     proc = daemon.process()
     if proc is not None:
         proc.send_signal(signal.SIGTERM)  # the supervisor stops its tree, then exits
-        try:
+        with suppress(psutil.TimeoutExpired):
             proc.wait(timeout)
-        except psutil.TimeoutExpired:
-            for child in [proc, *proc.children(recursive=True)]:
-                with suppress(psutil.NoSuchProcess):
-                    child.kill()
-            proc.wait(5)
+    left = members(daemon) if daemon.token else []
+    for member in left:
+        with suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(left, timeout=5)
     (run_dir(directory) / f"{_slug(name)}.json").unlink(missing_ok=True)
-    return proc is not None
+    return proc is not None or bool(left)

@@ -17,8 +17,12 @@ def flwr(directory: Path, manifest: Manifest, *args: str) -> dict:
     env = flower_env(directory)
     flower_config(Path(env["FLWR_HOME"]), manifest.control_address, manifest.insecure,
                   None if manifest.insecure else directory / CA)
-    done = subprocess.run(["flwr", *args, CONNECTION, "--format", "json"], env=env,
-                          capture_output=True, text=True, timeout=120)
+    try:
+        done = subprocess.run(["flwr", *args, CONNECTION, "--format", "json"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise DeploymentError(f"`flwr {' '.join(args)}` against {manifest.control_address} "
+                              f"did not complete: {err}") from None
     answer = _json_answer(done.stdout)
     if done.returncode != 0 or not answer.get("success"):
         reason = answer.get("error-message") or (done.stderr or done.stdout).strip()[-500:]

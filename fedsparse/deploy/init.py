@@ -22,6 +22,7 @@ from fedsparse.deploy.manifest import (
     FLEET_PORT,
     MANIFEST,
     MLFLOW_PORT,
+    REGISTRY,
     Backend,
     DeploymentError,
     Manifest,
@@ -61,6 +62,12 @@ def init_deployment(directory: Path, hosts: list[str], nodes: int, *, port: int 
     files += [SECRETS, POSTGRES_PASSWORD]
     if not force:
         pki.refuse_existing([directory / f for f in files])
+    elif (directory / REGISTRY).exists() or (directory / "state").exists():
+        raise DeploymentError(f"{directory} has been used (its registry.json or state/): new "
+                              f"keys and passwords would not match the registrations, "
+                              f"PostgreSQL and MLflow it holds; stop it (`fedsparse deploy "
+                              f"down {directory}`) and delete registry.json and state/ first, "
+                              f"or make the new deployment in another folder")
     if not insecure:
         ca_key, ca_cert = pki.make_ca(f"fedsparse deployment CA ({hosts[0]})")
         server_key, server_cert = pki.make_server_cert(  # MLflow serves the same certificate

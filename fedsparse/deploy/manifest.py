@@ -85,6 +85,11 @@ class Manifest:
         return f"127.0.0.1:{self.control_port}"
 
     @property
+    def manages_postgres(self) -> bool:
+        """Whether ``deploy up`` runs MLflow's PostgreSQL (in ``DIR/state/postgres``)."""
+        return self.mlflow_backend == "postgresql" and not self.postgres_host
+
+    @property
     def num_partitions(self) -> int:
         """Partitions of the data the nodes serve: 0 .. the highest a node serves (a removed
         node leaves its partition unserved until ``add-node`` fills it)."""

@@ -26,6 +26,7 @@ from fedsparse.deploy.manifest import (
     save_registry,
 )
 from fedsparse.deploy.programs import (
+    SERVER_SERVICES,
     Program,
     program,
     server_programs,
@@ -37,14 +38,21 @@ POSTGRES_READY_S = 60.0
 SUPERLINK_READY_S = 120.0
 
 
-def checked_manifest(directory: Path) -> Manifest:
-    """The manifest, with its certificates and keys checked (clear errors, before any start)."""
+def checked_manifest(directory: Path, server: bool) -> Manifest:
+    """The manifest, with what the services to start need checked (clear errors, before any
+    start): the SuperLink's certificate and key for the ``server`` services, the CA alone
+    on a device (which holds only the manifest, the CA and its own node folder)."""
     from fedsparse.deploy import pki
     from fedsparse.deploy.programs import CA, SERVER_CERT, SERVER_KEY
 
     manifest = Manifest.load(directory)
-    if not manifest.insecure:
-        pki.check_server_cert(directory / SERVER_CERT, directory / CA, directory / SERVER_KEY)
+    if manifest.insecure:
+        return manifest
+    if server:
+        pki.check_server_cert(directory / SERVER_CERT, directory / CA, directory / SERVER_KEY,
+                              [*manifest.superlink_hosts, manifest.mlflow_host])
+    else:
+        pki.check_ca(directory / CA)
     return manifest
 
 
@@ -126,9 +134,12 @@ def register_all(directory: Path, manifest: Manifest) -> dict[int, Node]:
 
 
 def down(directory: Path, names: list[str]) -> list[str]:
-    """Stop the services ``names`` (all if empty), latest started first; those stopped."""
-    targets = [d for d in reversed(daemons.recorded(directory)) if not names or d.name in names]
-    return [d.name for d in targets if daemons.stop(directory, d.name)]
+    """Stop the services ``names`` (all if empty): the nodes, then the server's in the reverse
+    of their start order (MLflow before its PostgreSQL); those that were running."""
+    order = {name: i for i, name in enumerate(SERVER_SERVICES)}
+    targets = sorted((d.name for d in daemons.recorded(directory)
+                      if not names or d.name in names), key=lambda n: -order.get(n, len(order)))
+    return [name for name in targets if daemons.stop(directory, name)]
 
 
 @dataclass
@@ -144,7 +155,7 @@ def status(directory: Path) -> list[ServiceStatus]:
     """Every service of the deployment (server services and nodes), and how each node
     stands at the SuperLink (registered, online, offline) when the SuperLink answers."""
     manifest = Manifest.load(directory)
-    names = [p.name for p in server_programs(directory, manifest)]
+    names = [n for n in SERVER_SERVICES if n != "postgres" or manifest.manages_postgres]
     names += [f"node:{n.name}" for n in manifest.nodes]
     registry = load_registry(directory)
     at_link: dict[int, str] = {}

@@ -87,7 +87,7 @@ def server_programs(directory: Path, manifest: Manifest) -> list[Program]:
     from fedsparse.deploy import mlflow_service
 
     programs = []
-    if manifest.mlflow_backend == "postgresql" and not manifest.postgres_host:
+    if manifest.manages_postgres:
         programs.append(mlflow_service.postgres(directory, manifest))
     programs.append(mlflow_service.mlflow(directory, manifest))
     link = superlink(directory, manifest)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fedsparse.deploy.manifest import load_registry
+from fedsparse.deploy.manifest import Manifest, load_registry
 from fedsparse.deploy.programs import DEPLOYMENT_ENV
 from fedsparse.scenario import ScenarioError
 
@@ -53,7 +53,9 @@ def confine(setting: dict[str, str], directory: Path) -> dict[str, str]:
 
 
 def registered_partitions(directory: Path) -> dict[int, int] | None:
-    """Flower node id -> partition of every registered node; None when the deployment has no
-    registry (an insecure one: its nodes are not authenticated)."""
-    registry = load_registry(directory)
-    return {node_id: node.partition_id for node_id, node in registry.items()} or None
+    """Flower node id -> partition of every registered node; None in an insecure deployment
+    (no node authentication, so nothing to register: nodes say which partition they serve).
+    A secure deployment whose registry is missing or empty serves no partition at all."""
+    if Manifest.load(directory).insecure:
+        return None
+    return {node_id: node.partition_id for node_id, node in load_registry(directory).items()}
