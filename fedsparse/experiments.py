@@ -72,8 +72,7 @@ def new_run_dir(scenario: Scenario, deployment: Path | None = None) -> Path:
 class Progress:
     """A progress bar over rounds and one short line per round (Flower chatter goes to a log)."""
 
-    def __init__(self, label: str, rounds: int, quiet: bool,
-                 starting: str = "starting SuperLink, Ray and the clients") -> None:
+    def __init__(self, label: str, rounds: int, quiet: bool, starting: str) -> None:
         from tqdm import tqdm
 
         self.bar = None if quiet else tqdm(total=rounds, desc=label, unit="round",

@@ -41,13 +41,17 @@ def federation() -> Iterator[Federation]:
         subprocess.run([FEDSPARSE, "deploy", "init", str(directory), "--superlink-host",
                         link.address, "--nodes", "2", "--mlflow-backend", "sqlite"],
                        check=True, capture_output=True)
+        devices = [device_copy(directory, f"node-{i}") for i in (0, 1)]
         try:
             link.check_call([FEDSPARSE, "deploy", "up", str(directory), "--server"])
-            for i in (0, 1):
-                hosts[f"node{i}"].check_call([FEDSPARSE, "deploy", "up", str(directory),
+            for i, device in enumerate(devices):
+                hosts[f"node{i}"].check_call([FEDSPARSE, "deploy", "up", str(device),
                                               "--node", f"node-{i}"])
             yield directory, hosts
         finally:
+            for device in devices:
+                subprocess.run([FEDSPARSE, "deploy", "down", str(device)], capture_output=True)
+                shutil.rmtree(device, ignore_errors=True)
             pids = [d.pid for d in daemons.recorded(directory)]
             started = [p for pid in pids if psutil.pid_exists(pid)
                        for p in [psutil.Process(pid), *psutil.Process(pid).children(True)]]
@@ -55,6 +59,16 @@ def federation() -> Iterator[Federation]:
             _, alive = psutil.wait_procs(started, timeout=30)
             shutil.rmtree(directory, ignore_errors=True)
             assert not alive, f"deploy down left {alive}"
+
+
+def device_copy(directory: Path, name: str) -> Path:
+    """What the README says a device gets: the manifest, the CA and its own node folder."""
+    device = Path(tempfile.mkdtemp(prefix=f"fshosts-{name}-", dir="/tmp"))
+    for part in ("deployment.toml", "ca/ca.crt", f"nodes/{name}"):
+        (device / part).parent.mkdir(parents=True, exist_ok=True)
+        copy = shutil.copytree if (directory / part).is_dir() else shutil.copy2
+        copy(directory / part, device / part)
+    return device
 
 
 def _status(directory: Path, link: netns.Host) -> str:

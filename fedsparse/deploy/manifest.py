@@ -112,11 +112,15 @@ class Manifest:
         if not path.is_file():
             raise DeploymentError(f"{directory} is not a deployment folder (no {MANIFEST}); "
                                   f"make one with `fedsparse deploy init {directory} ...`")
-        data = tomllib.loads(path.read_text())
-        nodes = [Node(**n) for n in data.pop("nodes", [])]
-        known = set(cls.__dataclass_fields__) - {"nodes", "extra"}
-        extra = {k: data.pop(k) for k in list(data) if k not in known}
-        return cls(nodes=nodes, extra=extra, **data)
+        try:
+            data = tomllib.loads(path.read_text())
+            nodes = [Node(**n) for n in data.pop("nodes", [])]
+            known = set(cls.__dataclass_fields__) - {"nodes", "extra"}
+            extra = {k: data.pop(k) for k in list(data) if k not in known}
+            return cls(nodes=nodes, extra=extra, **data)
+        except (tomllib.TOMLDecodeError, TypeError, AttributeError) as err:
+            raise DeploymentError(f"{path} is damaged ({err}); `fedsparse deploy init` "
+                                  f"writes it") from None
 
 
 def load_registry(directory: Path) -> dict[int, Node]:

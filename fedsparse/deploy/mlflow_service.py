@@ -33,7 +33,7 @@ import psycopg2
 from fedsparse.deploy.daemons import user_kwargs
 from fedsparse.deploy.init import POSTGRES_ROLE, read_secrets
 from fedsparse.deploy.manifest import DeploymentError, Manifest
-from fedsparse.deploy.programs import CA, SERVER_CERT, SERVER_KEY, Program
+from fedsparse.deploy.programs import CA, SERVER_CERT, SERVER_KEY, Program, scheme
 from fedsparse.runtime_env import NO_PHONE_HOME
 
 POSTGRES_STATE = "state/postgres"  # the data folder and the unix socket's folder
@@ -190,7 +190,7 @@ def mlflow(directory: Path, manifest: Manifest) -> Program:
     local = "127.0.0.1" if manifest.mlflow_bind in ("0.0.0.0", "::", "") else \
         manifest.mlflow_bind
     return Program("mlflow", argv, env=env, cwd=str(state),
-                   health_url=f"{_scheme(manifest)}://{_url_host(local)}:"
+                   health_url=f"{scheme(manifest)}://{_url_host(local)}:"
                               f"{manifest.mlflow_port}/health")
 
 
@@ -198,7 +198,7 @@ def tracking_env(directory: Path, manifest: Manifest) -> dict[str, str]:
     """What an MLflow client (the ServerApp, a user's script) needs to reach the server:
     its URI on ``mlflow_host``, the credentials, and the deployment's CA under HTTPS."""
     secrets = _secrets(directory)
-    env = {"MLFLOW_TRACKING_URI": f"{_scheme(manifest)}://{_url_host(manifest.mlflow_host)}:"
+    env = {"MLFLOW_TRACKING_URI": f"{scheme(manifest)}://{_url_host(manifest.mlflow_host)}:"
                                   f"{manifest.mlflow_port}",
            "MLFLOW_TRACKING_USERNAME": secrets["username"],
            "MLFLOW_TRACKING_PASSWORD": secrets["password"]}
@@ -259,10 +259,6 @@ def _sockets(directory: Path) -> Path:
 
 def _postgres_host(manifest: Manifest) -> str:
     return manifest.postgres_host or "127.0.0.1"
-
-
-def _scheme(manifest: Manifest) -> str:
-    return "http" if manifest.insecure else "https"
 
 
 def _url_host(host: str) -> str:

@@ -54,18 +54,18 @@ def superlink(directory: Path, manifest: Manifest) -> Program:
         "--ssl-keyfile", str(directory / SERVER_KEY), "--enable-supernode-auth"]
     return Program("superlink", argv, env={DEPLOYMENT_ENV: str(directory),
                                            "FLWR_HOME": str(directory / "state/superlink")},
-                   health_url=f"{_scheme(manifest)}://127.0.0.1:{manifest.control_port}/health")
+                   health_url=f"{scheme(manifest)}://127.0.0.1:{manifest.control_port}/health")
 
 
 def fleet_proxy(directory: Path, manifest: Manifest) -> Program:
     """The Fleet API's paths (and ``/health``) on ``bind:port``, forwarded to the SuperLink."""
     argv = ["fedsparse-fleet-proxy", "--listen", f"{manifest.bind}:{manifest.port}",
-            "--upstream", f"{_scheme(manifest)}://127.0.0.1:{manifest.control_port}"]
+            "--upstream", f"{scheme(manifest)}://127.0.0.1:{manifest.control_port}"]
     if not manifest.insecure:
         argv += ["--certfile", str(directory / SERVER_CERT),
                  "--keyfile", str(directory / SERVER_KEY), "--ca", str(directory / CA)]
     return Program("fleet-proxy", argv,
-                   health_url=f"{_scheme(manifest)}://127.0.0.1:{manifest.port}/health")
+                   health_url=f"{scheme(manifest)}://127.0.0.1:{manifest.port}/health")
 
 
 def supernode(directory: Path, manifest: Manifest, node: Node) -> Program:
@@ -123,5 +123,6 @@ def flower_env(directory: Path) -> dict[str, str]:
     return {**service_env(), "FLWR_HOME": str(directory / "state/flwr-cli")}
 
 
-def _scheme(manifest: Manifest) -> str:
+def scheme(manifest: Manifest) -> str:
+    """``https``, or ``http`` in an insecure deployment (the SuperLink's and MLflow's)."""
     return "http" if manifest.insecure else "https"
