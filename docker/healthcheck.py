@@ -9,31 +9,24 @@ deployments alike. A service without a health URL is healthy while its process r
 
 from __future__ import annotations
 
-import ssl
 import sys
-import urllib.request
 from pathlib import Path
 
+from fedsparse.deploy.daemons import health_problem
 from fedsparse.deploy.manifest import DeploymentError, Manifest
-from fedsparse.deploy.programs import CA, program
+from fedsparse.deploy.programs import program
 
 
-def healthy(name: str, directory: Path, timeout: float = 5.0) -> bool:
+def healthy(name: str, directory: Path) -> bool:
     try:
         url = program(directory, Manifest.load(directory), name).health_url
     except DeploymentError as error:
         print(f"{name}: {error}", file=sys.stderr)
         return False
-    if not url:
-        return True
-    context = (ssl.create_default_context(cafile=str(directory / CA))
-               if url.startswith("https:") else None)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
-            return 200 <= response.status < 300
-    except OSError as error:  # refused, timed out, TLS failure, HTTP error status
-        print(f"{name}: {url}: {error}", file=sys.stderr)
-        return False
+    problem = health_problem(directory, url, timeout=5.0) if url else ""
+    if problem:
+        print(f"{name}: {url}: {problem}", file=sys.stderr)
+    return not problem
 
 
 if __name__ == "__main__":

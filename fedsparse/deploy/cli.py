@@ -207,8 +207,7 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _service(args: argparse.Namespace) -> int:
-    from fedsparse import supervise
-    from fedsparse.deploy import daemons, mlflow_service
+    from fedsparse.deploy import daemons, operations
     from fedsparse.deploy.programs import program, service_env
 
     manifest = Manifest.load(args.dir)
@@ -216,13 +215,7 @@ def _service(args: argparse.Namespace) -> int:
     if args.print:
         print(" ".join(prog.argv))
         return 0
-    if prog.name == "postgres":
-        mlflow_service.postgres_setup(args.dir, manifest)
-    if prog.name == "mlflow":
-        mlflow_service.mlflow_setup(args.dir, manifest)
-    daemons.make_folders(args.dir, prog)
-    argv = supervise.command(0, prog.argv)
-    if prog.user:
-        argv = ["runuser", "-u", prog.user, "--", *argv]
+    operations.prepare(args.dir, manifest, prog)
+    argv = daemons.supervised_argv(prog)
     os.chdir(prog.cwd or args.dir)
     os.execvpe(argv[0], argv, {**service_env(), **prog.env})

@@ -135,14 +135,9 @@ def start(directory: Path, program: Program, env: dict[str, str],
         return existing
     log = log_path(directory, program.name)
     log.parent.mkdir(parents=True, exist_ok=True)
-    make_folders(directory, program)
-    # The supervisor stays this user's (this interpreter may live where the service's user
-    # cannot go); only the service itself runs as its user.
-    argv = ["runuser", "-u", program.user, "--", *program.argv] if program.user \
-        else program.argv
     token = f"{directory}#{program.name}#{secrets.token_hex(8)}"
     with open(log, "ab") as out:
-        proc = subprocess.Popen(supervise.command(0, argv), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(supervised_argv(program), stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**env, **program.env, SERVICE_ENV: token},
                                 cwd=program.cwd or str(directory), close_fds=True)
@@ -159,20 +154,35 @@ def start(directory: Path, program: Program, env: dict[str, str],
     return daemon
 
 
+def supervised_argv(program: Program) -> list[str]:
+    """``program`` under a supervisor that follows no parent. The supervisor stays this
+    user's (this interpreter may live where the service's user cannot go); only the service
+    itself runs as its ``user``."""
+    argv = ["runuser", "-u", program.user, "--", *program.argv] if program.user \
+        else program.argv
+    return supervise.command(0, argv)
+
+
+def health_problem(directory: Path, url: str, timeout: float = 2.0) -> str:
+    """Why ``url`` does not answer 2xx (trusting the deployment's CA); "" when it does."""
+    context = ssl_context(directory) if url.startswith("https") else None
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
+            return "" if 200 <= response.status < 300 else f"HTTP {response.status}"
+    except OSError as err:  # refused, timed out, TLS failure, HTTP error status
+        return str(err)
+
+
 def _wait_ready(directory: Path, program: Program, proc: subprocess.Popen,
                 timeout: float) -> None:
     """Until the health URL answers 2xx (or, without one, a second without exiting)."""
     deadline = time.monotonic() + (timeout if program.health_url else 1.0)
-    context = ssl_context(directory) if program.health_url.startswith("https") else None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise DeploymentError(f"{program.name} exited at start (code {proc.returncode})"
                                   f"{_tail(log_path(directory, program.name))}")
-        if program.health_url:
-            with suppress(OSError), urllib.request.urlopen(
-                    program.health_url, timeout=2.0, context=context) as response:
-                if 200 <= response.status < 300:
-                    return
+        if program.health_url and not health_problem(directory, program.health_url):
+            return
         time.sleep(0.25)
     if program.health_url:
         raise DeploymentError(f"{program.name} did not answer {program.health_url} within "

@@ -11,7 +11,6 @@ partitions): then it is restarted. ``down`` stops them in the reverse order.
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -56,10 +55,13 @@ def checked_manifest(directory: Path, server: bool) -> Manifest:
     return manifest
 
 
-def _start(directory: Path, prog: Program) -> daemons.Daemon:
+def _start(directory: Path, manifest: Manifest, prog: Program) -> daemons.Daemon:
     running = daemons.find(directory, prog.name)
-    if running is not None and running.process() is not None and running.argv != prog.argv:
+    if running is not None and running.process() is not None:
+        if running.argv == prog.argv:
+            return running
         daemons.stop(directory, prog.name)  # its command changed: restart it
+    prepare(directory, manifest, prog)
     return daemons.start(directory, prog, service_env())
 
 
@@ -69,18 +71,26 @@ def up_server(directory: Path, manifest: Manifest) -> list[daemons.Daemon]:
 
     started = []
     for prog in server_programs(directory, manifest):
-        if prog.name == "postgres":
-            mlflow_service.postgres_setup(directory, manifest)
-        if prog.name == "mlflow":
-            mlflow_service.mlflow_setup(directory, manifest)
         if prog.name == "fleet-proxy":
             register_all(directory, manifest)
-        started.append(_start(directory, prog))
+        started.append(_start(directory, manifest, prog))
         if prog.name == "postgres":
             _wait(lambda: mlflow_service.postgres_ready(directory, manifest), POSTGRES_READY_S,
                   "PostgreSQL", daemons.log_path(directory, prog.name))
             mlflow_service.ensure_database(directory, manifest)
     return started
+
+
+def prepare(directory: Path, manifest: Manifest, prog: Program) -> None:
+    """What a service needs made before it starts (as a daemon or in a container): the
+    folders Flower expects, PostgreSQL's cluster, MLflow's auth configuration."""
+    from fedsparse.deploy import mlflow_service
+
+    daemons.make_folders(directory, prog)
+    if prog.name == "postgres":
+        mlflow_service.postgres_setup(directory, manifest)
+    if prog.name == "mlflow":
+        mlflow_service.mlflow_setup(directory, manifest)
 
 
 def up_nodes(directory: Path, manifest: Manifest, names: list[str]) -> list[daemons.Daemon]:
@@ -91,7 +101,8 @@ def up_nodes(directory: Path, manifest: Manifest, names: list[str]) -> list[daem
     if not manifest.insecure:
         for node in nodes:
             pki.check_node_key(directory / node.key)
-    return [_start(directory, supernode(directory, manifest, node)) for node in nodes]
+    return [_start(directory, manifest, supernode(directory, manifest, node))
+            for node in nodes]
 
 
 def _wait(ready: Callable[[], bool], seconds: float, what: str, log: Path) -> None:
@@ -104,16 +115,9 @@ def _wait(ready: Callable[[], bool], seconds: float, what: str, log: Path) -> No
 
 def wait_superlink(directory: Path, manifest: Manifest, seconds: float) -> None:
     """Until the SuperLink answers its health check on the Control address."""
-    prog = program(directory, manifest, "superlink")
-    context = daemons.ssl_context(directory) if not manifest.insecure else None
-
-    def ready() -> bool:
-        with suppress(OSError), urllib.request.urlopen(prog.health_url, timeout=2.0,
-                                                      context=context) as response:
-            return 200 <= response.status < 300
-        return False
-
-    _wait(ready, seconds, f"the SuperLink at {manifest.control_address}",
+    url = program(directory, manifest, "superlink").health_url
+    _wait(lambda: not daemons.health_problem(directory, url), seconds,
+          f"the SuperLink at {manifest.control_address}",
           daemons.log_path(directory, "superlink"))
 
 
