@@ -72,7 +72,8 @@ def discover(grid: Grid, scenario: Scenario,
     queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
                for n in nodes]
     node_of: dict[int, int] = {}
-    for reply in exchange(grid, queries, scenario.run.node_wait_s):
+    replies = exchange(grid, queries, scenario.run.node_wait_s)
+    for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):  # errors reproducible
         node_id = reply.metadata.src_node_id
         if reply.has_error():
             raise DiscoveryError(f"node {node_id} failed to identify itself: "

@@ -53,8 +53,8 @@ def test_an_unregistered_node_claiming_a_partition_is_ignored(flower_task: None)
 
 def test_a_registered_node_declaring_another_partition_is_refused(flower_task: None):
     grid, scenario = _grid(2, 2)
-    with pytest.raises(DiscoveryError, match="node 1001 is registered for partition-id=0 but "
-                                             "its node config says 1"):
+    with pytest.raises(DiscoveryError, match="node 1000 is registered for partition-id=1 but "
+                                             "its node config says 0"):
         discover(grid, scenario, {1000: 1, 1001: 0})
 
 
