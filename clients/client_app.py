@@ -1,10 +1,14 @@
 """The fedsparse ClientApp: the same app in Ray simulation and on real SuperNodes.
 
-A client finds its data from its node config (``partition-id``, ``num-partitions``: set by
-the Simulation Engine, or by ``flower-supernode --node-config`` in deployment) and the
-scenario from the run config. Each message is handed to the scenario's client program; a
-train or evaluate reply echoes the instruction's round (``server-round``), so that the
-server can tell a reply to another round from one to the round it is in.
+Every instruction names the partition it is for (``partition-id`` in its config: see
+``strategies/directory.py``). In simulation (the run config's ``federation``) the client
+serves that partition: the server assigns partitions to the simulated nodes, whose own
+numbering it cannot see. On a device the partition is the node config's (``partition-id``,
+``num-partitions``: ``flower-supernode --node-config``), and an instruction naming another
+one is refused. The scenario comes from the run config. Each message is handed to the
+scenario's client program; a train or evaluate reply echoes the instruction's round
+(``server-round``), so that the server can tell a reply to another round from one to the
+round it is in.
 
 Client state (``fedsparse/client_state.py``) is read as of the instruction's
 ``commit-round`` and, after a train instruction, saved for its round, under: the node
@@ -77,19 +81,37 @@ def scenario_of(context: Context) -> Scenario:
     return _scenario(run_setting(context.run_config, "scenario"))
 
 
-def client_of(context: Context) -> tuple[Scenario, int]:
-    """This node's scenario and partition id."""
-    return scenario_of(context), node_partition(context)[0]
-
-
-def program_for(context: Context, content: RecordDict) -> ClientProgram:
-    """The scenario's client program for this node and instruction, with its state."""
+def served_partition(msg: Message, context: Context) -> int:
+    """The partition an instruction is for (see the module docstring); ValueError if this
+    node cannot serve it."""
     scenario = scenario_of(context)
+    config = msg.content.config_records.get(CONFIG, ConfigRecord())
+    named = config.get(PARTITION_ID)
+    if run_setting(context.run_config, "federation") == "simulation":
+        if not isinstance(named, int) or not 0 <= named < scenario.data.num_clients:
+            raise ValueError(f"a simulated client needs its {PARTITION_ID} (0 to "
+                             f"{scenario.data.num_clients - 1}) in the instruction, got "
+                             f"{named!r}")
+        return named
     partition_id, num_partitions = node_partition(context)
     if num_partitions != scenario.data.num_clients:
         raise ValueError(f"node config {NUM_PARTITIONS}={num_partitions} but the scenario has "
                          f"data.num_clients={scenario.data.num_clients}")
-    config = content.config_records.get(CONFIG, ConfigRecord())
+    if named is not None and named != partition_id:
+        raise ValueError(f"this node serves {PARTITION_ID}={partition_id}, not the "
+                         f"{PARTITION_ID}={named!r} the instruction is for")
+    return partition_id
+
+
+def client_of(msg: Message, context: Context) -> tuple[Scenario, int]:
+    """The scenario and the partition of one call."""
+    return scenario_of(context), served_partition(msg, context)
+
+
+def program_for(msg: Message, context: Context) -> ClientProgram:
+    """The scenario's client program for this instruction, with its state."""
+    scenario, partition_id = client_of(msg, context)
+    config = msg.content.config_records.get(CONFIG, ConfigRecord())
     run_id = run_setting(context.run_config, "fedsparse-run-id") or str(context.run_id)
     state = ClientState(StateStore(state_root(context), run_id, partition_id),
                         commit_round=int(config.get(COMMIT_ROUND, 0)),
@@ -98,30 +120,32 @@ def program_for(context: Context, content: RecordDict) -> ClientProgram:
     return program(scenario, partition_id, state)
 
 
-def warm_up(context: Context, partition_id: int, num_partitions: int) -> None:
-    """What a client's first train call would otherwise pay, done while it tells the server
-    its partition: discovery waits up to ``run.node_wait_s``, whereas seconds spent in the
-    first round (importing flwr-datasets and partitioning to load the client's data, cached
-    per process; torch.optim importing ``torch._dynamo`` when it builds its first optimizer)
-    come out of ``run.round_timeout_s``, and a timeout of a few seconds would drop every
-    reply of the first rounds. A node whose partitions do not match the scenario's clients
-    loads nothing: the server says what is wrong."""
-    scenario = scenario_of(context)
-    if num_partitions == scenario.data.num_clients:
-        client_data(scenario.data, scenario.seed, partition_id)
-        importlib.import_module("torch._dynamo")
+def warm_up(scenario: Scenario, partition_id: int) -> None:
+    """What a process's first train call would otherwise pay, done before round 1 (the
+    server waits up to ``run.node_wait_s`` for it), whereas seconds spent in the first round
+    (importing flwr-datasets and partitioning to load a client's data, cached per process;
+    torch.optim importing ``torch._dynamo`` when it builds its first optimizer) come out of
+    ``run.round_timeout_s``, and a timeout of a few seconds would drop every reply of the
+    first rounds."""
+    client_data(scenario.data, scenario.seed, partition_id)
+    importlib.import_module("torch._dynamo")
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """By default, tell the server which partition this node serves (node ids are random per
-    run), and warm up (:func:`warm_up`); a query naming a ``query`` in its config goes to the
-    client program."""
+    """By default, warm up (:func:`warm_up`) and say which partition this node serves (on a
+    device without node authentication, the server asks each new node); a query naming a
+    ``query`` in its config goes to the client program."""
     config = msg.content.config_records.get(CONFIG)
     if config is not None and config.get(QUERY, ""):
-        return Message(program_for(context, msg.content).query(msg.content), reply_to=msg)
-    partition_id, num_partitions = node_partition(context)
-    warm_up(context, partition_id, num_partitions)
+        return Message(program_for(msg, context).query(msg.content), reply_to=msg)
+    scenario = scenario_of(context)
+    if run_setting(context.run_config, "federation") == "simulation":
+        partition_id, num_partitions = served_partition(msg, context), scenario.data.num_clients
+    else:
+        partition_id, num_partitions = node_partition(context)
+    if num_partitions == scenario.data.num_clients:  # else the server says what is wrong
+        warm_up(scenario, partition_id)
     metrics = MetricRecord({PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
@@ -137,7 +161,7 @@ def answer(msg: Message, content: RecordDict) -> Message:
 @app.train()
 @with_faults(client_of)
 def train(msg: Message, context: Context) -> Message:
-    program = program_for(context, msg.content)
+    program = program_for(msg, context)
     reply = program.train(msg.content)
     program.state.save()  # the state this client holds if the server counts the round
     return answer(msg, reply)
@@ -146,4 +170,4 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @with_faults(client_of)
 def evaluate(msg: Message, context: Context) -> Message:
-    return answer(msg, program_for(context, msg.content).evaluate(msg.content))
+    return answer(msg, program_for(msg, context).evaluate(msg.content))

@@ -37,7 +37,7 @@ from fedsparse.protocol import CONFIG, SERVER_ROUND, derive_seed
 from fedsparse.scenario import FAULTS, REPLY_CORRUPTIONS, FaultSpec, Scenario
 
 Handler = Callable[[Message, Context], Message]
-Client = Callable[[Context], tuple[Scenario, int]]  # a node's scenario and partition id
+Client = Callable[[Message, Context], tuple[Scenario, int]]  # a call's scenario and partition
 
 
 class InjectedCrash(RuntimeError):
@@ -90,11 +90,11 @@ def draw(spec: FaultSpec, partition_id: int, server_round: int, phase: str) -> F
 def with_faults(client: Client) -> Callable[[Handler], Handler]:
     """Decorate a train or evaluate handler of the ClientApp with the faults of the
     scenario's ``[faults]`` (none without it); ``client`` says which scenario and partition
-    a node's context holds."""
+    a call is for."""
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
         def call(msg: Message, context: Context) -> Message:
-            scenario, partition_id = client(context)
+            scenario, partition_id = client(msg, context)
             spec = scenario.faults
             if spec is None:
                 return handler(msg, context)

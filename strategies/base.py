@@ -67,6 +67,7 @@ from fedsparse.protocol import (
 )
 from fedsparse.registry import StrategyParams
 from fedsparse.scenario import Scenario
+from strategies.directory import Directory
 from strategies.records import Received, content_bytes, from_numpy, received_bytes, to_numpy
 
 log = logging.getLogger("fedsparse.strategy")
@@ -152,9 +153,8 @@ class FedSparseStrategy(Strategy):
         # The most examples a client may claim; None: what its partition holds (simulation,
         # where the server knows the partitions); in deployment the scenario's cap.
         self.examples_cap: int | None = None
-        self.node_of: dict[int, int] = {}  # partition id -> Flower node id (this run)
-        self.partition_of: dict[int, int] = {}  # Flower node id -> partition id
-        self.client_records: list[ClientRecord] = []
+        self.directory: Directory | None = None  # partition id <-> Flower node id (bind)
+        self.client_records: list[ClientRecord] = []  # this round's (see end_round)
         self.current: dict[str, np.ndarray] = {}  # the global model sent this round
         # partition id -> last round its update counted (the commit-round it is told); also
         # the last round it holds the public model of: its state is as of that round
@@ -162,10 +162,16 @@ class FedSparseStrategy(Strategy):
         self._pending: dict[tuple[int, str], dict[int, ClientRecord]] = {}
 
     # -- clients ------------------------------------------------------------------------
-    def bind(self, node_of: dict[int, int]) -> None:
+    def bind(self, directory: Directory) -> None:
         """Tell the strategy which Flower node serves each partition id in this run."""
-        self.node_of = dict(node_of)
-        self.partition_of = {node: pid for pid, node in node_of.items()}
+        self.directory = directory
+
+    def begin_round(self, server_round: int, grid: Grid) -> None:
+        """Before round ``server_round``: forget the previous round's client records (on
+        disk by now: ``clients.jsonl``), so that a round's work stays proportional to the
+        clients it samples, and follow nodes that joined or left."""
+        self.client_records = [r for r in self.client_records if r.round >= server_round]
+        self.bound.refresh(grid)
 
     def sample(self, server_round: int, phase: str) -> list[int]:
         """Partition ids for ``phase`` of ``server_round``, drawn with the scenario's seed."""
@@ -199,7 +205,7 @@ class FedSparseStrategy(Strategy):
                 content = RecordDict({**{k: v for k, v in content.items() if k != ARRAYS},
                                       MODEL_SYNC: from_numpy(sync)})
             messages.append(self._send(server_round, TRAIN, pid, content))
-        return messages
+        return [m for m in messages if m is not None]
 
     def _new_public(self) -> PublicModel:
         """An empty public model for ``strategy.downlink`` (per-tensor top-k: the tensors)."""
@@ -268,10 +274,11 @@ class FedSparseStrategy(Strategy):
     # -- evaluate -----------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return [self._send(server_round, EVALUATE, pid, RecordDict({ARRAYS: arrays, CONFIG:
-                ConfigRecord({**config, SERVER_ROUND: server_round,
-                              COMMIT_ROUND: self.accepted_round.get(pid, 0)})}))
-                for pid in self.sample(server_round, EVALUATE)]
+        messages = [self._send(server_round, EVALUATE, pid, RecordDict({ARRAYS: arrays, CONFIG:
+                    ConfigRecord({**config, SERVER_ROUND: server_round,
+                                  COMMIT_ROUND: self.accepted_round.get(pid, 0)})}))
+                    for pid in self.sample(server_round, EVALUATE)]
+        return [m for m in messages if m is not None]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
         accepted = self._receive(server_round, EVALUATE, replies, no_arrays)
@@ -329,14 +336,31 @@ class FedSparseStrategy(Strategy):
             self.public.load_state_arrays(public)
 
     # -- plumbing -----------------------------------------------------------------------
+    @property
+    def bound(self) -> Directory:
+        """The run's directory (:meth:`bind`)."""
+        if self.directory is None:
+            raise RuntimeError("the strategy is not bound to a run's nodes: call bind()")
+        return self.directory
+
+    def query(self, partition_id: int, config: ConfigRecord) -> Message | None:
+        """A QUERY for client ``partition_id`` (None: no node serves it now)."""
+        return self.bound.message(partition_id, RecordDict({CONFIG: config}),
+                                  MessageType.QUERY)
+
     def _send(self, server_round: int, phase: str, partition_id: int,
-              content: RecordDict) -> Message:
-        record = ClientRecord(server_round, phase, partition_id,
-                              downlink_bytes=content_bytes(content))
-        self._pending.setdefault((server_round, phase), {})[partition_id] = record
+              content: RecordDict) -> Message | None:
+        """The instruction for one client, recorded as pending (None, recorded as
+        unavailable: no node serves it now)."""
         message_type = MessageType.TRAIN if phase == TRAIN else MessageType.EVALUATE
-        return Message(content=content, dst_node_id=self.node_of[partition_id],
-                       message_type=message_type)
+        message = self.bound.message(partition_id, content, message_type)
+        record = ClientRecord(server_round, phase, partition_id)
+        if message is None:
+            record.status, record.reason = "unavailable", "no connected node serves it"
+        else:
+            record.downlink_bytes = content_bytes(message.content)
+        self._pending.setdefault((server_round, phase), {})[partition_id] = record
+        return message
 
     def _receive(self, server_round: int, phase: str, replies: Iterable[Message],
                  check: ReplyCheck) -> list[Reply]:
@@ -344,7 +368,7 @@ class FedSparseStrategy(Strategy):
         pending = self._pending.pop((server_round, phase), {})
         by_partition: dict[int, Message] = {}
         for message in replies:
-            pid = self.partition_of.get(message.metadata.src_node_id)
+            pid = self.bound.partition(message.metadata.src_node_id)
             if pid in pending and pid not in by_partition:
                 by_partition[pid] = message
             else:
@@ -353,7 +377,9 @@ class FedSparseStrategy(Strategy):
         accepted = []
         for pid, record in sorted(pending.items()):
             message = by_partition.get(pid)
-            if message is None:
+            if record.status == "unavailable":
+                pass  # never sent: no node served it
+            elif message is None:
                 record.status, record.reason = "no-reply", "no reply before the round timeout"
             elif message.has_error():  # the ClientApp raised, or its node cannot be reached
                 record.status = "unavailable" if message.error.code == \

@@ -2,8 +2,8 @@
 
 Per round: ``configure_train -> grid.send_and_receive -> aggregate_train``, then every
 ``eval_every`` rounds centralised evaluation on the held-out test set and federated
-evaluation on the clients' local test splits. Around those steps: partition discovery
-before round 1 (Flower node ids are random per run), per-round accounting and cumulative
+evaluation on the clients' local test splits. Around those steps: following the nodes that
+serve the partitions (``strategies/directory.py``), per-round accounting and cumulative
 counters, a progress event and MLflow metrics per round, and a checkpoint after every
 finished round so that a run can resume where it stopped.
 """
@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from fedsparse.checkpoint import Checkpoint
-from fedsparse.payload import MetricSpec, PayloadError, check_metrics
-from fedsparse.protocol import METRICS, NUM_PARTITIONS, PARTITION_ID
 from fedsparse.scenario import Scenario
 from fedsparse.tracking import events
 from fedsparse.tracking.continual import task_end_metrics
@@ -41,80 +39,6 @@ CUMULATIVE_IF_REPORTED = {"train_dense_flops": "cum_train_dense_flops"}
 
 Evaluator = Callable[[int, ArrayRecord], dict[str, float]]  # (round, global model) -> metrics
 RoundHook = Callable[[int, Row], None]
-
-
-class DiscoveryError(RuntimeError):
-    """The connected nodes do not match the scenario's clients."""
-
-
-def discover(grid: Grid, scenario: Scenario,
-             registered: dict[int, int] | None = None) -> dict[int, int]:
-    """Wait for ``data.num_clients`` nodes, ask each its partition id; partition -> node id.
-
-    ``registered`` (node id -> partition, from a deployment's registry of authenticated
-    nodes) makes the server's own record the truth: only registered nodes are waited for
-    and asked, a node that declares another partition than it was registered for is
-    refused, and nodes that are not registered are ignored."""
-    expected = scenario.data.num_clients
-    if registered is not None:
-        _check_registry(registered, expected)
-    deadline = time.monotonic() + scenario.run.node_wait_s
-    while True:
-        nodes = list(grid.get_node_ids())
-        if registered is not None:
-            nodes = [n for n in nodes if registered.get(n, expected) < expected]
-        if len(nodes) >= expected:
-            break
-        if time.monotonic() > deadline:
-            raise DiscoveryError(f"only {len(nodes)} of data.num_clients={expected} nodes "
-                                 f"connected within run.node_wait_s={scenario.run.node_wait_s}")
-        time.sleep(0.2)
-    queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
-               for n in nodes]
-    node_of: dict[int, int] = {}
-    replies = exchange(grid, queries, scenario.run.node_wait_s)
-    for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):  # errors reproducible
-        node_id = reply.metadata.src_node_id
-        if reply.has_error():
-            raise DiscoveryError(f"node {node_id} failed to identify itself: "
-                                 f"{reply.error.reason}")
-        pid, count = _identity(reply, expected)
-        if count != expected:
-            raise DiscoveryError(f"a node reports {NUM_PARTITIONS}={count} but the scenario has "
-                                 f"data.num_clients={expected}")
-        if registered is not None and registered[node_id] != pid:
-            raise DiscoveryError(f"node {node_id} is registered for {PARTITION_ID}="
-                                 f"{registered[node_id]} but its node config says {pid}")
-        if pid in node_of:
-            raise DiscoveryError(f"two nodes serve {PARTITION_ID}={pid}")
-        node_of[pid] = node_id
-    missing = sorted(set(range(expected)) - set(node_of))
-    if missing:
-        raise DiscoveryError(f"no node answered for partition ids {missing}")
-    return node_of
-
-
-def _check_registry(registered: dict[int, int], expected: int) -> None:
-    """Every partition of the scenario has exactly one registered node."""
-    partitions = sorted(registered.values())
-    missing = sorted(set(range(expected)) - set(partitions))
-    if missing:
-        raise DiscoveryError(f"data.num_clients={expected} but no node is registered for "
-                             f"partition ids {missing} (registered: {partitions})")
-    if len(set(partitions)) != len(partitions):
-        raise DiscoveryError(f"two registered nodes serve the same partition: {partitions}")
-
-
-def _identity(reply: Message, expected: int) -> tuple[int, int]:
-    """``(partition-id, num-partitions)`` a node reports; DiscoveryError if malformed."""
-    identity = {PARTITION_ID: MetricSpec(high=expected - 1, integer=True),
-                NUM_PARTITIONS: MetricSpec(low=1, integer=True)}
-    try:
-        info = check_metrics(reply.content.metric_records[METRICS], identity)
-        return int(info[PARTITION_ID]), int(info[NUM_PARTITIONS])
-    except (KeyError, PayloadError) as err:
-        raise DiscoveryError(f"node {reply.metadata.src_node_id} identified itself "
-                             f"malformed: {err}") from None
 
 
 @dataclass
@@ -147,12 +71,13 @@ class LoopState:
 
 def run_rounds(grid: Grid, scenario: Scenario, strategy: FedSparseStrategy, state: LoopState,
                evaluate_central: Evaluator, on_round: RoundHook) -> LoopState:
-    """Rounds ``state.next_round .. run.rounds`` with a bound strategy (see :func:`discover`);
-    ``on_round`` runs after each (track, checkpoint)."""
+    """Rounds ``state.next_round .. run.rounds`` with a bound strategy
+    (``strategies/directory.py``); ``on_round`` runs after each (track, checkpoint)."""
     run = scenario.run
     for server_round in range(state.next_round, run.rounds + 1):
         start = time.perf_counter()
         row: Row = {"round": server_round}
+        strategy.begin_round(server_round, grid)
         replies = exchange(
             grid, strategy.configure_train(server_round, state.arrays, ConfigRecord(), grid),
             run.round_timeout_s)

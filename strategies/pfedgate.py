@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from pydantic import Field
 
@@ -114,11 +114,10 @@ class PFedGate(FedSparseStrategy):
         missing = [pid for pid in self.pool if pid not in self.data_sizes]
         if not missing:
             return
-        queries = [Message(RecordDict({CONFIG: ConfigRecord({QUERY: NUM_EXAMPLES})}),
-                           dst_node_id=self.node_of[pid], message_type=MessageType.QUERY)
-                   for pid in missing]
+        queries = [q for pid in missing
+                   if (q := self.query(pid, ConfigRecord({QUERY: NUM_EXAMPLES}))) is not None]
         for reply in exchange(grid, queries, self.scenario.run.round_timeout_s):
-            pid = self.partition_of.get(reply.metadata.src_node_id)
+            pid = self.bound.partition(reply.metadata.src_node_id)
             try:
                 if pid is None or reply.has_error():
                     raise PayloadError(reply.error.reason if reply.has_error() else "unknown node")
@@ -194,8 +193,8 @@ class PFedGate(FedSparseStrategy):
             return {}
         config = ConfigRecord({SERVER_ROUND: server_round, ADAPT_STEPS: self.params.novel_steps})
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
-        messages = [self._send(server_round, NOVEL, pid, content)
-                    for pid in range(self.pool.stop, self.num_clients)]
+        messages = [m for pid in range(self.pool.stop, self.num_clients)
+                    if (m := self._send(server_round, NOVEL, pid, content)) is not None]
         replies = exchange(grid, messages, self.scenario.run.round_timeout_s)
         accepted = self._receive(server_round, NOVEL, replies, no_arrays)
         return {**{f"novel_{k}": v for k, v in personal_accuracy(accepted).items()},

@@ -27,7 +27,6 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Message,
-    MessageType,
     MetricRecord,
     RecordDict,
 )
@@ -114,13 +113,11 @@ class ControlledAveraging(FedSparseStrategy):
                     grid: Grid) -> dict[str, float]:
         if not self.params.audit or self.c is None:
             return {}
-        queries = [Message(RecordDict({CONFIG: ConfigRecord({
-                       QUERY: "control", COMMIT_ROUND: self.accepted_round.get(pid, 0)})}),
-                           dst_node_id=node, message_type=MessageType.QUERY)
-                   for pid, node in sorted(self.node_of.items())]
+        queries = [q for pid in range(self.num_clients) if (q := self.query(pid, ConfigRecord(
+                   {QUERY: "control", COMMIT_ROUND: self.accepted_round.get(pid, 0)})))]
         c_i = {}
         for reply in exchange(grid, queries, self.scenario.run.round_timeout_s):
-            pid = self.partition_of.get(reply.metadata.src_node_id)
+            pid = self.bound.partition(reply.metadata.src_node_id)
             try:
                 if pid is None:
                     raise PayloadError(f"node {reply.metadata.src_node_id} is no client")

@@ -50,7 +50,8 @@ from fedsparse.tracking.plots import accuracy_plots
 from fedsparse.tracking.summary import summarize
 from fedsparse.training import evaluate
 from strategies.base import FedSparseStrategy
-from strategies.loop import Evaluator, LoopState, discover, run_rounds
+from strategies.directory import directory_for
+from strategies.loop import Evaluator, LoopState, run_rounds
 
 app = ServerApp()
 log = logging.getLogger("fedsparse")
@@ -227,11 +228,12 @@ def main(grid: Grid, context: Context) -> None:
     setting = {key: run_setting(context.run_config, key) for key in RUN_CONFIG_DEFAULTS}
     scenario = parse_scenario(setting["scenario"], source="run config 'scenario'")
     deployment, registered = deployment_dir(), None
+    deployed = setting["federation"] == "deployment" or deployment is not None
     try:
         if deployment is not None:
             setting = confine(setting, deployment)
             registered = registered_partitions(deployment)
-        if setting["federation"] == "deployment" or deployment is not None:
+        if deployed:
             scenario.refuse_deployment("run config 'scenario' (federation = deployment)")
     except ScenarioError as err:
         events.emit("error", message=str(err))
@@ -239,16 +241,18 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = Path(setting["out-dir"] or tempfile.mkdtemp(prefix="fedsparse-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     strategy = build_strategy(scenario)
-    if setting["federation"] == "deployment" or deployment is not None:  # a cap, not sizes
+    if deployed:  # the server does not know a device's data: a cap, not its size
         strategy.examples_cap = scenario.run.max_client_examples
     # The model and the run's state are set up while the clients start (Ray, actors).
     with ThreadPoolExecutor(max_workers=1) as pool:
         preparing = pool.submit(prepare, scenario, strategy, setting, out_dir)
         try:
-            strategy.bind(discover(grid, scenario, registered))
+            directory = directory_for(scenario, deployed, registered)
+            directory.start(grid)
         except BaseException as err:
             events.emit("error", message=f"{type(err).__name__}: {err}", out_dir=str(out_dir))
             raise
+    strategy.bind(directory)
     prepared = preparing.result()
     state, record = prepared.state, prepared.record
     mirror = BackgroundMirror(record, out_dir, lambda: state.history)

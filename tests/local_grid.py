@@ -1,7 +1,8 @@
 """An in-process stand-in for Flower's Grid, for fast wiring tests without Ray.
 
 Every node runs the fedsparse ClientApp in this process with its own ``Context`` (node
-config ``partition-id``/``num-partitions``), as the Simulation Engine does, and keeps its
+config ``partition-id``/``num-partitions``, node ids 1000 + partition unless given), as the
+Simulation Engine does, and keeps its
 client state under ``state_dir`` (a temporary folder unless given); an exception in the
 ClientApp becomes an error reply, as in Flower. A pushed message is answered at once;
 ``pull_messages`` hands out the replies to the ids it is given.
@@ -27,8 +28,9 @@ from fedsparse.protocol import RUN_CONFIG_DEFAULTS
 from fedsparse.scenario import Scenario, parse_scenario
 from fedsparse.tracking.history import Row
 from strategies import server_app
-from strategies.base import FedSparseStrategy
-from strategies.loop import LoopState, discover, run_rounds
+from strategies.base import ClientRecord, FedSparseStrategy
+from strategies.directory import Assigned
+from strategies.loop import LoopState, run_rounds
 from strategies.server_app import build_strategy, central_evaluator, initial_arrays
 
 Tamper = Callable[[Message, Message], Message]
@@ -39,18 +41,19 @@ RUN_ID = "local-grid-run"
 
 class LocalGrid:
     def __init__(self, num_nodes: int, run_config: dict, tamper: Tamper | None = None,
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, node_ids: list[int] | None = None) -> None:
         if state_dir is None:
             state_dir = Path(tempfile.mkdtemp(prefix="fedsparse-clients-"))
             weakref.finalize(self, shutil.rmtree, state_dir, ignore_errors=True)
         self.state_dir = state_dir
         run_config = {"fedsparse-run-id": RUN_ID, "client-state-dir": str(state_dir),
                       **run_config}
+        ids = node_ids or [1000 + i for i in range(num_nodes)]
         self.contexts = {
-            1000 + i: Context(run_id=1, node_id=1000 + i, state=RecordDict(),
-                              node_config={"partition-id": i, "num-partitions": num_nodes},
-                              run_config=run_config)
-            for i in range(num_nodes)}
+            node: Context(run_id=1, node_id=node, state=RecordDict(),
+                          node_config={"partition-id": i, "num-partitions": num_nodes},
+                          run_config=run_config)
+            for i, node in enumerate(ids)}
         self.tamper = tamper
         self.sent: list[Message] = []
         self.received: list[Message] = []
@@ -58,8 +61,8 @@ class LocalGrid:
 
     @staticmethod
     def partition_of(message: Message) -> int:
-        """The partition id of the node a message is addressed to."""
-        return message.metadata.dst_node_id - 1000
+        """The partition id a message is for."""
+        return int(message.content.config_records["config"]["partition-id"])
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -90,6 +93,13 @@ class LocalGrid:
         return StateStore(self.state_dir, str(run_id), partition_id).load(commit_round)[0]
 
 
+def assigned(grid: LocalGrid, scenario: Scenario) -> Assigned:
+    """The simulation's directory over ``grid``, started (one warm-up query)."""
+    directory = Assigned(scenario, actors=1)
+    directory.start(grid)
+    return directory
+
+
 @dataclass
 class Federation:
     """A finished run on a :class:`LocalGrid`: what tests inspect."""
@@ -99,21 +109,25 @@ class Federation:
     strategy: FedSparseStrategy
     state: LoopState
     rows: list[Row] = field(default_factory=list)
+    records: list[ClientRecord] = field(default_factory=list)  # every round's (clients.csv)
 
 
 def run_federation(scenario: Scenario, tamper: Tamper | None = None,
                    on_round: Callable[[int, Federation], None] | None = None,
-                   state_dir: Path | None = None) -> Federation:
-    """The real ServerApp round loop and strategy over a :class:`LocalGrid`;
-    ``on_round(round, federation)`` runs after every round."""
+                   state_dir: Path | None = None,
+                   node_ids: list[int] | None = None) -> Federation:
+    """The real ServerApp round loop and strategy over a :class:`LocalGrid` (its nodes'
+    ids: ``node_ids``, by node config partition); ``on_round(round, federation)`` runs
+    after every round."""
     grid = LocalGrid(scenario.data.num_clients, {"scenario": scenario.to_toml()}, tamper,
-                     state_dir)
+                     state_dir, node_ids)
     strategy = build_strategy(scenario)
-    strategy.bind(discover(grid, scenario))
+    strategy.bind(assigned(grid, scenario))
     federation = Federation(scenario, grid, strategy, LoopState(arrays=initial_arrays(scenario)))
 
     def hook(server_round: int, row: Row) -> None:
         federation.rows.append(row)
+        federation.records += [r for r in strategy.client_records if r.round == server_round]
         if on_round is not None:
             on_round(server_round, federation)
 

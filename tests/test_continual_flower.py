@@ -26,7 +26,7 @@ def run(text: str = TEXT, on_round=None, tamper=None):
     hook = None if on_round is None else \
         (lambda rnd, f: on_round(rnd, f.grid, f.strategy, f.state))
     f = run_federation(parse_scenario(text), tamper, hook)
-    return f.scenario, f.grid, f.strategy, f.state, f.rows
+    return f.scenario, f.grid, f.strategy, f.state, f.rows, f.records
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def tdm_run():
             checks.append((rnd, name, outside_zero, count, expected,
                            int(np.count_nonzero(weights[name])), m.numel()))
 
-    return (*run(on_round=check), checks)
+    return (*run(on_round=check)[:5], checks)
 
 
 def test_aggregation_keeps_the_scheduled_sparsity(tdm_run):
@@ -193,8 +193,8 @@ def test_a_malformed_signal_rejects_that_client_only():
                                                    name: Array(bad)})
         return reply
 
-    _, _, strategy, _, rows = run(tamper=tamper)
-    rejected = [r for r in strategy.client_records if r.status == "rejected"]
+    _, _, _strategy, _, rows, records = run(tamper=tamper)
+    rejected = [r for r in records if r.status == "rejected"]
     assert rejected and all(r.partition_id == 1 and "NaN" in r.reason for r in rejected)
     assert len(rows) == 15 and all(r["clients_ok"] >= 2 for r in rows)
 
@@ -225,7 +225,7 @@ def test_isolation_freezes_finished_tasks_bit_for_bit():
         views = strategy.task_views(state.arrays)
         assert sorted(views) == list(range(len(iso.task_masks) + 1))
 
-    scn, grid, strategy, _, rows = run(text, check)
+    scn, grid, strategy, _, rows, _records = run(text, check)
     assert len(strategy.isolation.task_masks) == 4 and len(finished) == 4
     assert sum(checked) > 0  # later masks do overlap earlier ones
     sent = [m for m in grid.sent if "frozen" in m.content.array_records]

@@ -82,9 +82,9 @@ def test_bad_sync_payloads_are_rejected(local, payload, reason):
 def test_compressed_downlink_through_the_whole_stack():
     text = digits_scenario(run={"rounds": 4, "eval_every": 4}, strategy={
         "fraction_train": 0.5, "downlink": {"name": "topk", "ratio": 0.05}})
-    grid, strategy, state, rows = run(parse_scenario(text))
+    grid, strategy, state, rows, records = run(parse_scenario(text))
     d = sum(a.size for a in to_numpy(state.arrays).values())
-    train = [r for r in strategy.client_records if r.phase == "train"]
+    train = [r for r in records if r.phase == "train"]
     first_contact = {}
     for record in train:
         first_contact.setdefault(record.partition_id, record.round)
@@ -97,6 +97,6 @@ def test_compressed_downlink_through_the_whole_stack():
         held = grid.client_state(pid, synced_round)["public-model"]["x_hat"]
         if synced_round == 4:
             assert np.array_equal(held, strategy.public.x_hat)
-    evals = [r for r in strategy.client_records if r.phase == "evaluate"]
+    evals = [r for r in records if r.phase == "evaluate"]
     assert {r.downlink_bytes for r in evals} == {4 * d}  # evaluation gets the dense model
     assert rows[-1]["accuracy"] > 0.5

@@ -63,10 +63,10 @@ def test_a_lost_message_leaves_the_residual_as_it_was():
             del reply.content.metric_records["metrics"]  # malformed -> rejected
         return reply
 
-    grid, strategy, _, _ = run(ef_scenario({"name": "fedavg_ef", "compressor":
+    grid, strategy, _, _, records = run(ef_scenario({"name": "fedavg_ef", "compressor":
                                             {"name": "topk", "ratio": 0.05}}, rounds=1),
                                tamper=reject_round_1)
-    rejected = [r.partition_id for r in strategy.client_records if r.status == "rejected"]
+    rejected = [r.partition_id for r in records if r.status == "rejected"]
     assert rejected and not strategy.accepted_round
     for pid in rejected:  # what it starts from next: the state before the lost round (none)
         assert grid.client_state(pid, strategy.accepted_round.get(pid, 0)) == {}

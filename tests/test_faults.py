@@ -153,7 +153,7 @@ def test_crashes_corruptions_and_unreachable_nodes_are_recorded_as_drawn():
     scenario = parse_scenario(with_faults({"crash": 0.25, "corrupt": 0.25, "unavailable": 0.25},
                                           run={"rounds": 6}))
     f = run_federation(scenario)
-    records = f.strategy.client_records
+    records = f.records
     assert len(records) == 6 * (3 + 6)
     assert [r.status for r in records] == [expected_status(scenario.faults, r) for r in records]
     assert {r.status for r in records} == {"ok", "failed", "rejected", "unavailable"}
@@ -194,7 +194,7 @@ def test_a_corrupted_reply_leaves_the_saved_state_uncommitted_and_c_the_mean_of_
         c_i = [f.grid.client_state(p, f.strategy.accepted_round.get(p, 0)).get(
             "control", {}).get("c_i", np.zeros_like(f.strategy.c)) for p in range(6)]
         np.testing.assert_allclose(f.strategy.c, np.mean(c_i, axis=0), atol=1e-6)
-        for r in f.strategy.client_records:
+        for r in f.records:
             if r.round == server_round and r.phase == "train" and r.status == "rejected":
                 store = f.grid.state_dir / "local-grid-run" / str(r.partition_id)
                 assert (store / f"round-{server_round:08d}.npz").is_file()
@@ -202,7 +202,7 @@ def test_a_corrupted_reply_leaves_the_saved_state_uncommitted_and_c_the_mean_of_
                 saved_but_not_committed.append(r.partition_id)
 
     f = run_federation(scenario, on_round=check)
-    records = f.strategy.client_records
+    records = f.records
     assert [r.status for r in records] == [expected_status(scenario.faults, r) for r in records]
     assert saved_but_not_committed
     assert all(row["audit_clients_answered"] == 6 for row in f.rows)
@@ -218,7 +218,8 @@ def test_a_hung_client_replies_normally_after_the_round_timeout_and_extra(tmp_pa
         "fedsparse-run-id": "hang"},
         node_config={"partition-id": 2, "num-partitions": 6})
     instruction = Message(RecordDict({"arrays": initial_arrays(scenario), "config": ConfigRecord(
-        {"server-round": 1})}), dst_node_id=1, message_type=MessageType.EVALUATE)
+        {"server-round": 1, "partition-id": 2})}), dst_node_id=1,
+        message_type=MessageType.EVALUATE)
     started = time.perf_counter()
     reply = client_app.evaluate(instruction, context)
     assert time.perf_counter() - started >= 0.5

@@ -37,11 +37,11 @@ from fedsparse.scenario import CORRUPTIONS, REPLY_CORRUPTIONS, Scenario, parse_s
 from fedsparse.sparse.wire import decode_positions
 from fedsparse.sparse.wire import decode_values as decode_masked
 from strategies.base import FedSparseStrategy
-from strategies.loop import discover
+from strategies.directory import Registered
 from strategies.records import decode_array, from_numpy, received_bytes, to_numpy
 from strategies.server_app import build_strategy, initial_arrays
 from tests.conftest import DATA, digits_scenario
-from tests.local_grid import LocalGrid
+from tests.local_grid import LocalGrid, assigned
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -283,7 +283,7 @@ def arena(name: str) -> Arena:
     scenario = parse_scenario(_scenarios()[name])
     grid = LocalGrid(scenario.data.num_clients, {"scenario": scenario.to_toml()})
     strategy = build_strategy(scenario)
-    strategy.bind(discover(grid, scenario))
+    strategy.bind(assigned(grid, scenario))
     arrays = initial_arrays(scenario)
     if name == "sparse_fedavg":  # round 2: the round whose reply carries TDM's signal
         strategy.aggregate_train(1, grid.pull_messages(grid.push_messages(
@@ -395,7 +395,7 @@ def test_the_unmutated_reply_is_accepted(name):
 def test_evaluate_replies_are_checked_against_what_the_server_knows(metric, value, reason):
     scenario = parse_scenario(digits_scenario())
     strategy = build_strategy(scenario)
-    strategy.bind({pid: 100 + pid for pid in range(scenario.data.num_clients)})
+    strategy.bind(Registered(scenario, {100 + p: p for p in range(scenario.data.num_clients)}))
     (message, *_) = strategy.configure_evaluate(1, initial_arrays(scenario), ConfigRecord(),
                                                 None)
     metrics = {"num-examples": 3, "eval-acc": 0.5, "eval-loss": 1.0, "server-round": 1}
@@ -410,7 +410,7 @@ def test_evaluate_replies_are_checked_against_what_the_server_knows(metric, valu
 def test_num_examples_is_bounded_by_the_partition_in_simulation():
     a = arena("fedavg")
     strategy = a.fresh()
-    bound = strategy.example_bound(strategy.partition_of[a.instruction.metadata.dst_node_id],
+    bound = strategy.example_bound(strategy.bound.partition(a.instruction.metadata.dst_node_id),
                                    "train")
     content = RecordDict({"arrays": a.reply.array_records["arrays"],
                           "metrics": MetricRecord({**a.reply.metric_records["metrics"],
@@ -466,7 +466,7 @@ def stale_reason(server_round: int) -> str:
 def test_every_injected_corruption_is_rejected(name, kind, caplog):
     a = arena(name)
     strategy = a.fresh()
-    pid = strategy.partition_of[a.instruction.metadata.dst_node_id]
+    pid = strategy.bound.partition(a.instruction.metadata.dst_node_id)
     at = Situation(a.server_round, strategy.example_bound(pid, "train"),
                    np.random.default_rng(0))
     caplog.clear()
@@ -486,7 +486,7 @@ def evaluated(content: RecordDict, server_round: int = 2) -> FedSparseStrategy:
     ``content`` from the first client."""
     scenario = parse_scenario(digits_scenario())
     strategy = build_strategy(scenario)
-    strategy.bind({pid: 100 + pid for pid in range(scenario.data.num_clients)})
+    strategy.bind(Registered(scenario, {100 + p: p for p in range(scenario.data.num_clients)}))
     (message, *_) = strategy.configure_evaluate(server_round, initial_arrays(scenario),
                                                 ConfigRecord(), None)
     strategy.aggregate_evaluate(server_round, [Message(content, reply_to=message)])

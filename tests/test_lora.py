@@ -161,7 +161,7 @@ def test_base_weights_never_cross_the_wire_and_uploads_hit_the_density():
             assert sum(sizes.values()) <= layout.size + 16  # adapters + head, never the base
             if "val" in sizes:
                 assert sizes["val"] == k  # exactly d * (alive coordinates), both ways
-    assert all(r.status == "ok" for r in f.strategy.client_records)
+    assert all(r.status == "ok" for r in f.records)
     assert all(row["uplink_bytes"] < 0.35 * 4 * layout.size * row["clients_ok"]
                for row in f.rows)
 
@@ -190,7 +190,7 @@ def test_integer_uploads_cost_their_bits_while_the_download_stays_float32(dtype,
         assert index_bytes <= index_bound
     assert all(row["uplink_bytes"] <= row["clients_ok"] * (value_bytes + index_bound + 4)
                for row in f.rows)
-    assert all(r.status == "ok" for r in f.strategy.client_records)
+    assert all(r.status == "ok" for r in f.records)
 
 
 def test_density_one_is_dense_federated_lora_with_the_same_server_optimiser():
@@ -201,7 +201,7 @@ def test_density_one_is_dense_federated_lora_with_the_same_server_optimiser():
     layout = RankLayout(scenario_model(scn))
     start, _ = layout.split({k: v.numpy() for k, v in theta0.items()})
     trained = []
-    for pid in sorted({r.partition_id for r in f.strategy.client_records}):
+    for pid in sorted({r.partition_id for r in f.records}):
         model = scenario_model(scn)
         load_shared_state(model, theta0)
         data = client_data(scn.data, scn.seed, pid)
@@ -241,7 +241,7 @@ def test_sora_prunes_ranks_and_stops_sending_them():
 
 def test_error_feedback_keeps_what_top_k_did_not_send():
     f = run_federation(scenario(strategy={"error_feedback": True}))
-    trained = {r.partition_id for r in f.strategy.client_records}
+    trained = {r.partition_id for r in f.records}
     for pid in trained:
         residual = f.grid.client_state(pid, f.strategy.accepted_round[pid])["lora-ef"][
             "residual"]

@@ -170,7 +170,7 @@ def test_gated_training_learns_and_reports_truthful_density():
 
 def run(text: str = TEXT, tamper=None):
     f = run_federation(parse_scenario(text), tamper)
-    return f.scenario, f.grid, f.strategy, f.state, f.rows
+    return f.scenario, f.grid, f.strategy, f.state, f.rows, f.records
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def federation():
 
 
 def test_gating_layers_and_optimiser_state_never_leave_the_client(federation):
-    scn, grid, strategy, _, _ = federation
+    scn, grid, strategy, _, _, records = federation
     model_names = set(to_numpy(initial_arrays(scn)))
     for message in grid.sent:
         for record in message.content.array_records.values():
@@ -192,16 +192,16 @@ def test_gating_layers_and_optimiser_state_never_leave_the_client(federation):
             assert name == "update"
             assert set(record) - {"values"} <= {f"blocks.idx.{s}"
                                                for s in ("plain", "delta", "bitmap")}
-    trained = {r.partition_id for r in strategy.client_records if r.phase == "train"}
+    trained = {r.partition_id for r in records if r.phase == "train"}
     for pid in trained:
         state = held(grid, strategy, pid)
         assert "pfedgate-gating" in state and "pfedgate-momentum" in state
 
 
 def test_uplink_holds_only_the_blocks_used(federation):
-    scn, _, strategy, _, rows = federation
+    scn, _, _strategy, _, rows, records = federation
     dense = sum(a.nbytes for a in to_numpy(initial_arrays(scn)).values())
-    train = [r for r in strategy.client_records if r.phase == "train"]
+    train = [r for r in records if r.phase == "train"]
     assert all(r.status == "ok" for r in train)
     for record in train:
         expected = record.metrics["active-density"] * dense  # float32 values
@@ -212,10 +212,10 @@ def test_uplink_holds_only_the_blocks_used(federation):
 
 
 def test_state_survives_rounds_and_novel_clients_join_at_the_end(federation):
-    scn, grid, strategy, _, rows = federation
+    scn, grid, strategy, _, rows, records = federation
     novel = scn.data.num_clients - 1
-    assert all(r.partition_id != novel for r in strategy.client_records if r.phase != "novel")
-    novel_records = [r for r in strategy.client_records if r.phase == "novel"]
+    assert all(r.partition_id != novel for r in records if r.phase != "novel")
+    novel_records = [r for r in records if r.phase == "novel"]
     assert [r.partition_id for r in novel_records] == [novel]
     assert novel_records[0].status == "ok"
     assert 0 <= rows[-1]["novel_accuracy_mean"] <= 1
@@ -223,7 +223,7 @@ def test_state_survives_rounds_and_novel_clients_join_at_the_end(federation):
     assert "fed_accuracy_bottom10" in rows[-1]
     assert rows[-1]["fed_accuracy_bottom10"] <= rows[-1]["fed_accuracy_mean"]
     twice = [pid for pid in range(novel)
-             if sum(r.partition_id == pid for r in strategy.client_records
+             if sum(r.partition_id == pid for r in records
                     if r.phase == "train") >= 2]
     assert twice  # some client trained in two rounds: its momentum was restored in between
     momentum = held(grid, strategy, twice[0])["pfedgate-momentum"]
@@ -267,7 +267,7 @@ def test_all_client_weighting_moves_theta_by_the_sampled_share():
             sent[LocalGrid.partition_of(message)] = reply.content
         return reply
 
-    scn, _, strategy, state, _ = run(TEXT.replace(
+    scn, _, strategy, state, _, _records = run(TEXT.replace(
         "novel_clients = 1", 'novel_clients = 1\naggregation = "all_clients"').replace(
         "rounds = 3", "rounds = 1").replace("eval_every = 3", "eval_every = 1"), keep)
     assert sorted(strategy.data_sizes) == list(range(5))
@@ -292,8 +292,8 @@ def test_a_malformed_update_rejects_that_client_only():
             reply.content.array_records["update"]["values"] = Array(values[:-1].copy())
         return reply
 
-    _, _, strategy, _, rows = run(TEXT.replace("rounds = 3", "rounds = 2"), tamper)
-    rejected = [r for r in strategy.client_records if r.status == "rejected"]
+    _, _, _strategy, _, rows, records = run(TEXT.replace("rounds = 3", "rounds = 2"), tamper)
+    rejected = [r for r in records if r.status == "rejected"]
     assert rejected and all(r.partition_id == 1 for r in rejected)
     assert "values: length" in rejected[0].reason
     assert all(row["clients_ok"] >= 1 for row in rows)
@@ -324,7 +324,7 @@ def test_models_with_buffers_train_and_keep_their_dtypes(strategy, monkeypatch):
         tomllib.loads(TEXT)["client"]
     f = run(edited(model={"name": "bn_cnn"}, strategy={"name": strategy, "fraction_train": 0.6},
                    client=client, run={"rounds": 2, "eval_every": 2}))
-    assert all(r.status == "ok" for r in f[2].client_records)
+    assert all(r.status == "ok" for r in f[5])
     final = to_numpy(f[3].arrays)
     counter = final["body.1.num_batches_tracked"]
     assert counter.shape == () and counter.dtype == np.int64 and counter > 0
@@ -351,8 +351,8 @@ def test_budgets_per_client_and_drawn_from_levels():
 
 @pytest.mark.parametrize("finetune", ["gating", "all"])
 def test_finetuning_before_evaluation_changes_the_evaluation_only(federation, finetune):
-    _, grid, strategy, state, rows = federation
-    _, tuned_grid, tuned_strategy, tuned_state, tuned_rows = run(TEXT.replace(
+    _, grid, strategy, state, rows, _records = federation
+    _, tuned_grid, tuned_strategy, tuned_state, tuned_rows, _records = run(TEXT.replace(
         "budget = 0.5", f'budget = 0.5\nfinetune_epochs = 1\nfinetune = "{finetune}"'))
     for name, value in to_numpy(state.arrays).items():  # the same training ...
         np.testing.assert_array_equal(value, to_numpy(tuned_state.arrays)[name])

@@ -30,7 +30,7 @@ def scenario(strategy: dict, rounds: int = 4) -> Scenario:
 def run(scn: Scenario, tamper=None, on_round=None):
     hook = None if on_round is None else (lambda rnd, f: on_round(rnd, f.grid, f.strategy))
     f = run_federation(scn, tamper, hook)
-    return f.grid, f.strategy, f.state, f.rows
+    return f.grid, f.strategy, f.state, f.rows, f.records
 
 
 def committed_c_i(grid: LocalGrid, strategy, pid: int) -> np.ndarray:
@@ -50,10 +50,10 @@ SCAFCOM_TOPK = {"name": "scafcom", "beta": 0.3, "audit": True,
 
 
 def test_client_state_persists_and_c_is_the_mean_of_all_c_i():
-    grid, strategy, _, rows = run(scenario(SCAFCOM_TOPK), on_round=check_invariant)
+    grid, strategy, _, rows, records = run(scenario(SCAFCOM_TOPK), on_round=check_invariant)
     assert all(row["audit_control_gap"] < 1e-6 for row in rows)  # the server's own audit
     assert np.abs(strategy.c).max() > 0
-    sampled = {r.partition_id for r in strategy.client_records if r.phase == "train"}
+    sampled = {r.partition_id for r in records if r.phase == "train"}
     never = set(range(6)) - sampled
     for pid in sampled:  # clients keep c_i and v_i between rounds, sampled or not
         held = grid.client_state(pid, strategy.accepted_round[pid])["control"]
@@ -74,9 +74,9 @@ def test_a_rejected_message_does_not_move_c_i():
         update["val"] = Array(values)
         return reply
 
-    _grid, strategy, _, rows = run(scenario(SCAFCOM_TOPK), tamper=nan_in_round_2,
+    _grid, _strategy, _, rows, records = run(scenario(SCAFCOM_TOPK), tamper=nan_in_round_2,
                                   on_round=check_invariant)
-    rejected = [r for r in strategy.client_records if r.status == "rejected"]
+    rejected = [r for r in records if r.status == "rejected"]
     assert rejected and all(r.round == 2 and "NaN" in r.reason for r in rejected)
     assert rows[1]["clients_rejected"] == len(rejected)
     assert all(row["audit_control_gap"] < 1e-6 for row in rows)
@@ -93,10 +93,10 @@ def test_an_update_that_overflows_when_decoded_is_rejected():
     scallion = {"name": "scallion", "alpha": 0.1, "audit": True,
                 "compressor": {"name": "randk", "ratio": 0.1}}
     with pytest.warns(RuntimeWarning, match="overflow"):  # the server's decode, then refusal
-        _grid, strategy, state, rows = run(scenario(scallion), tamper=huge,
+        _grid, strategy, state, rows, records = run(scenario(scallion), tamper=huge,
                                           on_round=check_invariant)
     assert all(row["audit_control_gap"] < 1e-6 for row in rows)
-    rejected = [r for r in strategy.client_records if r.status == "rejected"]
+    rejected = [r for r in records if r.status == "rejected"]
     assert rejected and all(r.partition_id == 0 and "contains NaN or Inf" in r.reason
                             for r in rejected)
     assert np.isfinite(strategy.c).all()
@@ -120,7 +120,8 @@ def test_an_aggregate_that_overflows_leaves_the_model_and_c_unchanged():
         before[rnd] = strategy.c.copy()
 
     scaffold = {"name": "scaffold", "audit": True, "global_lr": 10.0, "max_abs_value": 1e39}
-    _grid, strategy, _, rows = run(scenario(scaffold, rounds=3), tamper=big, on_round=remember)
+    _grid, strategy, _, rows, _records = run(scenario(scaffold, rounds=3), tamper=big,
+                                             on_round=remember)
     assert [row["round_counted"] for row in rows] == [1, 0, 1]
     np.testing.assert_array_equal(before[2], before[1])
     assert all(row["audit_control_gap"] < 1e-6 for row in rows)
@@ -133,7 +134,7 @@ def test_a_round_below_min_train_replies_does_not_count():
             del reply.content.metric_records["metrics"]
         return reply
 
-    _grid, strategy, _, rows = run(scenario({"name": "scaffold", "audit": True,
+    _grid, strategy, _, rows, _records = run(scenario({"name": "scaffold", "audit": True,
                                              "fraction_train": 1.0, "min_train_replies": 6},
                                             rounds=2),
                                    tamper=reject_one, on_round=check_invariant)
@@ -149,17 +150,17 @@ def test_the_audit_goes_on_when_a_client_does_not_answer():
             return Message(Error(code=0, reason="gone"), reply_to=message)
         return reply
 
-    _grid, _strategy, _, rows = run(scenario(SCAFCOM_TOPK, rounds=2), tamper=mute_audit)
+    _grid, _strategy, _, rows, _records = run(scenario(SCAFCOM_TOPK, rounds=2), tamper=mute_audit)
     assert [row["audit_clients_answered"] for row in rows] == [5, 5]
     assert all("audit_control_gap" not in row for row in rows)
 
 
 def test_uplink_is_the_compressed_payload():
-    grid, strategy, state, rows = run(scenario(SCAFCOM_TOPK))
+    grid, _strategy, state, rows, records = run(scenario(SCAFCOM_TOPK))
     d = flatten(to_numpy(state.arrays)).size
     replies = [m for m in grid.received if "update" in m.content.array_records]
     sizes = [payload_bytes(to_numpy(m.content.array_records["update"])) for m in replies]
-    records = [r for r in strategy.client_records if r.phase == "train"]
+    records = [r for r in records if r.phase == "train"]
     assert [r.uplink_bytes for r in records] == sizes
     assert max(sizes) < 4 * d / 10  # 10% of the coordinates, float16 values + indices
     assert all(r.downlink_bytes == 2 * 4 * d for r in records)  # x and c, dense float32
@@ -181,9 +182,9 @@ def test_identity_variants_equal_scaffold_through_the_whole_stack(variant):
 
 
 def test_scaffold_sends_one_dense_vector_up():
-    _grid, strategy, state, _ = run(scenario({"name": "scaffold"}, rounds=2))
+    _grid, _strategy, state, _, records = run(scenario({"name": "scaffold"}, rounds=2))
     d = flatten(to_numpy(state.arrays)).size
-    assert {r.uplink_bytes for r in strategy.client_records if r.phase == "train"} == {4 * d}
+    assert {r.uplink_bytes for r in records if r.phase == "train"} == {4 * d}
 
 
 def test_gamma_is_global_lr_times_local_lr_times_k():

@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.common.constant import ErrorCode
 
 from fedsparse.scenario import parse_scenario
+from strategies.directory import Registered
 from strategies.records import from_numpy, to_numpy
 from strategies.server_app import build_strategy, initial_arrays
 from tests.conftest import digits_scenario
@@ -22,7 +23,8 @@ def make(fraction_train: float = 0.5, num_clients: int = 6, seed: int = 7):
     strategy = build_strategy(scenario)
     # Flower node ids are random per run: any mapping must give the same behaviour
     rng = np.random.default_rng()
-    strategy.bind({pid: int(rng.integers(1, 2**62)) for pid in range(num_clients)})
+    strategy.bind(Registered(scenario, {int(rng.integers(1, 2**62)): pid
+                                        for pid in range(num_clients)}))
     strategy.examples_cap = 1000  # these tests are about mechanics, not the example bound
     return scenario, strategy, initial_arrays(scenario)
 
@@ -52,7 +54,8 @@ def test_sampling_is_seeded_by_partition_id_not_node_id():
         a.sample(r, "train") for r in range(1, 6)]
     messages = list(a.configure_train(1, arrays, ConfigRecord(), grid=None))
     sampled = a.sample(1, "train")
-    assert [m.metadata.dst_node_id for m in messages] == [a.node_of[p] for p in sampled]
+    assert [m.metadata.dst_node_id for m in messages] == [a.bound.node(p) for p in sampled]
+    assert [m.content['config']['partition-id'] for m in messages] == sampled
     assert all(m.content["config"]["server-round"] == 1 for m in messages)
 
 
@@ -205,7 +208,7 @@ def test_federated_evaluation_mean_and_weighted():
 def test_federated_evaluation_below_min_evaluate_replies_is_not_reported():
     scenario = parse_scenario(digits_scenario(strategy={"min_evaluate_replies": 4}))
     strategy = build_strategy(scenario)
-    strategy.bind({pid: 50 + pid for pid in range(6)})
+    strategy.bind(Registered(scenario, {50 + pid: pid for pid in range(6)}))
     messages = list(strategy.configure_evaluate(1, initial_arrays(scenario), ConfigRecord(),
                                                 None))
     replies = [reply(m, None, **{"num-examples": 2, "eval-acc": 0.5, "eval-loss": 1.0})
