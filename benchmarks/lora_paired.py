@@ -36,7 +36,7 @@ def correct(run: Path) -> tuple[int, np.ndarray]:
     from peft import PeftModel
 
     scenario = load_scenario(run / "scenario.toml")
-    x, y = held_out_set(scenario.data)
+    x, y = held_out_set(scenario.data, scenario.seed)
     model = PeftModel.from_pretrained(
         base_model(scenario.model.base, load_dataset(scenario.data.dataset).num_classes),
         str(run / "adapter")).eval()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fedsparse.cli import run_scenario
-from fedsparse.data import client_data, held_out_set, load_dataset
+from fedsparse.data import client_data, dataset_shape, held_out_set
 from fedsparse.models import build_model
 from fedsparse.protocol import derive_seed
 from fedsparse.scenario import Scenario, parse_scenario
@@ -68,14 +68,14 @@ def plain_loop(scenario: Scenario) -> tuple[dict[str, np.ndarray], float, float,
     """The same FedAvg rounds in one process; (weights, load_s, rounds_s, accuracy)."""
     torch.set_num_threads(1)
     start = time.perf_counter()
-    dataset = load_dataset(scenario.data.dataset)
+    shape = dataset_shape(scenario.data)
     strategy = build_strategy(scenario)  # only for its seeded sampling
     clients = {pid: client_data(scenario.data, scenario.seed, pid)
                for r in range(1, scenario.run.rounds + 1) for pid in strategy.sample(r, "train")}
     load_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    model = build_model(scenario.model, dataset.input_shape, dataset.num_classes)
+    model = build_model(scenario.model, shape.input_shape, shape.num_classes)
     global_state = {k: v.numpy() for k, v in initial_arrays(scenario).to_torch_state_dict().items()}
     p = scenario.client
     for server_round in range(1, scenario.run.rounds + 1):
@@ -100,7 +100,7 @@ def plain_loop(scenario: Scenario) -> tuple[dict[str, np.ndarray], float, float,
                     new_state[key] = value * (n / total)
         global_state = new_state
     model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
-    x, y = held_out_set(scenario.data)
+    x, y = held_out_set(scenario.data, scenario.seed)
     accuracy = evaluate(model, x, y).accuracy
     return global_state, load_s, time.perf_counter() - start, accuracy
 

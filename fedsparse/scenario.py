@@ -64,13 +64,47 @@ class Section(BaseModel):
     model_config = SCENARIO_CONFIG
 
 
+class SyntheticSpec(Section):
+    """``[data.synthetic]``: FedProx's Synthetic(alpha, beta) (Li et al., MLSys 2020, §5.1),
+    generated per client from the scenario's seed (``fedsparse/data/synthetic.py``)."""
+
+    alpha: float = Field(ge=0, description="model heterogeneity: u_k ~ N(0, alpha), a standard "
+                                           "deviation as in the release")
+    beta: float = Field(ge=0, description="feature heterogeneity: B_k ~ N(0, beta), a standard "
+                                          "deviation as in the release")
+    dimension: int = Field(60, ge=1, description="features per example, d")
+    classes: int = Field(10, ge=2, description="classes, C")
+    size_log_mean: float = Field(4.0, description="client sizes: size_min + floor(lognormal("
+                                                  "size_log_mean, size_log_sigma)), at most "
+                                                  "size_max")
+    size_log_sigma: float = Field(2.0, ge=0)
+    size_min: int = Field(50, ge=1, description="added to every lognormal draw: the smallest "
+                                                "client")
+    size_max: int = Field(10_000, ge=1, description="the largest client (the release has no "
+                                                    "cap)")
+    central_test_clients: int = Field(100, ge=1, description="the server's test set pools the "
+                                                             "local test splits of this many "
+                                                             "clients (a seeded sample; all "
+                                                             "clients if fewer)")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SyntheticSpec:
+        if self.size_max < self.size_min:
+            raise ValueError(f"data.synthetic.size_max = {self.size_max}: below data.synthetic."
+                             f"size_min = {self.size_min} (allowed: at least {self.size_min})")
+        return self
+
+
 class DataSpec(Section):
     """Dataset and how it is split over clients (each client also gets a local test split)."""
 
-    dataset: Literal["mnist", "fashion_mnist", "digits", "chatterbot_en", "chatterbot"] = "mnist"
-    num_clients: int = Field(10, ge=1, le=100_000)
+    dataset: Literal["mnist", "fashion_mnist", "digits", "chatterbot_en", "chatterbot",
+                     "synthetic"] = "mnist"
+    num_clients: int = Field(10, ge=1, le=10_000_000, description="image and text datasets: at "
+                                                                  "most their training examples")
     partition: Literal["iid", "dirichlet", "shards", "pathological", "natural"] = Field(
-        "iid", description="natural: one client per group of the dataset (chatterbot: language)")
+        "iid", description="natural: one client per group of the dataset (chatterbot: language; "
+                           "synthetic: every client is its own group)")
     alpha: float | None = Field(None, gt=0, description="Dirichlet concentration (dirichlet)")
     shards_per_client: int | None = Field(
         None, ge=1, description="label-sorted shards per client, McMahan et al. 2017 (shards)"
@@ -80,6 +114,7 @@ class DataSpec(Section):
     )
     min_partition_size: int = Field(10, ge=0, description="Dirichlet resamples below this")
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="local test split per client")
+    synthetic: SyntheticSpec | None = Field(None, description="dataset = 'synthetic' only")
 
     @model_validator(mode="after")
     def _partition_params(self) -> DataSpec:
@@ -96,7 +131,23 @@ class DataSpec(Section):
         return self
 
     @model_validator(mode="after")
+    def _synthetic_table(self) -> DataSpec:
+        if self.dataset == "synthetic" and self.synthetic is None:
+            raise ValueError("dataset = 'synthetic' needs a [data.synthetic] table with alpha "
+                             "and beta (FedProx's Synthetic(alpha, beta))")
+        if self.dataset != "synthetic" and self.synthetic is not None:
+            raise ValueError(f"data.synthetic only applies to dataset = 'synthetic', not "
+                             f"{self.dataset!r}")
+        return self
+
+    @model_validator(mode="after")
     def _natural_groups(self) -> DataSpec:
+        if self.dataset == "synthetic":
+            if self.partition != "natural":
+                raise ValueError(f"data.partition = {self.partition!r}: dataset = 'synthetic' "
+                                 f"generates every client's own data, so each client is its "
+                                 f"own natural group (allowed: 'natural')")
+            return self
         if self.partition != "natural":
             return self
         from fedsparse.data import load_dataset
@@ -104,7 +155,7 @@ class DataSpec(Section):
         groups = getattr(load_dataset(self.dataset), "group_names", ())
         if not groups:
             raise ValueError(f"partition = 'natural' needs a dataset with natural groups "
-                             f"(chatterbot), not {self.dataset!r}")
+                             f"(chatterbot, synthetic), not {self.dataset!r}")
         if self.num_clients != len(groups):
             raise ValueError(f"partition = 'natural' on {self.dataset!r} has one client per "
                              f"group: data.num_clients must be {len(groups)}")

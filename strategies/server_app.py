@@ -29,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
 from fedsparse.checkpoint import Checkpoint
-from fedsparse.data import held_out_set, load_dataset
+from fedsparse.data import dataset_shape, held_out_set
 from fedsparse.deploy.serverside import confine, deployment_dir, registered_partitions
 from fedsparse.durable import write_bytes
 from fedsparse.models import load_shared_state, scenario_model, shared_state
@@ -77,9 +77,9 @@ def central_evaluator(scenario: Scenario,
     linear/conv weights (non-zero fraction). ``views`` gives per-task models when tasks have
     their own subnetworks (``FedSparseStrategy.task_views``)."""
     model = scenario_model(scenario)
-    x, y = held_out_set(scenario.data)
+    x, y = held_out_set(scenario.data, scenario.seed)
     spec = scenario.continual
-    stream = reference_stream(scenario, load_dataset(scenario.data.dataset).num_classes) \
+    stream = reference_stream(scenario, dataset_shape(scenario.data).num_classes) \
         if spec is not None else None
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:

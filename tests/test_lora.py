@@ -255,7 +255,7 @@ def test_exported_adapter_reproduces_the_final_accuracy(tmp_path):
                                                    "server_optimizer": "sgd", "server_lr": 1.0},
                    client={"sora_l1": 0.1})
     f = run_federation(scn)
-    x, y = held_out_set(scn.data)
+    x, y = held_out_set(scn.data, scn.seed)
     final = f.rows[-1]["accuracy"]
     files = export_adapter(scn, f.state.arrays, tmp_path)
     assert {p.name for p in files} >= {"adapter_config.json", "adapter_model.safetensors"}

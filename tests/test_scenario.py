@@ -54,8 +54,8 @@ def test_unknown_key_in_a_plugin_section_lists_that_plugins_keys():
 
 @pytest.mark.parametrize(("section", "values", "expected"), [
     ("data", {"dataset": "cifar10"}, "data.dataset = 'cifar10': Input should be 'mnist', "
-                                     "'fashion_mnist', 'digits', 'chatterbot_en' or "
-                                     "'chatterbot'"),
+                                     "'fashion_mnist', 'digits', 'chatterbot_en', "
+                                     "'chatterbot' or 'synthetic'"),
     ("data", {"alpha": -1.0}, "data.alpha = -1.0: Input should be greater than 0"),
     ("data", {"partition": "iid"}, "data.alpha only applies to partition = 'dirichlet'"),
     ("data", {"partition": "shards"}, "partition = 'shards' needs data.shards_per_client"),

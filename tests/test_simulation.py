@@ -107,7 +107,7 @@ def test_final_weights_reproduce_the_final_accuracy(first_run):
     scenario = load_scenario(DATA / "digits.toml")
     model = build_model(scenario.model, (1, 8, 8), 10)
     model.load_state_dict(load_file(workdir / "runs/a/model.safetensors"))
-    x, y = held_out_set(scenario.data)
+    x, y = held_out_set(scenario.data, scenario.seed)
     with torch.no_grad():
         assert evaluate(model, x, y).accuracy == summary["final_accuracy"]
 

@@ -39,7 +39,7 @@ from fedsparse.continual import (
     train_epochs,
 )
 from fedsparse.continual.sparcl import EpochsResult
-from fedsparse.data import load_dataset
+from fedsparse.data import dataset_shape
 from fedsparse.metrics.sparse_flops import SparseFlops
 from fedsparse.protocol import (
     ARRAYS,
@@ -100,7 +100,7 @@ class ContinualProgram(ClientProgram):
         super().__init__(scenario, partition_id, state)
         assert scenario.continual is not None  # the scenario requires it
         self.spec: ContinualSpec = scenario.continual
-        self.num_classes = load_dataset(scenario.data.dataset).num_classes
+        self.num_classes = dataset_shape(scenario.data).num_classes
 
     @property
     def stream(self) -> TaskStream:

@@ -134,13 +134,19 @@ _LOADERS = {"mnist": _mnist, "fashion_mnist": _fashion_mnist, "digits": _digits,
 @cache
 def load_dataset(name: str) -> ImageDataset:
     """Load a dataset by name (cached per process)."""
+    if name == "synthetic":
+        raise ValueError("dataset 'synthetic' has no files: it is generated per client from "
+                         "a scenario's [data.synthetic] (fedsparse.data.client_data, "
+                         "dataset_shape, held_out_set)")
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(_LOADERS)}")
     return _LOADERS[name]()
 
 
 def available(name: str) -> bool:
-    """Whether the dataset's files are installed."""
+    """Whether the dataset's files are installed (``synthetic`` needs none)."""
+    if name == "synthetic":
+        return True
     try:
         load_dataset(name)
     except DatasetUnavailable:

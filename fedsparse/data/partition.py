@@ -9,7 +9,9 @@
 - ``pathological``: exactly ``classes_per_client`` classes per client
   (``PathologicalPartitioner``).
 - ``natural``: one client per natural group of the dataset, e.g. the language of a text
-  (``NaturalIdPartitioner``; groups in sorted order).
+  (``NaturalIdPartitioner``; groups in sorted order). On ``synthetic`` every client is its
+  own group: its examples are generated for it (``fedsparse/data/synthetic.py``), and no
+  partitioner is involved.
 
 Each client's partition is then split into a local train and a local test part. The same
 spec and seed always give the same partition, in every process and whichever client a
@@ -20,19 +22,22 @@ and says which data key makes it impossible.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
-from fedsparse.scenario import PARTITION_KEYS, DataSpec, ScenarioError
+from fedsparse.data import synthetic
+from fedsparse.scenario import PARTITION_KEYS, DataSpec, ScenarioError, SyntheticSpec
 
 RESAMPLING_CALLS = 10  # DirichletPartitioner draws 10 times per call before it raises
 
 
 @dataclass(frozen=True)
 class ClientIndices:
-    """Indices into the dataset's training arrays for one client."""
+    """Indices into the dataset's training arrays for one client (on ``synthetic``: into the
+    client's own generated examples)."""
 
     train: np.ndarray
     test: np.ndarray
@@ -128,13 +133,25 @@ def partition_indices(labels: np.ndarray, spec: DataSpec, seed: int,
     return [_load(partitioner, i) for i in range(spec.num_clients)]
 
 
+def local_test_size(n: int, test_fraction: float) -> int:
+    """How many of a client's ``n`` examples go to its local test split."""
+    return round(test_fraction * n)
+
+
 def local_split(indices: np.ndarray, test_fraction: float, seed: int,
                 partition_id: int) -> ClientIndices:
     """Seeded split of one client's partition into local train and test indices."""
     rng = np.random.default_rng([seed, partition_id])
     shuffled = rng.permutation(indices)
-    n_test = round(test_fraction * len(indices))
+    n_test = local_test_size(len(indices), test_fraction)
     return ClientIndices(train=np.sort(shuffled[n_test:]), test=np.sort(shuffled[:n_test]))
+
+
+def synthetic_split(n: int, test_fraction: float) -> ClientIndices:
+    """A synthetic client's ``n`` examples (exchangeable draws): the first for training, the
+    last :func:`local_test_size` for its local test split."""
+    n_train = n - local_test_size(n, test_fraction)
+    return ClientIndices(train=np.arange(n_train), test=np.arange(n_train, n))
 
 
 @lru_cache(maxsize=4)
@@ -150,26 +167,53 @@ def client_indices(spec: DataSpec, seed: int, partition_id: int) -> ClientIndice
     """The local train/test indices of client ``partition_id`` (cached per process).
 
     Only this client's partition is materialised, so a Ray actor or a SuperNode pays
-    for the clients it serves, not for all of them.
+    for the clients it serves, not for all of them; on ``synthetic`` only its size is drawn.
     """
     if not 0 <= partition_id < spec.num_clients:
         raise ValueError(
             f"partition-id {partition_id} out of range for data.num_clients={spec.num_clients}"
         )
+    if spec.synthetic is not None:
+        n = synthetic.client_size(spec.synthetic, seed, partition_id)
+        return synthetic_split(n, spec.test_fraction)
     partitioner = _cached_partitioner(spec, seed)
     return local_split(_load(partitioner, partition_id), spec.test_fraction, seed, partition_id)
 
 
-def check_partition(spec: DataSpec, seed: int, source: str = "<scenario>") -> list[ClientIndices]:
+class LazySplits(Sequence[ClientIndices]):
+    """Every client's split, each made when it is asked for (:func:`client_indices`): a
+    synthetic federation may have millions of clients."""
+
+    def __init__(self, spec: DataSpec, seed: int) -> None:
+        self.spec = spec
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.spec.num_clients
+
+    def __getitem__(self, partition_id: int) -> ClientIndices:
+        if not 0 <= partition_id < len(self):
+            raise IndexError(partition_id)
+        return client_indices(self.spec, self.seed, partition_id)
+
+
+def check_partition(spec: DataSpec, seed: int, source: str = "<scenario>"
+                    ) -> Sequence[ClientIndices]:
     """Every client's local train/test split, as a run will make it; a :class:`ScenarioError`
     naming the data key that makes the split impossible or leaves a client without a local
     training example.
 
     It loads the dataset: call it where a run is set up (the CLI), not where every process
-    parses the scenario.
+    parses the scenario. On ``synthetic`` it generates nothing: the check is on the sizes the
+    scenario allows, and the splits come lazily (:class:`LazySplits`).
     """
     from fedsparse.data.datasets import DatasetUnavailable, load_dataset
 
+    if spec.synthetic is not None:
+        problems = _synthetic_problems(spec.synthetic, spec.test_fraction)
+        if problems:
+            raise ScenarioError(source, problems)
+        return LazySplits(spec, seed)
     try:
         data = load_dataset(spec.dataset)
     except DatasetUnavailable as err:
@@ -208,6 +252,24 @@ def _impossible_sizes(spec: DataSpec, n_examples: int, n_classes: int) -> list[s
     if spec.partition == "pathological" and spec.classes_per_client > n_classes:
         return [f"data.classes_per_client = {spec.classes_per_client}: more than the "
                 f"{n_classes} classes of {spec.dataset!r} (allowed: 1 to {n_classes})"]
+    return []
+
+
+def _synthetic_problems(spec: SyntheticSpec, fraction: float) -> list[str]:
+    """What a synthetic client of the smallest size, ``data.synthetic.size_min``, would lack
+    under ``data.test_fraction``: a local training example, or a local test example (the
+    server's test set is made of clients' test splits). Neither split shrinks as a client
+    grows, so the smallest client decides for every client."""
+    smallest = spec.size_min
+    n_test = local_test_size(smallest, fraction)
+    of = (f"data.test_fraction = {fraction}: leaves a client of data.synthetic.size_min = "
+          f"{smallest} examples")
+    if n_test == smallest:
+        return [f"{of} no local training example (allowed: below "
+                f"{(smallest - 0.5) / smallest:.3g})"]
+    if n_test == 0:
+        return [f"{of} no local test example, and the server's test set is made of the "
+                f"clients' test splits (allowed: above {0.5 / smallest:.3g})"]
     return []
 
 

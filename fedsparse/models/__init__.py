@@ -27,10 +27,10 @@ def build_model(params: PluginParams, input_shape: tuple[int, ...], num_classes:
 
 def scenario_model(scenario: Scenario) -> nn.Module:
     """A fresh instance of a scenario's model, sized for its dataset."""
-    from fedsparse.data import load_dataset
+    from fedsparse.data import dataset_shape
 
-    data = load_dataset(scenario.data.dataset)
-    return build_model(scenario.model, data.input_shape, data.num_classes)
+    shape = dataset_shape(scenario.data)
+    return build_model(scenario.model, shape.input_shape, shape.num_classes)
 
 
 def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:

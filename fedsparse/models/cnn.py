@@ -7,7 +7,7 @@ feature map after the two blocks is 7x7.
 from __future__ import annotations
 
 import itertools
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, PositiveInt
@@ -21,6 +21,12 @@ class CNNParams(PluginParams):
     name: Literal["cnn"] = "cnn"
     channels: list[PositiveInt] = Field(default_factory=lambda: [6, 16], min_length=1, max_length=3)
     hidden: list[PositiveInt] = Field(default_factory=lambda: [120, 84])
+
+    def check_scenario(self, scenario: Any) -> None:
+        if scenario.data.dataset == "synthetic":
+            raise ValueError("model.name = 'cnn' needs images, and data.dataset = 'synthetic' "
+                             "gives vectors of data.synthetic.dimension features (allowed: "
+                             "model.name = 'mlp')")
 
 
 @MODELS.register("cnn", CNNParams)

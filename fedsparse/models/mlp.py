@@ -1,6 +1,8 @@
 """Multi-layer perceptron: flatten, then Linear + ReLU per hidden layer, then a linear head.
 
-The "2NN" of McMahan et al. 2017 (FedAvg) is ``hidden = [200, 200]``.
+The "2NN" of McMahan et al. 2017 (FedAvg) is ``hidden = [200, 200]``; ``hidden = []`` is
+multinomial logistic regression, FedProx's model on Synthetic(alpha, beta) (Li et al. 2020).
+The input size is the dataset's (``fedsparse.data.dataset_shape``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from fedsparse.registry import MODELS, PluginParams
 
 class MLPParams(PluginParams):
     name: Literal["mlp"] = "mlp"
-    hidden: list[PositiveInt] = Field(default_factory=lambda: [200, 200], min_length=1)
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [200, 200],
+                                      description="[]: softmax regression")
 
 
 @MODELS.register("mlp", MLPParams)
