@@ -14,7 +14,8 @@ Client state (``fedsparse/client_state.py``) is read as of the instruction's
 ``commit-round`` and, after a train instruction, saved for its round, under: the node
 config's ``state-dir`` (``flower-supernode --node-config "... state-dir=/var/lib/fedsparse"``:
 a device's own choice, which a submitted run cannot override), else the run config's
-``client-state-dir`` (simulation: the run folder's ``client-state/``), else
+``client-state-dir`` (simulation: the run folder's ``client-state/``, which this node must
+see: ``fedsparse.client_state.shared_root``), else
 ``$FEDSPARSE_CLIENT_STATE_DIR``, else ``~/.fedsparse/client-state``; keyed by the run
 config's ``fedsparse-run-id`` (which a resume keeps) and the partition id.
 
@@ -34,7 +35,7 @@ from flwr.clientapp import ClientApp
 
 from clients.faults import with_faults
 from clients.programs.base import ClientProgram
-from fedsparse.client_state import ClientState, StateStore
+from fedsparse.client_state import ClientState, StateStore, shared_root
 from fedsparse.data import client_data
 from fedsparse.protocol import (
     COMMIT_ROUND,
@@ -71,7 +72,7 @@ def node_partition(context: Context) -> tuple[int, int]:
 def state_root(context: Context) -> Path:
     """Where this node keeps client state (see the module docstring)."""
     configured = str(context.node_config.get(STATE_DIR_NODE_KEY, "")) \
-        or run_setting(context.run_config, "client-state-dir") \
+        or shared_root(run_setting(context.run_config, "client-state-dir")) \
         or os.environ.get(STATE_DIR_ENV, "")
     return Path(configured or "~/.fedsparse/client-state").expanduser()
 

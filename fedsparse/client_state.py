@@ -17,11 +17,19 @@ before it (the state a fallback to the previous server checkpoint needs); older 
 deleted. The root is the run folder's ``client-state/`` in simulation, the node's own folder
 on a device. Keyed by fedsparse's run id, which a resume keeps (Flower's changes), and the
 partition id. Memory holds only the clients being served; all clients cost disk.
+
+In simulation any Ray node may serve any client in any round, so every node must see the
+run folder's ``client-state/`` at the same path (one host; on a cluster, a shared folder such
+as NFS). ``fedsparse run`` creates it before any client runs, so a node where it is missing
+does not see the run's folder: :func:`shared_root` refuses to serve from it, rather than let
+the node keep client state that the others never read.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +42,22 @@ ROUND_FILE = re.compile(r"^round-(\d+)\.npz$")
 
 class StateMissing(RuntimeError):
     """The state a client must start from is not there (its folder was lost or damaged)."""
+
+
+class StateUnreachable(RuntimeError):
+    """This node does not see the folder the run keeps its clients' state in."""
+
+
+def shared_root(root: str) -> str:
+    """``root``, the run's client state folder, once this node is found to see it (``""``
+    passes: no such folder); StateUnreachable, naming the host, where it is missing."""
+    if root and not os.path.isdir(root):
+        raise StateUnreachable(
+            f"client state folder {root} does not exist on host {socket.gethostname()}: "
+            f"fedsparse run made it before any client ran, so this node does not see the "
+            f"run folder; on a Ray cluster the run folder must be on a folder every node "
+            f"mounts at the same path, e.g. NFS (README: Simulation on a Ray cluster)")
+    return root
 
 
 class StateStore:

@@ -129,6 +129,7 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
     """
     if superlink:
         scenario.refuse_deployment(f"for --superlink {superlink}")
+    ray_cluster = "" if superlink else scenario.run.ray_cluster(os.environ)
     workdir = Path.cwd()
     settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
                 **(extra or {}), "fedsparse-run-id": uuid.uuid4().hex}
@@ -136,6 +137,8 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
         settings["client-state-dir"] = str((run_dir / CLIENT_STATE).resolve())
         _preflight(settings["tracking-uri"], run_dir)
     with hold(run_dir) as lock:
+        if not superlink:  # made here, so that a node that does not see it knows (README)
+            Path(settings["client-state-dir"]).mkdir(exist_ok=True)
         prior_total_s = 0.0
         if resume:  # read under the lock: no other run is writing the checkpoint now
             checkpoint = Checkpoint.load(run_dir)
@@ -145,11 +148,13 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
         settings |= {"cli-started-at": repr(time.time()),
                      "prior-total-wall-s": repr(prior_total_s)}
         launch = Launch(scenario=scenario, run_dir=run_dir, workdir=workdir,
-                        superlink=superlink, insecure=root_certificates is None,
+                        superlink=superlink, ray_cluster=ray_cluster,
+                        insecure=root_certificates is None,
                         root_certificates=root_certificates, settings=settings,
                         pass_fds=(lock,))
         if not quiet:
-            where = f"SuperLink {superlink}" if superlink else "Ray simulation"
+            where = (f"SuperLink {superlink}" if superlink else
+                     f"the Ray cluster at {ray_cluster}" if ray_cluster else "Ray simulation")
             print(f"fedsparse: {scenario.name} on {where}, {scenario.data.num_clients} "
                   f"clients, {scenario.run.rounds} rounds -> {run_dir} "
                   f"(Flower log: {launch.log_path})", file=sys.stderr)
@@ -236,6 +241,8 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
     for scenario, path in zip(scenarios, files, strict=True):
         if superlink:
             scenario.refuse_deployment(str(path))
+        else:  # $RAY_ADDRESS against each arm's run.num_cpus, before any arm runs
+            scenario.run.ray_cluster(os.environ)
         if (scenario.data, scenario.seed) not in checked:  # arms often share one split
             check_partition(scenario.data, scenario.seed, str(path))
             checked.add((scenario.data, scenario.seed))

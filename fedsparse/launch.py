@@ -3,9 +3,10 @@
 Simulation: a simulation-mode ``flower-superlink`` is started on a free loopback port for
 this run alone (Flower's home and Ray's temp files under the working directory), the run is
 submitted with ``flwr run <app> <connection> --stream``, and every process started is
-stopped at the end. Deployment: the same ``flwr run`` goes to an existing SuperLink.
-Every process is started under a supervisor (``supervise.py``), so that nothing of a run
-outlives the CLI, even when the CLI is killed.
+stopped at the end. Its Ray is one of its own on this host, or an existing cluster
+(``Launch.ray_cluster``), which the run joins and leaves running. Deployment: the same
+``flwr run`` goes to an existing SuperLink. Every process is started under a supervisor
+(``supervise.py``), so that nothing of a run outlives the CLI, even when the CLI is killed.
 
 The Flower App submitted is a minimal one written under the working directory: a
 ``pyproject.toml`` whose components are ``strategies.server_app:app`` and
@@ -56,6 +57,7 @@ class Launch:
     run_dir: Path
     workdir: Path = field(default_factory=Path.cwd)
     superlink: str = ""  # address of an existing SuperLink; "" = start a simulation one
+    ray_cluster: str = ""  # simulation: the Ray cluster it joins; "" = a Ray of its own
     insecure: bool = True
     root_certificates: Path | None = None
     settings: dict[str, str] = field(default_factory=dict)  # run-config keys (protocol.py)
@@ -172,12 +174,17 @@ def flower_config(home: Path, address: str, insecure: bool,
         {"superlink": {"default": CONNECTION, CONNECTION: connection}}))
 
 
-def _federation_config(scenario: Scenario) -> str:
+def _federation_config(scenario: Scenario, ray_cluster: str) -> str:
+    """The Simulation Engine's settings: Flower's ``init-args-*`` keys are ``ray.init``'s
+    arguments, and a cluster's CPUs are its nodes' (``ray.init`` refuses ``num_cpus`` when
+    it joins one); each client's actor asks for ``run.client_cpus`` on whichever node."""
     run = scenario.run
-    config = {"num-supernodes": scenario.data.num_clients,
-              "client-resources-num-cpus": run.client_cpus,
-              "init-args-num-cpus": run.num_cpus or os.cpu_count() or 1,
-              "init-args-logging-level": "ERROR", "init-args-log-to-driver": False}
+    config: dict[str, Any] = {"num-supernodes": scenario.data.num_clients,
+                              "client-resources-num-cpus": run.client_cpus,
+                              "init-args-logging-level": "ERROR",
+                              "init-args-log-to-driver": False}
+    if not ray_cluster:
+        config["init-args-num-cpus"] = run.num_cpus or os.cpu_count() or 1
     return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
 
 
@@ -242,7 +249,7 @@ def run_flower(launch: Launch, on_event: EventHandler) -> dict[str, Any]:
     if launch.superlink:
         check_superlink(launch.superlink, None if launch.insecure else launch.root_certificates)
     launch.run_dir.mkdir(parents=True, exist_ok=True)
-    env = process_env(launch.workdir)
+    env = process_env(launch.workdir, launch.ray_cluster)
     env["FLWR_HOME"] = str(launch.run_dir / ".flwr")
     app_dir = write_app(state_dir(launch.workdir) / "app")
     run_config = (launch.run_dir / "run_config.toml").resolve()
@@ -256,7 +263,8 @@ def run_flower(launch: Launch, on_event: EventHandler) -> dict[str, Any]:
         command = ["flwr", "run", str(app_dir), CONNECTION, "--stream",
                    "--run-config", str(run_config)]
         if not launch.superlink:
-            command += ["--federation-config", _federation_config(launch.scenario)]
+            command += ["--federation-config",
+                        _federation_config(launch.scenario, launch.ray_cluster)]
         return _stream(command, env, launch, on_event)
 
 

@@ -3,10 +3,10 @@
 A resumed run is the same experiment continued: its scenario is the run folder's
 ``scenario.toml``, and an override may change only what enters no computation of the rounds:
 the number of rounds (raised, never below those finished), how long the server waits for
-nodes, replies and MLflow, and the CPUs Ray gives the clients. Anything else (a learning
-rate, the seed, the model) would make the rounds after the resume those of another
-experiment, so it is refused naming the key. These keys are MLflow tags, not params, because
-they may change on resume and an MLflow param cannot.
+nodes, replies and MLflow, the CPUs Ray gives the clients and the Ray cluster they run on.
+Anything else (a learning rate, the seed, the model) would make the rounds after the resume
+those of another experiment, so it is refused naming the key. These keys are MLflow tags,
+not params, because they may change on resume and an MLflow param cannot.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fedsparse.durable import CorruptFile
 from fedsparse.scenario import Scenario, ScenarioError, load_scenario
 
 RESUMABLE = ("run.rounds", "run.node_wait_s", "run.round_timeout_s", "run.client_cpus",
-             "run.num_cpus", "tracking.flush_timeout_s")
+             "run.num_cpus", "run.ray_address", "tracking.flush_timeout_s")
 SCENARIO_FILE = "scenario.toml"
 
 

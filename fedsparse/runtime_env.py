@@ -1,8 +1,10 @@
 """The environment fedsparse runs Flower, Ray and MLflow under.
 
 Nothing phones home (see ../shared/FLOWER.md section 0): Flower's telemetry, update check
-and per-run dependency installation are off, Ray binds to 127.0.0.1 and keeps its temp
-files under the working directory, MLflow and Hugging Face stay offline.
+and per-run dependency installation are off, MLflow and Hugging Face stay offline. The Ray
+a simulation starts for itself binds to 127.0.0.1 and keeps its temp files under the working
+directory; a simulation on an existing Ray cluster (``run.ray_address``) gets neither, since
+the cluster's nodes chose their addresses and temp dirs when they were started.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ NO_PHONE_HOME: dict[str, str] = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "1",
     "HF_HUB_OFFLINE": "1",
@@ -25,6 +26,11 @@ NO_PHONE_HOME: dict[str, str] = {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
 }
+
+# A Ray of the run's own: a single node on 127.0.0.1 (Ray's default is the routable address,
+# with its ports open to the network). Never set where a cluster is joined: it also makes
+# `ray start --address` refuse to add a node.
+LOCAL_RAY: dict[str, str] = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 QUIET: dict[str, str] = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
@@ -73,13 +79,19 @@ def ray_tmpdir(workdir: Path) -> Path:
     return alias
 
 
-def process_env(workdir: Path) -> dict[str, str]:
-    """Environment for the Flower processes (SuperLink, SuperNodes, `flwr run`) of one run."""
+def process_env(workdir: Path, ray_cluster: str = "") -> dict[str, str]:
+    """Environment for the Flower processes (SuperLink, SuperNodes, `flwr run`) of one run;
+    its simulation joins the Ray cluster at ``ray_cluster`` (``RAY_ADDRESS``, which
+    ``ray.init`` reads), or starts a Ray of its own on 127.0.0.1 ("")."""
     env = dict(os.environ)
     env.update(NO_PHONE_HOME)
     env.update(QUIET)
     env["FLWR_HOME"] = str(state_dir(workdir) / "flwr_home")
-    env["RAY_TMPDIR"] = str(ray_tmpdir(workdir))
+    if ray_cluster:
+        env["RAY_ADDRESS"] = ray_cluster
+    else:
+        env.update(LOCAL_RAY)
+        env["RAY_TMPDIR"] = str(ray_tmpdir(workdir))
     # Flower's executables (flower-superlink, flwr, flwr-simulation, ...) live beside this
     # interpreter; a virtualenv that is not activated is not on PATH, and the SuperLink in turn
     # starts its children by name.

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal
 
@@ -162,6 +163,34 @@ class DataSpec(Section):
         return self
 
 
+RAY_ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own: the cluster ray.init() joins
+# HOST:PORT (a name, an IPv4 address or a bracketed IPv6 one), or Ray's "auto"
+_RAY_ADDRESS = re.compile(r"^(auto|([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d+))$")
+_CLUSTER_CPUS = ("run.num_cpus = {num_cpus} cannot apply with {source}: on a Ray cluster the "
+                 "CPUs are those each node was started with (ray start --num-cpus); remove "
+                 "run.num_cpus (--unset run.num_cpus)")
+
+
+def check_ray_address(value: str) -> str:
+    """``value`` if it is "" or a Ray cluster address fedsparse can join, else ValueError
+    saying what is allowed."""
+    if not value:
+        return value
+    scheme, sep, _ = value.partition("://")
+    if sep:
+        raise ValueError(f"{scheme}://... is not a cluster address fedsparse can join (ray:// "
+                         f"is Ray Client, http:// the dashboard of `ray job submit`): run "
+                         f"fedsparse on a node of the cluster (e.g. its head) and give the "
+                         f"head's HOST:PORT (its GCS address, port 6379 by default)")
+    form = _RAY_ADDRESS.match(value)
+    if form is None:
+        raise ValueError("expected HOST:PORT of the cluster's head (e.g. 10.0.0.5:6379) or "
+                         "'auto'")
+    if form["port"] is not None and not 1024 <= int(form["port"]) <= 65535:
+        raise ValueError(f"port {form['port']}: Ray's ports are 1024-65535")
+    return value
+
+
 class RunSpec(Section):
     """Rounds, evaluation cadence and simulation resources."""
 
@@ -169,7 +198,13 @@ class RunSpec(Section):
     eval_every: int = Field(1, ge=1, description="centralised + federated evaluation cadence")
     backend: Literal["ray"] = "ray"
     client_cpus: int = Field(1, ge=1, description="CPUs per simulated client (Ray actor)")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use (default: all)")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use (default: all); "
+                                                         "not with a Ray cluster")
+    ray_address: str = Field(
+        "", description="an existing Ray cluster to run the simulation on, HOST:PORT of its "
+                        "head (what `ray start --head` prints) or 'auto' (the cluster this "
+                        "host is a node of); '' = $RAY_ADDRESS if set, else a Ray of the "
+                        "run's own on this host. Simulation only")
     node_wait_s: float = Field(300.0, gt=0, description="how long the server waits for clients")
     round_timeout_s: float = Field(3600.0, gt=0, description="reply timeout per round")
     max_failed_round_fraction: float = Field(
@@ -178,6 +213,35 @@ class RunSpec(Section):
     max_client_examples: int = Field(
         1_000_000, ge=1, description="deployment: the most examples a client may report (in "
                                      "simulation the server knows each partition's size)")
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address_form(cls, value: str) -> str:
+        return check_ray_address(value)
+
+    @model_validator(mode="after")
+    def _cluster_has_its_own_cpus(self) -> RunSpec:
+        if self.ray_address and self.num_cpus is not None:
+            raise ValueError(_CLUSTER_CPUS.format(num_cpus=self.num_cpus,
+                                                  source="run.ray_address"))
+        return self
+
+    def ray_cluster(self, environ: Mapping[str, str]) -> str:
+        """The Ray cluster the simulation joins: ``ray_address``, else ``$RAY_ADDRESS``,
+        else "" (a Ray of the run's own, started on this host with ``num_cpus``).
+        ScenarioError for a malformed ``$RAY_ADDRESS``, or one that meets ``num_cpus``."""
+        if self.ray_address:
+            return self.ray_address
+        address = environ.get(RAY_ADDRESS_ENV, "")
+        source = f"for {RAY_ADDRESS_ENV}={address}"
+        try:
+            check_ray_address(address)
+        except ValueError as err:
+            raise ScenarioError(source, [f"{RAY_ADDRESS_ENV} = {address!r}: {err}"]) from None
+        if address and self.num_cpus is not None:
+            raise ScenarioError(source, [_CLUSTER_CPUS.format(num_cpus=self.num_cpus,
+                                                              source=RAY_ADDRESS_ENV)])
+        return address
 
     def verdict(self, rounds: int, failed: int) -> str:
         """Why a run with ``failed`` of ``rounds`` rounds not counted is a failure ("" if not)."""

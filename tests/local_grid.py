@@ -45,6 +45,7 @@ class LocalGrid:
         if state_dir is None:
             state_dir = Path(tempfile.mkdtemp(prefix="fedsparse-clients-"))
             weakref.finalize(self, shutil.rmtree, state_dir, ignore_errors=True)
+        state_dir.mkdir(parents=True, exist_ok=True)  # as fedsparse run makes it (shared_root)
         self.state_dir = state_dir
         run_config = {"fedsparse-run-id": RUN_ID, "client-state-dir": str(state_dir),
                       **run_config}
