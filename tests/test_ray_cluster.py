@@ -135,7 +135,8 @@ def test_a_node_that_does_not_see_the_client_state_folder_refuses_to_serve(
     control = Array(np.zeros(sum(a.numpy().size for a in arrays.values()), np.float32))
     instruction = Message(RecordDict({"arrays": arrays, "control": ArrayRecord({"c": control}),
                                       "config": ConfigRecord({"server-round": 1,
-                                                              "commit-round": 0})}),
+                                                              "commit-round": 0,
+                                                              "partition-id": 0})}),
                           dst_node_id=1, message_type=MessageType.TRAIN)
     with pytest.raises(StateUnreachable, match=f"^client state folder {folder} does not exist on "
                                                f"host {socket.gethostname()}: fedsparse run "):
