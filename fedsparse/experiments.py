@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsparse.checkpoint import Checkpoint
-from fedsparse.launch import Launch, run_flower
+from fedsparse.launch import Launch, check_client_gpus, run_flower
 from fedsparse.run_lock import hold
 from fedsparse.scenario import DataSpec, Scenario, ScenarioError, load_scenario
 from fedsparse.tracking.history import Row
@@ -133,6 +133,7 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
     settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
                 **(extra or {}), "fedsparse-run-id": uuid.uuid4().hex}
     if not superlink:  # simulated clients keep their state in the run folder
+        check_client_gpus(scenario.run, "for a simulation on this machine")
         settings["client-state-dir"] = str((run_dir / CLIENT_STATE).resolve())
         _preflight(settings["tracking-uri"], run_dir)
     with hold(run_dir) as lock:
@@ -236,6 +237,8 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
     for scenario, path in zip(scenarios, files, strict=True):
         if superlink:
             scenario.refuse_deployment(str(path))
+        else:
+            check_client_gpus(scenario.run, f"{path} for a simulation on this machine")
         if (scenario.data, scenario.seed) not in checked:  # arms often share one split
             check_partition(scenario.data, scenario.seed, str(path))
             checked.add((scenario.data, scenario.seed))

@@ -111,6 +111,9 @@ class DataSpec(Section):
         return self
 
 
+RAY_RESOURCE_UNIT = 0.0001  # Ray counts resources in fixed point with this resolution
+
+
 class RunSpec(Section):
     """Rounds, evaluation cadence and simulation resources."""
 
@@ -118,6 +121,10 @@ class RunSpec(Section):
     eval_every: int = Field(1, ge=1, description="centralised + federated evaluation cadence")
     backend: Literal["ray"] = "ray"
     client_cpus: int = Field(1, ge=1, description="CPUs per simulated client (Ray actor)")
+    client_gpus: float = Field(
+        0.0, ge=0, le=1, description="share of one GPU per simulated client (Ray actor); "
+                                     "> 0 also lets every client train on a GPU its process "
+                                     "sees (fedsparse/device.py), 0: clients train on the CPU")
     num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use (default: all)")
     node_wait_s: float = Field(300.0, gt=0, description="how long the server waits for clients")
     round_timeout_s: float = Field(3600.0, gt=0, description="reply timeout per round")
@@ -127,6 +134,14 @@ class RunSpec(Section):
     max_client_examples: int = Field(
         1_000_000, ge=1, description="deployment: the most examples a client may report (in "
                                      "simulation the server knows each partition's size)")
+
+    @field_validator("client_gpus")
+    @classmethod
+    def _placeable(cls, share: float) -> float:
+        if 0 < share < RAY_RESOURCE_UNIT:
+            raise ValueError(f"below {RAY_RESOURCE_UNIT}, the smallest share of a resource "
+                             f"Ray places (0 trains clients on the CPU)")
+        return share
 
     def verdict(self, rounds: int, failed: int) -> str:
         """Why a run with ``failed`` of ``rounds`` rounds not counted is a failure ("" if not)."""
