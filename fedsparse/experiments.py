@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsparse.checkpoint import Checkpoint
-from fedsparse.launch import Launch, run_flower
+from fedsparse.launch import Launch, check_client_gpus, run_flower
 from fedsparse.run_lock import hold
 from fedsparse.scenario import DataSpec, Scenario, ScenarioError, load_scenario
 from fedsparse.tracking.history import Row
@@ -134,6 +134,8 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
     settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
                 **(extra or {}), "fedsparse-run-id": uuid.uuid4().hex}
     if not superlink:  # simulated clients keep their state in the run folder
+        if not ray_cluster:  # a cluster decides where its GPUs are
+            check_client_gpus(scenario.run, "for a simulation on this machine")
         settings["client-state-dir"] = str((run_dir / CLIENT_STATE).resolve())
         _preflight(settings["tracking-uri"], run_dir)
     with hold(run_dir) as lock:
@@ -242,7 +244,8 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
         if superlink:
             scenario.refuse_deployment(str(path))
         else:  # $RAY_ADDRESS against each arm's run.num_cpus, before any arm runs
-            scenario.run.ray_cluster(os.environ)
+            if not scenario.run.ray_cluster(os.environ):
+                check_client_gpus(scenario.run, f"{path} for a simulation on this machine")
         if (scenario.data, scenario.seed) not in checked:  # arms often share one split
             check_partition(scenario.data, scenario.seed, str(path))
             checked.add((scenario.data, scenario.seed))

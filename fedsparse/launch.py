@@ -35,7 +35,7 @@ import fedsparse
 from fedsparse import supervise
 from fedsparse.protocol import RUN_CONFIG_DEFAULTS
 from fedsparse.runtime_env import process_env, state_dir
-from fedsparse.scenario import Scenario
+from fedsparse.scenario import RunSpec, Scenario, ScenarioError
 from fedsparse.tracking import events
 
 APP_NAME = "fedsparse-app"
@@ -174,6 +174,26 @@ def flower_config(home: Path, address: str, insecure: bool,
         {"superlink": {"default": CONNECTION, CONNECTION: connection}}))
 
 
+def check_client_gpus(run: RunSpec, source: str) -> None:
+    """Refuse, before anything starts, a simulation whose clients each need a share of a GPU
+    (``run.client_gpus``) on a machine where torch sees no CUDA device: the Ray it starts
+    would have no GPU to place them on (Flower 1.41 then sizes its actor pool at zero and
+    stops the run with "ActorPool is empty", once Ray is up). Only for the Ray that a
+    simulation starts on this machine: an existing cluster decides for itself."""
+    if run.client_gpus == 0:
+        return
+    import torch
+
+    if torch.cuda.device_count() > 0:
+        return
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    why = "" if hidden is None else f" (CUDA_VISIBLE_DEVICES={hidden!r})"
+    raise ScenarioError(source, [
+        f"run.client_gpus = {run.client_gpus}: torch sees no CUDA device on this machine{why}, "
+        f"so the Ray of a simulation here could place no client; set run.client_gpus = 0 to "
+        f"train the clients on the CPU"])
+
+
 def _federation_config(scenario: Scenario, ray_cluster: str) -> str:
     """The Simulation Engine's settings: Flower's ``init-args-*`` keys are ``ray.init``'s
     arguments, and a cluster's CPUs are its nodes' (``ray.init`` refuses ``num_cpus`` when
@@ -181,6 +201,7 @@ def _federation_config(scenario: Scenario, ray_cluster: str) -> str:
     run = scenario.run
     config: dict[str, Any] = {"num-supernodes": scenario.data.num_clients,
                               "client-resources-num-cpus": run.client_cpus,
+                              "client-resources-num-gpus": run.client_gpus,
                               "init-args-logging-level": "ERROR",
                               "init-args-log-to-driver": False}
     if not ray_cluster:

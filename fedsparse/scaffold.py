@@ -30,7 +30,7 @@ as above. It also reduces to SCAFFOLD at beta = 1.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,11 +50,11 @@ from fedsparse.compress import (
 from fedsparse.compress.identity import IdentitySpec
 from fedsparse.compress.randk import RandKSpec
 from fedsparse.compress.topk import TopKSpec
-from fedsparse.metrics.flops import StepFlops
+from fedsparse.device import CPU, cpu_numpy
+from fedsparse.metrics.flops import Loss, StepFlops
 from fedsparse.registry import StrategyParams
 
 Variant = Literal["scaffold", "scallion", "scafcom"]
-Loss = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class ScafcomParams(ScaffoldParams):
 
 def flat_parameters(model: nn.Module) -> np.ndarray:
     """The model's trainable parameters as one float32 vector (state_dict order)."""
-    return nn.utils.parameters_to_vector(model.parameters()).detach().numpy().astype(np.float32)
+    return cpu_numpy(nn.utils.parameters_to_vector(model.parameters())).astype(np.float32)
 
 
 def set_flat_parameters(model: nn.Module, x: np.ndarray) -> None:
@@ -150,19 +150,22 @@ class LocalResult:
 
 
 def local_steps(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], loss: Loss,
-                lr: float, shift: np.ndarray, grad_scale: float = 1.0) -> LocalResult:
-    """Plain SGD steps ``y <- y - lr (grad_scale * g_k + shift)`` on ``model``, one per batch.
+                lr: float, shift: np.ndarray, grad_scale: float = 1.0,
+                device: torch.device = CPU) -> LocalResult:
+    """Plain SGD steps ``y <- y - lr (grad_scale * g_k + shift)`` on ``model`` (on
+    ``device``, where each batch is moved), one per batch.
 
     ``shift`` is ``c - c_i`` for SCAFFOLD's corrected steps. ``g_bar``, the mean of the K
     stochastic gradients, is accumulated exactly (float64), not inferred from ``x - y``.
     """
     params = list(model.parameters())
-    shift_t = torch.from_numpy(np.ascontiguousarray(shift, dtype=np.float32))
+    shift_t = torch.from_numpy(np.ascontiguousarray(shift, dtype=np.float32)).to(device)
     g_sum = torch.zeros_like(shift_t, dtype=torch.float64)
-    flops = StepFlops(architecture=repr(model))
+    flops = StepFlops(model, loss)
     steps, examples, loss_sum = 0, 0, 0.0
     model.train()
     for batch in batches:
+        batch = tuple(t.to(device) for t in batch)
         for p in params:
             p.grad = None
 
@@ -171,7 +174,7 @@ def local_steps(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], l
             value.backward()
             return value
 
-        loss_sum += float(flops.run(tuple(batch[0].shape), step).detach())
+        loss_sum += float(flops.run(batch, step).detach())
         g = torch.cat([p.grad.reshape(-1) for p in params])
         g_sum += g
         with torch.no_grad():
@@ -182,7 +185,7 @@ def local_steps(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], l
         examples += len(batch[0])
     if steps == 0:
         raise ValueError("local_steps needs at least one batch")
-    return LocalResult((g_sum / steps).numpy().astype(np.float32), loss_sum / steps, steps,
+    return LocalResult(cpu_numpy(g_sum / steps).astype(np.float32), loss_sum / steps, steps,
                        examples, flops.total)
 
 

@@ -191,6 +191,9 @@ def check_ray_address(value: str) -> str:
     return value
 
 
+RAY_RESOURCE_UNIT = 0.0001  # Ray counts resources in fixed point with this resolution
+
+
 class RunSpec(Section):
     """Rounds, evaluation cadence and simulation resources."""
 
@@ -198,6 +201,10 @@ class RunSpec(Section):
     eval_every: int = Field(1, ge=1, description="centralised + federated evaluation cadence")
     backend: Literal["ray"] = "ray"
     client_cpus: int = Field(1, ge=1, description="CPUs per simulated client (Ray actor)")
+    client_gpus: float = Field(
+        0.0, ge=0, le=1, description="share of one GPU per simulated client (Ray actor); "
+                                     "> 0 also lets every client train on a GPU its process "
+                                     "sees (fedsparse/device.py), 0: clients train on the CPU")
     num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use (default: all); "
                                                          "not with a Ray cluster")
     ray_address: str = Field(
@@ -242,6 +249,14 @@ class RunSpec(Section):
             raise ScenarioError(source, [_CLUSTER_CPUS.format(num_cpus=self.num_cpus,
                                                               source=RAY_ADDRESS_ENV)])
         return address
+
+    @field_validator("client_gpus")
+    @classmethod
+    def _placeable(cls, share: float) -> float:
+        if 0 < share < RAY_RESOURCE_UNIT:
+            raise ValueError(f"below {RAY_RESOURCE_UNIT}, the smallest share of a resource "
+                             f"Ray places (0 trains clients on the CPU)")
+        return share
 
     def verdict(self, rounds: int, failed: int) -> str:
         """Why a run with ``failed`` of ``rounds`` rounds not counted is a failure ("" if not)."""

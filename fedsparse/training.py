@@ -2,6 +2,10 @@
 
 Plain minibatch SGD, the local solver of FedAvg (McMahan et al. 2017, Algorithm 1,
 ClientUpdate): ``E`` local epochs, or exactly ``K`` local steps, of batch size ``B``.
+
+The data stay on the CPU and the minibatch order is drawn there (the same on every device);
+each minibatch is moved to ``device``, where the model must already be
+(``fedsparse/device.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedsparse.device import CPU
 from fedsparse.metrics.flops import StepFlops
 
 
@@ -49,28 +54,29 @@ def num_steps(n: int, batch_size: int, epochs: int | None, steps: int | None) ->
 
 def train_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float,
               batch_size: int, steps: int, generator: torch.Generator, momentum: float = 0.0,
-              weight_decay: float = 0.0, grad_clip: float | None = None) -> TrainResult:
+              weight_decay: float = 0.0, grad_clip: float | None = None,
+              device: torch.device = CPU) -> TrainResult:
     """Run ``steps`` SGD steps of cross-entropy on ``(x, y)`` in place, the gradient's norm
-    over all parameters clipped at ``grad_clip`` if given."""
+    over all parameters clipped at ``grad_clip`` if given; ``model`` is on ``device``."""
     if len(x) == 0 or steps == 0:
         return TrainResult(steps=0, examples=0, loss=float("nan"), flops=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay)
-    flops = StepFlops(architecture=repr(model))
+    flops = StepFlops(model, cross_entropy)
     model.train()
     total_loss, examples = 0.0, 0
     stream = batches(len(x), batch_size, generator)
     for _ in range(steps):
         idx = next(stream)
-        xb, yb = x[idx], y[idx]
+        batch = (x[idx].to(device), y[idx].to(device))
 
-        def step(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
+        def step(batch: tuple[torch.Tensor, ...] = batch) -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
+            loss = cross_entropy(model, batch)
             loss.backward()
             return loss
 
-        loss = flops.run(tuple(xb.shape), step)
+        loss = flops.run(batch, step)
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
@@ -86,15 +92,15 @@ def cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Te
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             batch_size: int = 2048) -> EvalResult:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``."""
+             batch_size: int = 2048, device: torch.device = CPU) -> EvalResult:
+    """Mean cross-entropy and accuracy of ``model`` (on ``device``) on ``(x, y)``."""
     if len(x) == 0:
         return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(x), batch_size):
-        logits = model(x[start:start + batch_size])
-        target = y[start:start + batch_size]
+        logits = model(x[start:start + batch_size].to(device))
+        target = y[start:start + batch_size].to(device)
         loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
         correct += int((logits.argmax(dim=1) == target).sum())
     return EvalResult(loss=loss_sum / len(x), accuracy=correct / len(x), num_examples=len(x))

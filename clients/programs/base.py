@@ -7,6 +7,12 @@ arrays)``, and the ClientApp saves it as this round's state after a train instru
 ClientApp objects are recreated for every message, so nothing else survives between rounds.
 It turns the instruction's RecordDict into the reply's RecordDict; the maths it calls lives
 in ``fedsparse``.
+
+A program trains and evaluates on ``self.device`` (``fedsparse/device.py``: CUDA when the
+scenario gives clients a GPU and the process sees one): its models live there, its data on
+the CPU, moved a minibatch at a time; whatever it sends or saves as state leaves the device
+through ``cpu_numpy`` (or Flower's own conversion of a torch state dict, which also moves
+it to the CPU).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from torch import nn
 
 from fedsparse.client_state import ClientState
 from fedsparse.data import ClientData, client_data
+from fedsparse.device import client_device, cpu_numpy
 from fedsparse.downlink import apply_sync
 from fedsparse.flat import unflatten
 from fedsparse.models import load_shared_state, scenario_model, shared_state
@@ -60,14 +67,16 @@ class ClientProgram(ABC):
         self.params = scenario.client
         self.partition_id = partition_id
         self.state = state
+        self.device = client_device(scenario.run.client_gpus)
 
     @property
     def data(self) -> ClientData:
         return client_data(self.scenario.data, self.scenario.seed, self.partition_id)
 
     def build_model(self) -> nn.Module:
-        """A fresh instance of the scenario's model."""
-        return scenario_model(self.scenario)
+        """A fresh instance of the scenario's model (initialised on the CPU, as on every
+        device), on this client's device."""
+        return scenario_model(self.scenario).to(self.device)
 
     def model_from(self, content: RecordDict) -> nn.Module:
         """The scenario's model with the weights the server sent: the dense model, or the
@@ -76,7 +85,7 @@ class ClientProgram(ABC):
         if MODEL_SYNC not in content.array_records:
             load_shared_state(model, content.array_records[ARRAYS].to_torch_state_dict())
             return model
-        template = {k: v.numpy() for k, v in shared_state(model).items()}
+        template = {k: cpu_numpy(v) for k, v in shared_state(model).items()}
         x_hat = apply_sync(self.state.get(PUBLIC_MODEL).get("x_hat"),
                            {k: a.numpy() for k, a in content.array_records[MODEL_SYNC].items()},
                            sum(v.size for v in template.values()))
@@ -121,7 +130,8 @@ class ClientProgram(ABC):
     def evaluate(self, content: RecordDict) -> RecordDict:
         """Accuracy and loss of :meth:`evaluated_model` on the client's local test split."""
         data = self.data
-        result = evaluate(self.evaluated_model(content), data.x_test, data.y_test)
+        result = evaluate(self.evaluated_model(content), data.x_test, data.y_test,
+                          device=self.device)
         return RecordDict({METRICS: MetricRecord({
             NUM_EXAMPLES: result.num_examples, "eval-loss": result.loss,
             "eval-acc": result.accuracy})})

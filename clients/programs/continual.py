@@ -40,6 +40,7 @@ from fedsparse.continual import (
 )
 from fedsparse.continual.sparcl import EpochsResult
 from fedsparse.data import dataset_shape
+from fedsparse.device import cpu_numpy
 from fedsparse.metrics.sparse_flops import SparseFlops
 from fedsparse.protocol import (
     ARRAYS,
@@ -117,20 +118,21 @@ class ContinualProgram(ClientProgram):
         if MODEL_SYNC in content.array_records:  # fedavg with a compressed downlink
             return self.model_from(content), None
         model = self.build_model()
-        template = {k: v.numpy() for k, v in model.state_dict().items()}
+        template = {k: cpu_numpy(v) for k, v in model.state_dict().items()}
         state, masks = decode_model(to_numpy(content.array_records[ARRAYS]), template)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-        return model, (Mask({k: torch.from_numpy(m) for k, m in masks.items()}) if masks
-                       else None)
+        return model, (self.device_mask(masks) if masks else None)
 
-    @staticmethod
-    def frozen(content: RecordDict, params: dict[str, nn.Parameter]) -> Mask | None:
+    def device_mask(self, masks: dict[str, np.ndarray]) -> Mask:
+        """Decoded masks as a :class:`Mask` on this client's device."""
+        return Mask({n: torch.from_numpy(m).to(self.device) for n, m in masks.items()})
+
+    def frozen(self, content: RecordDict, params: dict[str, nn.Parameter]) -> Mask | None:
         """Positions of finished tasks' weights inside the mask (parameter isolation)."""
         if FROZEN not in content.array_records:
             return None
-        masks = decode_positions(to_numpy(content.array_records[FROZEN]),
-                                 {n: p.detach().numpy() for n, p in params.items()})
-        return Mask({n: torch.from_numpy(m) for n, m in masks.items()})
+        return self.device_mask(decode_positions(to_numpy(content.array_records[FROZEN]),
+                                                 {n: cpu_numpy(p) for n, p in params.items()}))
 
     def learner(self, model: nn.Module, hooks: SparseHooks, generator: torch.Generator,
                 buffer: ReservoirBuffer) -> Learner:
@@ -144,7 +146,8 @@ class ContinualProgram(ClientProgram):
         return DERPP(model, buffer, alpha=p.alpha, beta=p.beta, **common)
 
     def _buffer(self, input_shape: tuple[int, ...]) -> ReservoirBuffer:
-        buffer = ReservoirBuffer(self.params.buffer_size, input_shape, self.num_classes)
+        buffer = ReservoirBuffer(self.params.buffer_size, input_shape, self.num_classes,
+                                 self.device)
         saved = self.state.get(BUFFER)
         if saved:
             buffer.load(saved)
@@ -185,19 +188,20 @@ class ContinualProgram(ClientProgram):
         generator = self.generator(content)
         buffer = self._buffer(tuple(data.x_train.shape[1:]))
         learner = self.learner(model, hooks, generator, buffer)
-        learner.begin_task(stream.logit_mask(task, self.num_classes))
+        learner.begin_task(stream.logit_mask(task, self.num_classes).to(self.device))
         ddr = self._removal(task, len(x))
         flops = SparseFlops(model, tuple(data.x_train.shape[1:]), list(params))
         result = train_epochs(learner, hooks, x, y, range(k * p.local_epochs,
                                                           (k + 1) * p.local_epochs),
-                              batch_size=p.batch_size, generator=generator, flops=flops, ddr=ddr)
+                              batch_size=p.batch_size, generator=generator, flops=flops, ddr=ddr,
+                              device=self.device)
         if p.learner != "naive":
             self.state.put(BUFFER, buffer.state())
         if ddr is not None:
             self.state.put(REMOVAL, {**ddr.state(), "task": np.array([task])})
         reply = RecordDict({METRICS: self.metrics(result, started)})
-        state = {n: v.detach().numpy() for n, v in model.state_dict().items()}
-        masks = {} if mask is None else {n: m.numpy() for n, m in mask.items()}
+        state = {n: cpu_numpy(v) for n, v in model.state_dict().items()}
+        masks = {} if mask is None else {n: cpu_numpy(m) for n, m in mask.items()}
         reply[ARRAYS] = ArrayRecord({n: Array(np.ascontiguousarray(v))
                                      for n, v in encode_values(state, masks).items()})
         if kind != "none":
@@ -209,16 +213,17 @@ class ContinualProgram(ClientProgram):
                y: torch.Tensor) -> ArrayRecord:
         """What the server's next mask update needs (see ``SIGNAL_KIND``)."""
         if kind == "grad":  # the last minibatch's (masked) gradient, as SparCL's TDM uses it
-            grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy()
+            grads = {n: cpu_numpy(p.grad if p.grad is not None else torch.zeros_like(p))
                      for n, p in params.items()}
             values = encode_values(grads, masks)
         elif kind == "grad-dense":  # RigL: the dense gradient of one fresh minibatch
             learner.optimizer.zero_grad(set_to_none=True)
             batch = torch.randperm(len(x), generator=learner.generator)[:self.params.batch_size]
-            learner.current_loss(learner.model(x[batch]), y[batch]).backward()
-            values = {n: p.grad.numpy() for n, p in params.items()}
+            learner.current_loss(learner.model(x[batch].to(self.device)),
+                                 y[batch].to(self.device)).backward()
+            values = {n: cpu_numpy(p.grad) for n, p in params.items()}
         elif kind == "momentum-dense":  # SNFS: the momentum of the dense gradients
-            values = {n: hooks.momentum[n].numpy() for n in params}
+            values = {n: cpu_numpy(hooks.momentum[n]) for n in params}
         else:
             raise ValueError(f"signal-kind = {kind!r}; allowed: none, grad, grad-dense, "
                              f"momentum-dense")
@@ -250,7 +255,7 @@ class ContinualProgram(ClientProgram):
             raise ValueError(f"client {self.partition_id} holds no test example of the classes "
                              f"seen so far {seen}")
         model, _ = self.received(content)
-        result = evaluate(model, data.x_test[keep], data.y_test[keep])
+        result = evaluate(model, data.x_test[keep], data.y_test[keep], device=self.device)
         return RecordDict({METRICS: MetricRecord({
             NUM_EXAMPLES: result.num_examples, "eval-loss": result.loss,
             "eval-acc": result.accuracy})})

@@ -59,7 +59,7 @@ class ControlledSGD(ClientProgram):
         stream = ((data.x_train[idx], data.y_train[idx]) for idx in
                   batches(len(data.x_train), self.params.batch_size, self.generator(content)))
         result = local_steps(model, islice(stream, self.params.local_steps), cross_entropy,
-                             self.params.lr, shift, grad_scale)
+                             self.params.lr, shift, grad_scale, self.device)
         server_round = int(self.config(content)[SERVER_ROUND])
         rng = np.random.default_rng(derive_seed(self.scenario.seed, self.partition_id,
                                                 server_round, "compress"))

@@ -22,6 +22,7 @@ from pydantic import Field
 
 from clients.programs.base import ClientProgram
 from fedsparse.compress.base import expect_array
+from fedsparse.device import cpu_numpy
 from fedsparse.error_feedback import ef_message
 from fedsparse.lora.flasc import sparsifier
 from fedsparse.lora.model import LoRAClassifier
@@ -104,8 +105,8 @@ class LoRAProgram(ClientProgram):
                 model, layout, data.x_train, data.y_train, optimizer=p.optimizer, lr=p.lr,
                 momentum=p.momentum, weight_decay=p.weight_decay, batch_size=p.batch_size,
                 steps=num_steps(len(data.x_train), p.batch_size, p.local_epochs, None),
-                generator=self.generator(content), gates=rule)
-        trained, gates = layout.split({k: v.numpy() for k, v in
+                generator=self.generator(content), gates=rule, device=self.device)
+        trained, gates = layout.split({k: cpu_numpy(v) for k, v in
                                        model.federated_state_dict().items()})
         coords = layout.coordinates()
         residual = self.state.get(STATE).get("residual", np.zeros(layout.size, np.float32))

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 from clients.programs.base import ClientProgram
 from fedsparse.client_state import ClientState
 from fedsparse.compress import indices
+from fedsparse.device import cpu_numpy
 from fedsparse.metrics.sparse_flops import SparseFlops
 from fedsparse.models import shared_state
 from fedsparse.personal import (
@@ -158,7 +159,7 @@ class PFedGateProgram(ClientProgram):
         if p.gates == "learned":
             with torch.random.fork_rng():  # the gating layer's initialisation: per client
                 torch.manual_seed(derive_seed(self.scenario.seed, "gating", self.partition_id))
-                gating = GatingLayer(input_shape, len(partition))
+                gating = GatingLayer(input_shape, len(partition)).to(self.device)
             saved = self.state.get(GATING)
             if saved:
                 gating.load_state_dict({k: torch.from_numpy(v) for k, v in saved.items()})
@@ -177,7 +178,7 @@ class PFedGateProgram(ClientProgram):
             for name, param in module.named_parameters():
                 if f"{prefix}{name}" in saved:
                     optimizer.state[param]["momentum_buffer"] = \
-                        torch.from_numpy(saved[f"{prefix}{name}"].copy())
+                        torch.from_numpy(saved[f"{prefix}{name}"].copy()).to(param.device)
 
     @staticmethod
     def _optimized(learner: GatedLearner) -> list[tuple[str, torch.optim.Optimizer,
@@ -190,14 +191,14 @@ class PFedGateProgram(ClientProgram):
     def _save(self, learner: GatedLearner) -> None:
         """Keep the gating layer and both optimisers' momentum as client state."""
         if learner.gated.gating is not None:
-            self.state.put(GATING, {k: v.numpy().copy()
+            self.state.put(GATING, {k: cpu_numpy(v).copy()
                                     for k, v in learner.gated.gating.state_dict().items()})
         momentum = {}
         for prefix, optimizer, module in self._optimized(learner):
             for name, param in module.named_parameters():
                 buffer = optimizer.state.get(param, {}).get("momentum_buffer")
                 if buffer is not None:
-                    momentum[f"{prefix}{name}"] = buffer.numpy().copy()
+                    momentum[f"{prefix}{name}"] = cpu_numpy(buffer).copy()
         self.state.put(MOMENTUM, momentum)
 
     def train(self, content: RecordDict) -> RecordDict:
@@ -207,15 +208,15 @@ class PFedGateProgram(ClientProgram):
         steps = num_steps(len(data.x_train), p.batch_size, p.local_epochs, None)
         stats = learner.fit(data.x_train, data.y_train,
                             batches(len(data.x_train), p.batch_size, self.generator(content)),
-                            steps)
+                            steps, device=self.device)
         self._save(learner)
         partition = learner.gated.partition
         assert stats.active is not None
         params = dict(learner.gated.model.named_parameters())
         key, coded = indices.encode(np.flatnonzero(stats.active.numpy()), len(partition))
         update = {f"{BLOCKS}.{key}": coded,
-                  VALUES: partition.flatten(params, stats.active).numpy().astype(np.float32)}
-        update |= {BUFFER_PREFIX + n: v.numpy() for n, v in
+                  VALUES: cpu_numpy(partition.flatten(params, stats.active)).astype(np.float32)}
+        update |= {BUFFER_PREFIX + n: cpu_numpy(v) for n, v in
                    shared_state(learner.gated.model).items() if n not in params}
         metrics = {
             NUM_EXAMPLES: len(data.x_train), "train-loss": stats.loss,
@@ -237,12 +238,14 @@ class PFedGateProgram(ClientProgram):
         if ADAPT_STEPS in config:  # a novel client: its gating layer only, never fine-tuning
             adapt = int(config[ADAPT_STEPS])
             if adapt and learner.gated.gating is not None:
-                learner.fit(data.x_train, data.y_train, stream, adapt, train_model=False)
+                learner.fit(data.x_train, data.y_train, stream, adapt, train_model=False,
+                            device=self.device)
         elif p.finetune_epochs:
             learner.fit(data.x_train, data.y_train, stream,
                         num_steps(len(data.x_train), p.batch_size, p.finetune_epochs, None),
-                        train_model=p.finetune == "all")
-        loss, accuracy, density = learner.evaluate(data.x_test, data.y_test, p.batch_size)
+                        train_model=p.finetune == "all", device=self.device)
+        loss, accuracy, density = learner.evaluate(data.x_test, data.y_test, p.batch_size,
+                                                   self.device)
         return RecordDict({METRICS: MetricRecord({
             NUM_EXAMPLES: len(data.x_test), "eval-loss": loss, "eval-acc": accuracy,
             "eval-density": density, "budget": self.budget})})

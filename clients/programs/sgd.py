@@ -59,7 +59,8 @@ class SGDProgram(ClientProgram):
                           None if epochs else p.local_steps)
         return train_sgd(model, data.x_train, data.y_train, lr=p.lr, batch_size=p.batch_size,
                          steps=steps, generator=self.generator(content), momentum=p.momentum,
-                         weight_decay=p.weight_decay, grad_clip=p.grad_clip or None)
+                         weight_decay=p.weight_decay, grad_clip=p.grad_clip or None,
+                         device=self.device)
 
     def evaluated_model(self, content: RecordDict) -> nn.Module:
         model = self.model_from(content)

@@ -2,7 +2,8 @@
 
 Holds up to ``capacity`` examples of the stream seen so far, each with its label and the
 logits the model gave it when it was inserted (DER/DER++ replay those logits). Every example
-seen has the same chance ``capacity / seen`` of being in the buffer.
+seen has the same chance ``capacity / seen`` of being in the buffer. It lives on the
+training device; the slots are drawn on the CPU.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedsparse.device import CPU, cpu_numpy
+
 
 class ReservoirBuffer:
-    def __init__(self, capacity: int, input_shape: tuple[int, ...], num_classes: int) -> None:
+    def __init__(self, capacity: int, input_shape: tuple[int, ...], num_classes: int,
+                 device: torch.device = CPU) -> None:
         self.capacity = capacity
-        self.examples = torch.zeros((capacity, *input_shape))
-        self.labels = torch.zeros(capacity, dtype=torch.int64)
-        self.logits = torch.zeros((capacity, num_classes))
+        self.examples = torch.zeros((capacity, *input_shape), device=device)
+        self.labels = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.logits = torch.zeros((capacity, num_classes), device=device)
         self.seen = 0
 
     def __len__(self) -> int:
@@ -38,13 +42,14 @@ class ReservoirBuffer:
     def sample(self, n: int, generator: torch.Generator
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``min(n, len(self))`` distinct stored examples, labels and logits."""
-        idx = torch.randperm(len(self), generator=generator)[:n]
+        idx = torch.randperm(len(self), generator=generator)[:n].to(self.labels.device)
         return self.examples[idx], self.labels[idx], self.logits[idx]
 
     def state(self) -> dict[str, np.ndarray]:
         filled = len(self)
-        return {"examples": self.examples[:filled].numpy(), "labels": self.labels[:filled].numpy(),
-                "logits": self.logits[:filled].numpy(), "seen": np.array([self.seen])}
+        return {"examples": cpu_numpy(self.examples[:filled]),
+                "labels": cpu_numpy(self.labels[:filled]),
+                "logits": cpu_numpy(self.logits[:filled]), "seen": np.array([self.seen])}
 
     def load(self, state: dict[str, np.ndarray]) -> None:
         filled = len(state["labels"])

@@ -33,7 +33,7 @@ class GradientMasking:
             weight_mask.apply_to_grads(params)
             for name in weight_mask:
                 grad = params[name].grad
-                flat = torch.zeros(grad.numel(), dtype=torch.bool)
+                flat = torch.zeros(grad.numel(), dtype=torch.bool, device=grad.device)
                 flat[top_positions(grad.abs(), keep_count(grad.numel(), self.density))] = True
                 self.masks[name] = flat.view_as(grad) & weight_mask[name]
         for name, m in self.masks.items():

@@ -13,6 +13,8 @@
   here: they act between epochs (locally) or between rounds (on the server), see ``tdm.py``.
 
 Every plugin is optional; with none of them this is plain dense training of the learner.
+The task's examples stay on the CPU, as do DDR's statistics; each minibatch is moved to the
+device the model is on.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from fedsparse.continual.ddr import DataRemoval
 from fedsparse.continual.dgm import GradientMasking
 from fedsparse.continual.learners import Learner
+from fedsparse.device import CPU
 from fedsparse.metrics.sparse_flops import SparseFlops
 from fedsparse.sparse.masks import Mask
 
@@ -93,8 +96,10 @@ def _overall(densities: Mapping[str, float], sizes: Mapping[str, int]) -> float:
 
 def train_epochs(learner: Learner, hooks: SparseHooks, x: torch.Tensor, y: torch.Tensor,
                  epochs: Sequence[int], *, batch_size: int, generator: torch.Generator,
-                 flops: SparseFlops, ddr: DataRemoval | None = None) -> EpochsResult:
-    """Train ``learner`` on the current task's ``(x, y)`` for the task epochs ``epochs``."""
+                 flops: SparseFlops, ddr: DataRemoval | None = None,
+                 device: torch.device = CPU) -> EpochsResult:
+    """Train ``learner`` (its model on ``device``) on the current task's ``(x, y)`` for the
+    task epochs ``epochs``."""
     result = EpochsResult()
     sizes = {name: p.numel() for name, p in hooks.params.items()}
     grad_density_sum = 0.0
@@ -106,9 +111,10 @@ def train_epochs(learner: Learner, hooks: SparseHooks, x: torch.Tensor, y: torch
         order = kept[torch.randperm(len(kept), generator=generator)]
         for batch_index, idx in enumerate(order.split(batch_size)):
             hooks.batch_index = batch_index
-            step = learner.observe(x[idx], y[idx])
+            yb = y[idx].to(device)
+            step = learner.observe(x[idx].to(device), yb)
             if ddr is not None:
-                ddr.record(idx, step.logits.argmax(dim=1) == y[idx])
+                ddr.record(idx, (step.logits.argmax(dim=1) == yb).cpu())
             weights, grads = hooks.densities()
             result.flops += step.examples * flops.per_example(weights, grads)
             result.dense_flops += step.examples * flops.dense

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -100,7 +101,8 @@ class LoRAClassifier(nn.Module):
             for name, layer in self.lora_layers().items():
                 gate = nn.Parameter(torch.randn(params.rank))
                 self.gates[_key(name)] = gate
-                layer.lora_A[ADAPTER].register_forward_hook(_gate_hook(gate))
+                layer.lora_A[ADAPTER].register_forward_hook(partial(_gated, self.gates,
+                                                                    _key(name)))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return classify(self.peft, input_ids)
@@ -192,11 +194,13 @@ def _key(module_name: str) -> str:
     return module_name.replace(".", "__")
 
 
-def _gate_hook(gate: nn.Parameter):
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output * gate
-
-    return hook
+def _gated(gates: nn.ParameterDict, key: str, module: nn.Module, inputs: tuple,
+           output: torch.Tensor) -> torch.Tensor:
+    """The forward hook on ``lora_A``: its output scaled by the rank gates ``gates[key]``,
+    looked up at every call (not captured), so that the model's own gate is used after
+    ``model.to(device)`` (which may replace a parameter) and in a deep copy of the model (the
+    CPU copy that counts FLOPs, ``metrics/flops.py``)."""
+    return output * gates[key]
 
 
 @MODELS.register("lora", LoRAModelParams)

@@ -1,7 +1,8 @@
 """Local training of a LoRA classifier: the adapters and head with SGD (FLASC's clients:
 momentum 0.9) or AdamW, and, with SoRA, the gates with their own AdamW and a proximal
 soft-threshold after every step (``sora.py``). Pruned ranks (``RankLayout``) get no gradient,
-so they stay exactly zero."""
+so they stay exactly zero. The token ids stay on the CPU; each minibatch is moved to the
+device the model is on."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch.nn import functional as F
 
+from fedsparse.device import CPU
 from fedsparse.lora.model import LoRAClassifier
 from fedsparse.lora.sora import RankLayout, l1_penalty, soft_threshold
 from fedsparse.metrics.flops import StepFlops
-from fedsparse.training import TrainResult, batches
+from fedsparse.training import TrainResult, batches, cross_entropy
 
 Optimizer = Literal["sgd", "adamw"]
 
@@ -48,9 +49,9 @@ def _optimizer(kind: Optimizer, groups: list[dict], lr: float,
 def _mask_pruned(model: LoRAClassifier, layout: RankLayout) -> None:
     params = dict(model.named_parameters())
     for m in layout.modules:
-        dead = torch.from_numpy(~layout.alive[m])
-        if not dead.any():
+        if layout.alive[m].all():
             continue
+        dead = torch.from_numpy(~layout.alive[m]).to(params[layout.a_name[m]].device)
         for name, index in ((layout.a_name[m], (dead, slice(None))),
                             (layout.b_name[m], (slice(None), dead))):
             if params[name].grad is not None:
@@ -62,32 +63,35 @@ def _mask_pruned(model: LoRAClassifier, layout: RankLayout) -> None:
 def train_adapter(model: LoRAClassifier, layout: RankLayout, x: torch.Tensor, y: torch.Tensor,
                   *, optimizer: Optimizer, lr: float, momentum: float, weight_decay: float,
                   batch_size: int, steps: int, generator: torch.Generator,
-                  gates: GateRule | None = None) -> TrainResult:
-    """``steps`` minibatch steps on ``(x, y)`` in place."""
+                  gates: GateRule | None = None, device: torch.device = CPU) -> TrainResult:
+    """``steps`` minibatch steps on ``(x, y)`` in place (``model`` on ``device``); the FLOPs
+    counted are the task loss's (SoRA's L1 term is elementwise: no counted op)."""
     if len(x) == 0 or steps == 0:
         return TrainResult(steps=0, examples=0, loss=float("nan"), flops=0)
     opt = _optimizer(optimizer, parameter_groups(model, weight_decay), lr, momentum)
     gate_params = list(model.gates.values())
     gate_opt = torch.optim.AdamW(gate_params, lr=gates.lr, weight_decay=0.0) \
         if gates is not None and gate_params else None
-    flops = StepFlops(architecture=f"lora:{model.params.model_dump_json()}:{model.num_classes}")
+    flops = StepFlops(model, cross_entropy,
+                      architecture=f"lora:{model.params.model_dump_json()}:{model.num_classes}")
     model.train()
     stream = batches(len(x), batch_size, generator)
     total, examples = 0.0, 0
     for _ in range(steps):
         idx = next(stream)
+        batch = (x[idx].to(device), y[idx].to(device))
 
-        def step(idx: torch.Tensor = idx) -> torch.Tensor:
+        def step(batch: tuple[torch.Tensor, ...] = batch) -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
             if gate_opt is not None:
                 gate_opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = cross_entropy(model, batch)
             penalty = l1_penalty(gate_params, gates.eta) \
                 if gate_opt is not None and gates is not None and gates.eta else 0.0
             (loss + penalty).backward()
             return loss  # the task loss (reported without SoRA's L1 term)
 
-        loss = flops.run(tuple(x[idx].shape), step)
+        loss = flops.run(batch, step)
         _mask_pruned(model, layout)
         opt.step()
         if gate_opt is not None and gates is not None:

@@ -1,7 +1,8 @@
 """Training FLOPs of a step on a sparse model, beside the dense-equivalent count.
 
 The dense per-example counts come from ``torch.utils.flop_counter.FlopCounterMode`` (one
-example through forward and backward, counted per module); sparsity then scales each
+example through forward and backward of a CPU copy of the model, counted per module, so
+the same counts on every device: ``flops.py``); sparsity then scales each
 masked layer's three matrix products (SparCL, Wang et al. 2022, Section 4's FLOPs
 accounting; ALGORITHMS.md §4.6):
 
@@ -38,7 +39,7 @@ class SparseFlops:
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...],
                  masked: list[str]) -> None:
         self.input_shape = input_shape
-        probe = copy.deepcopy(model)
+        probe = copy.deepcopy(model).cpu()
         x = torch.zeros((1, *input_shape))
         root = type(probe).__name__
         with FlopCounterMode(display=False) as forward:

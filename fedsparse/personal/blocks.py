@@ -76,7 +76,8 @@ class BlockPartition:
         """Per-tensor multipliers: each element gets the value of its block (differentiable)."""
         out = {}
         for name, (lo, hi) in self._ranges.items():
-            flat = torch.repeat_interleave(per_block[lo:hi], self.sizes[lo:hi])
+            flat = torch.repeat_interleave(per_block[lo:hi],
+                                           self.sizes[lo:hi].to(per_block.device))
             out[name] = flat.view(self.shapes[name])
         return out
 

@@ -48,6 +48,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from fedsparse.device import CPU, cpu_numpy
 from fedsparse.metrics.flops import counted
 from fedsparse.metrics.sparse_flops import SparseFlops
 from fedsparse.personal.blocks import BlockPartition
@@ -129,7 +130,7 @@ class RoundStats:
 
 def gating_flops(gating: GatingLayer, input_shape: tuple[int, ...]) -> int:
     """Training FLOPs of the gating layer per example (forward and backward, measured)."""
-    probe = copy.deepcopy(gating).train()
+    probe = copy.deepcopy(gating).cpu().train()
     _, total = counted(lambda: probe(torch.zeros(2, *input_shape)).sum().backward())
     return total // 2
 
@@ -151,16 +152,16 @@ class GatedModel:
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """Clipped gates for the batch ``x`` (value clipped, gradient straight through)."""
         if self.gating is None:
-            return torch.ones(len(self.partition))
+            return torch.ones(len(self.partition), device=x.device)
         g = torch.sigmoid(self.gating(x)).mean(dim=0)
         return g + (g.clamp(min=self.s_min) - g).detach()
 
     def forward(self, x: torch.Tensor) -> GatedBatch:
         g = self.gates(x)
-        importance = np.rint(g.detach().numpy() * IMPORTANCE_SCALE).astype(np.int64)
+        importance = np.rint(cpu_numpy(g) * IMPORTANCE_SCALE).astype(np.int64)
         keep = select_blocks(self.partition, importance, self.budget, self.solver, self.rule,
                              self.s_min)
-        scale = self.partition.expand(keep.to(g.dtype) * g)
+        scale = self.partition.expand(keep.to(g.device, g.dtype) * g)
         params = {name: p * scale[name] for name, p in self.model.named_parameters()}
         logits = functional_call(self.model, params, (x,))
         return GatedBatch(logits, keep, g.detach(), self.partition.kept_fraction(keep))
@@ -215,9 +216,10 @@ class GatedLearner:
         return batch
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, batches: Iterator[torch.Tensor],
-            steps: int, *, train_model: bool = True) -> RoundStats:
-        """``steps`` minibatches of ``(x, y)`` drawn from ``batches``; minibatches of one
-        example are skipped while a gating layer trains (batch normalisation needs two)."""
+            steps: int, *, train_model: bool = True, device: torch.device = CPU) -> RoundStats:
+        """``steps`` minibatches of ``(x, y)`` drawn from ``batches``, each moved to
+        ``device`` (where the models are); minibatches of one example are skipped while a
+        gating layer trains (batch normalisation needs two)."""
         self.gated.train()
         if not train_model:
             self.gated.model.eval()
@@ -227,7 +229,7 @@ class GatedLearner:
             idx = next(batches)
             if len(idx) < 2 and self.gated.gating is not None:
                 continue
-            batch = self.step(x[idx], y[idx], train_model=train_model)
+            batch = self.step(x[idx].to(device), y[idx].to(device), train_model=train_model)
             stats.steps += 1
             stats.examples += len(idx)
             stats.loss += batch.loss
@@ -247,8 +249,8 @@ class GatedLearner:
         return stats
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int
-                 ) -> tuple[float, float, float]:
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                 device: torch.device = CPU) -> tuple[float, float, float]:
         """``(loss, accuracy, density)`` of the gated model, gated per test batch, each a mean
         over the test examples (NaN for an empty test split)."""
         if len(x) == 0:
@@ -256,7 +258,8 @@ class GatedLearner:
         self.gated.train(False)
         loss_sum, correct, density = 0.0, 0, 0.0
         for start in range(0, len(x), batch_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            xb = x[start:start + batch_size].to(device)
+            yb = y[start:start + batch_size].to(device)
             batch = self.gated.forward(xb)
             loss_sum += float(F.cross_entropy(batch.logits, yb, reduction="sum"))
             correct += int((batch.logits.argmax(dim=1) == yb).sum())
