@@ -82,13 +82,18 @@ def scenario_of(context: Context) -> Scenario:
     return _scenario(run_setting(context.run_config, "scenario"))
 
 
+def simulated(context: Context) -> bool:
+    """Whether this node is one of the Simulation Engine's (the run config's federation)."""
+    return run_setting(context.run_config, "federation") == "simulation"
+
+
 def served_partition(msg: Message, context: Context) -> int:
     """The partition an instruction is for (see the module docstring); ValueError if this
     node cannot serve it."""
     scenario = scenario_of(context)
     config = msg.content.config_records.get(CONFIG, ConfigRecord())
     named = config.get(PARTITION_ID)
-    if run_setting(context.run_config, "federation") == "simulation":
+    if simulated(context):
         if not isinstance(named, int) or not 0 <= named < scenario.data.num_clients:
             raise ValueError(f"a simulated client needs its {PARTITION_ID} (0 to "
                              f"{scenario.data.num_clients - 1}) in the instruction, got "
@@ -141,7 +146,7 @@ def query(msg: Message, context: Context) -> Message:
     if config is not None and config.get(QUERY, ""):
         return Message(program_for(msg, context).query(msg.content), reply_to=msg)
     scenario = scenario_of(context)
-    if run_setting(context.run_config, "federation") == "simulation":
+    if simulated(context):
         partition_id, num_partitions = served_partition(msg, context), scenario.data.num_clients
     else:
         partition_id, num_partitions = node_partition(context)

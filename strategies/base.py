@@ -154,7 +154,7 @@ class FedSparseStrategy(Strategy):
         # where the server knows the partitions); in deployment the scenario's cap.
         self.examples_cap: int | None = None
         self.directory: Directory | None = None  # partition id <-> Flower node id (bind)
-        self.client_records: list[ClientRecord] = []  # this round's (see end_round)
+        self.client_records: list[ClientRecord] = []  # this round's (see begin_round)
         self.current: dict[str, np.ndarray] = {}  # the global model sent this round
         # partition id -> last round its update counted (the commit-round it is told); also
         # the last round it holds the public model of: its state is as of that round
@@ -170,7 +170,7 @@ class FedSparseStrategy(Strategy):
         """Before round ``server_round``: forget the previous round's client records (on
         disk by now: ``clients.jsonl``), so that a round's work stays proportional to the
         clients it samples, and follow nodes that joined or left."""
-        self.client_records = [r for r in self.client_records if r.round >= server_round]
+        self.client_records.clear()
         self.bound.refresh(grid)
 
     def sample(self, server_round: int, phase: str) -> list[int]:
