@@ -123,7 +123,12 @@ def _cannot_split(spec: DataSpec, n_examples: int, reason: Exception) -> str:
 
 
 def _load(partitioner, partition_id: int) -> np.ndarray:
-    return np.sort(np.asarray(partitioner.load_partition(partition_id)["index"], dtype=np.int64))
+    """The dataset indices of one partition, sorted. The column is read as one numpy slice:
+    ``partition["index"]`` iterates row by row in Python, and cost some 0.1 s per 3,000-row
+    client (a Ray actor pays it for every client it serves, the server for every client it
+    checks a reply of)."""
+    rows = partitioner.load_partition(partition_id).with_format("numpy", columns=["index"])[:]
+    return np.sort(rows["index"].astype(np.int64, copy=False))
 
 
 def partition_indices(labels: np.ndarray, spec: DataSpec, seed: int,
