@@ -20,6 +20,7 @@ from typing import Any
 from fedsparse.checkpoint import Checkpoint
 from fedsparse.launch import Launch, run_flower
 from fedsparse.run_lock import hold
+from fedsparse.runtime_env import splits_dir
 from fedsparse.scenario import DataSpec, Scenario, ScenarioError, load_scenario
 from fedsparse.tracking.history import Row
 
@@ -244,7 +245,7 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
         else:  # $RAY_ADDRESS against each arm's run.num_cpus, before any arm runs
             scenario.run.ray_cluster(os.environ)
         if (scenario.data, scenario.seed) not in checked:  # arms often share one split
-            check_partition(scenario.data, scenario.seed, str(path))
+            check_partition(scenario.data, scenario.seed, str(path), splits_dir(Path.cwd()))
             checked.add((scenario.data, scenario.seed))
     labels = [s.name for s in scenarios]
     if len(set(labels)) < len(labels):

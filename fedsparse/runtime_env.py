@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+SPLITS_ENV = "FEDSPARSE_SPLITS_DIR"  # the clients' splits of the run (data/split_store.py)
+
 NO_PHONE_HOME: dict[str, str] = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -61,6 +63,12 @@ def state_dir(workdir: Path) -> Path:
     return workdir.resolve() / ".fedsparse"
 
 
+def splits_dir(workdir: Path) -> Path:
+    """Where the clients' splits of runs started in ``workdir`` are kept for their processes
+    (``fedsparse/data/split_store.py``)."""
+    return state_dir(workdir) / "splits"
+
+
 def ray_tmpdir(workdir: Path) -> Path:
     """Ray's temp dir under ``workdir``; a short alias under /tmp when the path is too long.
 
@@ -87,6 +95,7 @@ def process_env(workdir: Path, ray_cluster: str = "") -> dict[str, str]:
     env.update(NO_PHONE_HOME)
     env.update(QUIET)
     env["FLWR_HOME"] = str(state_dir(workdir) / "flwr_home")
+    env[SPLITS_ENV] = str(splits_dir(workdir))
     if ray_cluster:
         env["RAY_ADDRESS"] = ray_cluster
     else:

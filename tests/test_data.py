@@ -279,4 +279,6 @@ def test_run_and_compare_check_the_split_before_anything_starts(workdir, capsys)
     assert main(["compare", "fine.toml", "few.toml"]) == 2
     err = capsys.readouterr().err
     assert "invalid scenario few.toml:\n  - data.num_clients = 2000: more clients" in err
-    assert sorted(p.name for p in workdir.iterdir()) == ["few.toml", "fine.toml"]  # no run
+    # no run; only the split of the valid file, kept for its processes (split_store.py)
+    assert sorted(p.name for p in workdir.iterdir()) == [".fedsparse", "few.toml", "fine.toml"]
+    assert [p.name for p in (workdir / ".fedsparse").iterdir()] == ["splits"]
