@@ -41,6 +41,7 @@ from fedsparse.tracking import events
 APP_NAME = "fedsparse-app"
 CONNECTION = "fedsparse"
 SUPERLINK_START_TIMEOUT_S = 60.0
+HEALTH_POLL_S = 0.05  # a refused connection costs next to nothing: ask often
 
 EventHandler = Callable[[dict[str, Any]], None]
 
@@ -57,6 +58,8 @@ class Launch:
     run_dir: Path
     workdir: Path = field(default_factory=Path.cwd)
     superlink: str = ""  # address of an existing SuperLink; "" = start a simulation one
+    # a simulation SuperLink shared with other runs (compare); None = one of its own
+    simulation_link: SimulationLink | None = None
     ray_cluster: str = ""  # simulation: the Ray cluster it joins; "" = a Ray of its own
     insecure: bool = True
     root_certificates: Path | None = None
@@ -94,16 +97,19 @@ def free_port() -> int:
 
 
 def start_supervised(command: list[str], *, pass_fds: tuple[int, ...] = (),
-                     **popen: Any) -> subprocess.Popen:
+                     fd_socket: int | None = None, **popen: Any) -> subprocess.Popen:
     """Start ``command`` under a supervisor owned by this process, in a session of its own
-    (a Ctrl-C at the terminal reaches only the CLI, which then stops the tree).
+    (a Ctrl-C at the terminal reaches only the CLI, which then stops the tree);
+    ``fd_socket``: the supervisor's end of a socket this process hands it descriptors on
+    (``supervise.Handed``).
 
     Call this from the main thread: the supervisor asks for SIGTERM when the *thread* that
     forked it exits (``PR_SET_PDEATHSIG``), so one started from a worker thread would stop
     when that thread ends, not when the CLI does.
     """
-    return subprocess.Popen(supervise.command(os.getpid(), command), pass_fds=pass_fds,
-                            start_new_session=True, **popen)
+    inherited = pass_fds if fd_socket is None else (*pass_fds, fd_socket)
+    return subprocess.Popen(supervise.command(os.getpid(), command, fd_socket),
+                            pass_fds=inherited, start_new_session=True, **popen)
 
 
 def stop_tree(proc: psutil.Process | subprocess.Popen, timeout: float = 10.0) -> None:
@@ -139,26 +145,97 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path) 
                 if 200 <= response.status < 300:
                     return
         except OSError:
-            time.sleep(0.2)
+            time.sleep(HEALTH_POLL_S)
     raise LaunchError(f"{url} did not answer within {timeout:.0f}s; see {log_path}")
+
+
+@dataclass
+class SimulationLink:
+    """A simulation-mode SuperLink that runs are submitted to one after the other
+    (``fedsparse compare``): started once, and after each run every process that run
+    started (its ``flwr-simulation``, its Ray) stopped, the SuperLink and its SuperExec kept.
+
+    Each run's descriptors (its run folder's lock) are handed to the SuperLink's supervisor
+    for as long as the run goes on (:meth:`hold`, ``supervise.Handed``), so that the lock
+    is held until the last process of the run is gone, as when a run has a SuperLink of its
+    own, even if the CLI is killed.
+    """
+
+    address: str
+    supervisor: subprocess.Popen
+    channel: socket.socket  # this process's end of the supervisor's --fd-socket
+    log_path: Path
+
+    def _ask(self, message: bytes, fds: tuple[int, ...] = ()) -> None:
+        socket.send_fds(self.channel, [message], list(fds))
+        if self.channel.recv(16) != supervise.Handed.OK:
+            raise LaunchError(f"the SuperLink's supervisor did not take {message!r}; see "
+                              f"{self.log_path}")
+
+    def hold(self, fds: tuple[int, ...]) -> None:
+        """Have the SuperLink's supervisor hold ``fds`` until :meth:`end_run`."""
+        self._ask(supervise.Handed.HOLD, fds)
+
+    def end_run(self) -> None:
+        """Stop every process below the SuperLink but the SuperLink and its SuperExec, then
+        let go of the run's descriptors."""
+        try:
+            supervisor = psutil.Process(self.supervisor.pid)
+            kept = {p for p in supervisor.children() if "flower-superlink" in _cmdline(p)}
+            for proc in list(kept):
+                kept |= {c for c in proc.children() if "flower-superexec" in _cmdline(c)}
+            run = [p for p in supervisor.children(recursive=True) if p not in kept]
+        except psutil.NoSuchProcess:
+            run = []
+        for proc in run:
+            with suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, alive = psutil.wait_procs(run, timeout=10.0)
+        for proc in alive:
+            with suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=10.0)
+        self._ask(supervise.Handed.DROP)
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    with suppress(psutil.Error):
+        return " ".join(proc.cmdline())
+    return ""
 
 
 @contextmanager
 def simulation_superlink(env: dict[str, str], log_path: Path, cwd: Path,
-                         pass_fds: tuple[int, ...] = ()) -> Iterator[str]:
+                         pass_fds: tuple[int, ...] = ()) -> Iterator[SimulationLink]:
     """A simulation-mode SuperLink on a free loopback port, stopped (with its tree) on exit."""
     port = free_port()
     command = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
                "--host", "127.0.0.1", "--port", str(port),
                "--disable-runtime-dependency-installation"]
-    with open(log_path, "a") as log:
-        proc = start_supervised(command, pass_fds=pass_fds, env=env, cwd=cwd, stdout=log,
-                                stderr=subprocess.STDOUT)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, SUPERLINK_START_TIMEOUT_S, log_path)
-        yield f"127.0.0.1:{port}"
-    finally:
-        stop_tree(proc)
+    channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with open(log_path, "a") as log, channel, theirs:
+        proc = start_supervised(command, pass_fds=pass_fds, fd_socket=theirs.fileno(),
+                                env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        theirs.close()
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health", proc, SUPERLINK_START_TIMEOUT_S,
+                      log_path)
+            yield SimulationLink(f"127.0.0.1:{port}", proc, channel, log_path)
+        finally:
+            stop_tree(proc)
+
+
+@contextmanager
+def shared_simulation_link(workdir: Path, ray_cluster: str,
+                           log_path: Path) -> Iterator[SimulationLink]:
+    """A simulation SuperLink for several runs (:class:`SimulationLink`), its Flower home
+    a folder of its own under the working directory's state folder, its log ``log_path``;
+    its runs join the Ray cluster at ``ray_cluster`` ("": each starts a Ray of its own)."""
+    env = process_env(workdir, ray_cluster)
+    env["FLWR_HOME"] = str(state_dir(workdir) / f"superlink-{secrets.token_hex(3)}")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with simulation_superlink(env, log_path, workdir) as link:
+        yield link
 
 
 def flower_config(home: Path, address: str, insecure: bool,
@@ -281,10 +358,17 @@ def _out_dir(launch: Launch) -> str:
 def _superlink(launch: Launch, env: dict[str, str]) -> Iterator[str]:
     if launch.superlink:
         yield launch.superlink
+    elif launch.simulation_link is not None:
+        link = launch.simulation_link
+        link.hold(launch.pass_fds)
+        try:
+            yield link.address
+        finally:
+            link.end_run()
     else:
         with simulation_superlink(env, launch.log_path, launch.workdir,
-                                  launch.pass_fds) as address:
-            yield address
+                                  launch.pass_fds) as link:
+            yield link.address
 
 
 def _stream(command: list[str], env: dict[str, str], launch: Launch,
