@@ -45,6 +45,12 @@ QUIET: dict[str, str] = {
     "PYTHONUNBUFFERED": "1",
 }
 
+# A SuperExec asks its SuperLink for a task to launch once a second by default
+# (flwr/supercore/superexec/run_superexec.py): up to 1 s between `flwr run` and the start of
+# flwr-simulation (or, on a local SuperNode, of each ClientApp). Five times a second here,
+# for the processes of this host; a user's own setting wins.
+PROMPT: dict[str, str] = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+
 # Ray places unix sockets at <tmp>/ray/session_<date>_<micros>_<pid>/sockets/plasma_store
 # (about 70 characters below <tmp>); AF_UNIX paths must fit in 107 bytes.
 _MAX_RAY_TMPDIR = 36
@@ -91,7 +97,7 @@ def process_env(workdir: Path, ray_cluster: str = "") -> dict[str, str]:
     """Environment for the Flower processes (SuperLink, SuperNodes, `flwr run`) of one run;
     its simulation joins the Ray cluster at ``ray_cluster`` (``RAY_ADDRESS``, which
     ``ray.init`` reads), or starts a Ray of its own on 127.0.0.1 ("")."""
-    env = dict(os.environ)
+    env = {**PROMPT, **os.environ}
     env.update(NO_PHONE_HOME)
     env.update(QUIET)
     env["FLWR_HOME"] = str(state_dir(workdir) / "flwr_home")
