@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from fedsparse.checkpoint import Checkpoint
-from fedsparse.launch import Launch, SimulationLink, run_flower, shared_simulation_link
+from fedsparse.launch import (
+    Launch,
+    SimulationLink,
+    local_ray,
+    run_flower,
+    shared_simulation_link,
+)
 from fedsparse.run_lock import hold
 from fedsparse.runtime_env import splits_dir
 from fedsparse.scenario import DataSpec, Scenario, ScenarioError, load_scenario
@@ -135,6 +141,8 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
     if superlink:
         scenario.refuse_deployment(f"for --superlink {superlink}")
     ray_cluster = "" if superlink else scenario.run.ray_cluster(os.environ)
+    if simulation_link is not None and simulation_link.ray is not None:
+        ray_cluster = simulation_link.ray.address
     workdir = Path.cwd()
     settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
                 **(extra or {}), "fedsparse-run-id": uuid.uuid4().hex}
@@ -229,11 +237,13 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
     """Run ``files`` one after the other into one MLflow experiment and write a report.
 
     All files are validated, and their data splits checked, before anything runs. In
-    simulation the runs share one SuperLink (per Ray cluster they join), started before the
-    first and stopped after the last, its log ``superlink.log`` in ``out``; each run still
-    starts (and stops) its own ``flwr-simulation`` and Ray. The report (a table of final
-    metrics, rounds to ``target`` accuracy, uplink reduction against the run named
-    ``reference``, overlaid accuracy plots) goes to ``out`` and to a parent MLflow run.
+    simulation the runs share one SuperLink and, unless they join a Ray cluster, one Ray on
+    this host (one of each per Ray cluster and CPU budget), started before the first run and
+    stopped after the last, their logs ``superlink.log`` and ``ray.log`` in ``out``; each
+    run still starts (and stops) its own ``flwr-simulation`` and client actors. The report
+    (a table of final metrics, rounds to ``target`` accuracy, uplink reduction against the
+    run named ``reference``, overlaid accuracy plots) goes to ``out`` and to a parent MLflow
+    run.
     """
     from fedsparse.data.partition import check_partition
     from fedsparse.tracking.history import read_csv
@@ -275,16 +285,20 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
     out = out or Path("reports") / experiment
     try:
         with ExitStack() as links_open:
-            links: dict[str, SimulationLink] = {}  # Ray cluster ("": none) -> its SuperLink
+            # (Ray cluster, CPUs of a Ray of this host) -> the SuperLink its runs share
+            links: dict[tuple[str, int], SimulationLink] = {}
             for label, scenario in zip(labels, scenarios, strict=True):
                 run_dir = new_run_dir(scenario)
                 link = None
                 if not superlink:
                     cluster = scenario.run.ray_cluster(os.environ)
-                    if cluster not in links:
-                        links[cluster] = links_open.enter_context(shared_simulation_link(
-                            Path.cwd(), cluster, out / "superlink.log"))
-                    link = links[cluster]
+                    cpus = 0 if cluster else scenario.run.num_cpus or os.cpu_count() or 1
+                    if (cluster, cpus) not in links:
+                        ray = None if cluster else links_open.enter_context(
+                            local_ray(Path.cwd(), cpus, out / "ray.log"))
+                        links[cluster, cpus] = links_open.enter_context(shared_simulation_link(
+                            Path.cwd(), cluster, out / "superlink.log", ray))
+                    link = links[cluster, cpus]
                 summaries[label] = run_scenario(
                     scenario, run_dir=run_dir, quiet=quiet, superlink=superlink,
                     root_certificates=root_certificates, tracking_uri=tracking_uri,

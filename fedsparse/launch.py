@@ -42,6 +42,9 @@ APP_NAME = "fedsparse-app"
 CONNECTION = "fedsparse"
 SUPERLINK_START_TIMEOUT_S = 60.0
 HEALTH_POLL_S = 0.05  # a refused connection costs next to nothing: ask often
+HANDOVER_TIMEOUT_S = 30.0  # for a supervisor (polling every 0.1 s) to take descriptors
+RAY_START_TIMEOUT_S = 90.0
+ACTOR_TITLE = "ClientAppActor"  # in the process title of Flower's Ray client actors
 
 EventHandler = Callable[[dict[str, Any]], None]
 
@@ -150,43 +153,131 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path) 
 
 
 @dataclass
+class Handover:
+    """A supervisor that is handed the descriptors of each run its tree serves while that
+    run goes on (``supervise.Handed``): this process's end of its ``--fd-socket``."""
+
+    supervisor: subprocess.Popen
+    channel: socket.socket
+    log_path: Path  # where its output goes, for the error
+
+    def ask(self, message: bytes, fds: tuple[int, ...] = ()) -> None:
+        socket.send_fds(self.channel, [message], list(fds))
+        if self.channel.recv(16) != supervise.Handed.OK:
+            raise LaunchError(f"the supervisor of {supervise.supervised(self.supervisor.args)[0]}"
+                              f" did not take {message!r}; see {self.log_path}")
+
+    def hold(self, fds: tuple[int, ...]) -> None:
+        """Have the supervisor hold ``fds`` (a run folder's lock) until :meth:`drop`."""
+        self.ask(supervise.Handed.HOLD, fds)
+
+    def drop(self) -> None:
+        self.ask(supervise.Handed.DROP)
+
+    def tree(self) -> list[psutil.Process]:
+        """Every process below the supervisor."""
+        with suppress(psutil.NoSuchProcess):
+            return psutil.Process(self.supervisor.pid).children(recursive=True)
+        return []
+
+
+@contextmanager
+def supervised_with_handover(command: list[str], log_path: Path, *, env: dict[str, str],
+                             cwd: Path, pass_fds: tuple[int, ...] = ()) -> Iterator[Handover]:
+    """``command`` under a supervisor that can be handed descriptors, output to
+    ``log_path``; stopped with its tree on exit."""
+    channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log, channel, theirs:
+        proc = start_supervised(command, pass_fds=pass_fds, fd_socket=theirs.fileno(),
+                                env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        theirs.close()
+        channel.settimeout(HANDOVER_TIMEOUT_S)
+        try:
+            yield Handover(proc, channel, log_path)
+        finally:
+            stop_tree(proc)
+
+
+@dataclass
+class LocalRay:
+    """A single-node Ray cluster on 127.0.0.1 that the simulations of several runs join one
+    after the other (``fedsparse compare``), instead of each starting a Ray of its own."""
+
+    address: str
+    handover: Handover
+
+    def end_run(self, timeout: float = 10.0) -> None:
+        """Once a run's driver (its ``flwr-simulation``) is gone, wait for Ray to end that
+        run's client actors; kill those left after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        actors = [p for p in self.handover.tree() if ACTOR_TITLE in _cmdline(p)]
+        while actors and time.monotonic() < deadline:
+            time.sleep(HEALTH_POLL_S)
+            actors = [p for p in self.handover.tree() if ACTOR_TITLE in _cmdline(p)]
+        for proc in actors:
+            with suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(actors, timeout=timeout)
+
+
+@contextmanager
+def local_ray(workdir: Path, num_cpus: int, log_path: Path) -> Iterator[LocalRay]:
+    """``ray start --head`` on 127.0.0.1 with ``num_cpus`` CPUs, under a supervisor, its
+    temp files where a run's own Ray keeps them; stopped with its tree on exit."""
+    port = free_port()
+    command = ["ray", "start", "--head", "--block", "--port", str(port),
+               "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
+               "--include-dashboard", "false", "--disable-usage-stats"]
+    with supervised_with_handover(command, log_path, env=process_env(workdir),
+                                  cwd=workdir) as handover:
+        deadline = time.monotonic() + RAY_START_TIMEOUT_S
+        while "Ray runtime started" not in log_path.read_text(errors="replace"):
+            if handover.supervisor.poll() is not None or time.monotonic() > deadline:
+                raise LaunchError(f"ray start did not start a Ray; see {log_path}")
+            time.sleep(HEALTH_POLL_S)
+        yield LocalRay(f"127.0.0.1:{port}", handover)
+
+
+@dataclass
 class SimulationLink:
     """A simulation-mode SuperLink that runs are submitted to one after the other
     (``fedsparse compare``): started once, and after each run every process that run
-    started (its ``flwr-simulation``, its Ray) stopped, the SuperLink and its SuperExec kept.
+    started (its ``flwr-simulation``, its Ray or its actors on the shared ``ray``) stopped,
+    the SuperLink and its SuperExec (and the shared Ray) kept.
 
-    Each run's descriptors (its run folder's lock) are handed to the SuperLink's supervisor
-    for as long as the run goes on (:meth:`hold`, ``supervise.Handed``), so that the lock
-    is held until the last process of the run is gone, as when a run has a SuperLink of its
-    own, even if the CLI is killed.
+    Each run's descriptors (its run folder's lock) are handed to the supervisors of the
+    SuperLink and of the shared Ray for as long as the run goes on (:meth:`hold`), so that
+    the lock is held until the last process of the run is gone, as when a run has a
+    SuperLink and a Ray of its own, even if the CLI is killed.
     """
 
     address: str
-    supervisor: subprocess.Popen
-    channel: socket.socket  # this process's end of the supervisor's --fd-socket
-    log_path: Path
+    handover: Handover
+    ray: LocalRay | None = None  # the Ray its runs join; None: each starts its own (or
+    # joins the Ray cluster of its run.ray_address)
 
-    def _ask(self, message: bytes, fds: tuple[int, ...] = ()) -> None:
-        socket.send_fds(self.channel, [message], list(fds))
-        if self.channel.recv(16) != supervise.Handed.OK:
-            raise LaunchError(f"the SuperLink's supervisor did not take {message!r}; see "
-                              f"{self.log_path}")
+    @property
+    def log_path(self) -> Path:
+        return self.handover.log_path
 
     def hold(self, fds: tuple[int, ...]) -> None:
-        """Have the SuperLink's supervisor hold ``fds`` until :meth:`end_run`."""
-        self._ask(supervise.Handed.HOLD, fds)
+        """Have the supervisors hold ``fds`` until :meth:`end_run`."""
+        self.handover.hold(fds)
+        if self.ray is not None:
+            self.ray.handover.hold(fds)
 
     def end_run(self) -> None:
-        """Stop every process below the SuperLink but the SuperLink and its SuperExec, then
-        let go of the run's descriptors."""
-        try:
-            supervisor = psutil.Process(self.supervisor.pid)
-            kept = {p for p in supervisor.children() if "flower-superlink" in _cmdline(p)}
-            for proc in list(kept):
+        """Stop every process below the SuperLink but the SuperLink and its SuperExec (and
+        the run's actors on the shared Ray), then let go of the run's descriptors."""
+        below: list[psutil.Process] = []
+        with suppress(psutil.NoSuchProcess):
+            below = psutil.Process(self.handover.supervisor.pid).children()
+        kept = {p for p in below if "flower-superlink" in _cmdline(p)}
+        for proc in list(kept):
+            with suppress(psutil.NoSuchProcess):
                 kept |= {c for c in proc.children() if "flower-superexec" in _cmdline(c)}
-            run = [p for p in supervisor.children(recursive=True) if p not in kept]
-        except psutil.NoSuchProcess:
-            run = []
+        run = [p for p in self.handover.tree() if p not in kept]
         for proc in run:
             with suppress(psutil.NoSuchProcess):
                 proc.terminate()
@@ -195,7 +286,10 @@ class SimulationLink:
             with suppress(psutil.NoSuchProcess):
                 proc.kill()
         psutil.wait_procs(alive, timeout=10.0)
-        self._ask(supervise.Handed.DROP)
+        if self.ray is not None:
+            self.ray.end_run()
+            self.ray.handover.drop()
+        self.handover.drop()
 
 
 def _cmdline(proc: psutil.Process) -> str:
@@ -212,29 +306,26 @@ def simulation_superlink(env: dict[str, str], log_path: Path, cwd: Path,
     command = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
                "--host", "127.0.0.1", "--port", str(port),
                "--disable-runtime-dependency-installation"]
-    channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with open(log_path, "a") as log, channel, theirs:
-        proc = start_supervised(command, pass_fds=pass_fds, fd_socket=theirs.fileno(),
-                                env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-        theirs.close()
-        try:
-            wait_http(f"http://127.0.0.1:{port}/health", proc, SUPERLINK_START_TIMEOUT_S,
-                      log_path)
-            yield SimulationLink(f"127.0.0.1:{port}", proc, channel, log_path)
-        finally:
-            stop_tree(proc)
+    with supervised_with_handover(command, log_path, env=env, cwd=cwd,
+                                  pass_fds=pass_fds) as handover:
+        wait_http(f"http://127.0.0.1:{port}/health", handover.supervisor,
+                  SUPERLINK_START_TIMEOUT_S, log_path)
+        yield SimulationLink(f"127.0.0.1:{port}", handover)
 
 
 @contextmanager
-def shared_simulation_link(workdir: Path, ray_cluster: str,
-                           log_path: Path) -> Iterator[SimulationLink]:
+def shared_simulation_link(workdir: Path, ray_cluster: str, log_path: Path,
+                           ray: LocalRay | None = None) -> Iterator[SimulationLink]:
     """A simulation SuperLink for several runs (:class:`SimulationLink`), its Flower home
     a folder of its own under the working directory's state folder, its log ``log_path``;
-    its runs join the Ray cluster at ``ray_cluster`` ("": each starts a Ray of its own)."""
+    its runs join the Ray cluster at ``ray_cluster``, or ``ray`` (which, on 127.0.0.1, they
+    join as a run's own Ray is reached: ``runtime_env.LOCAL_RAY``)."""
     env = process_env(workdir, ray_cluster)
+    if ray is not None:
+        env["RAY_ADDRESS"] = ray.address
     env["FLWR_HOME"] = str(state_dir(workdir) / f"superlink-{secrets.token_hex(3)}")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     with simulation_superlink(env, log_path, workdir) as link:
+        link.ray = ray
         yield link
 
 
@@ -397,9 +488,16 @@ def _stream(command: list[str], env: dict[str, str], launch: Launch,
     if outcome.get("event") == "done":
         return outcome["summary"]
     if outcome.get("event") == "error":
-        raise LaunchError(f"the federation failed: {outcome['message']} (log: {launch.log_path})")
+        raise LaunchError(f"the federation failed: {outcome['message']} (log: {_logs(launch)})")
     raise LaunchError(f"the federation ended without a result (flwr run exit code "
-                      f"{proc.returncode}){_last_error(launch.log_path)}; see {launch.log_path}")
+                      f"{proc.returncode}){_last_error(launch.log_path)}; see {_logs(launch)}")
+
+
+def _logs(launch: Launch) -> str:
+    """Where a run's Flower output is: its ``flower.log``, and the log of the SuperLink it
+    shares (whose processes' own output goes there) if it shares one."""
+    link = launch.simulation_link
+    return str(launch.log_path) if link is None else f"{launch.log_path} and {link.log_path}"
 
 
 def _last_error(log_path: Path) -> str:
