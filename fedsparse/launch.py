@@ -210,15 +210,12 @@ class LocalRay:
     def end_run(self, timeout: float = 10.0) -> None:
         """Once a run's driver (its ``flwr-simulation``) is gone, wait for Ray to end that
         run's client actors; kill those left after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        actors = [p for p in self.handover.tree() if ACTOR_TITLE in _cmdline(p)]
-        while actors and time.monotonic() < deadline:
-            time.sleep(HEALTH_POLL_S)
-            actors = [p for p in self.handover.tree() if ACTOR_TITLE in _cmdline(p)]
+        actors = _wait_gone([p for p in self.handover.tree() if ACTOR_TITLE in _cmdline(p)],
+                            timeout)
         for proc in actors:
             with suppress(psutil.NoSuchProcess):
                 proc.kill()
-        psutil.wait_procs(actors, timeout=timeout)
+        _wait_gone(actors, timeout)
 
 
 @contextmanager
@@ -281,15 +278,35 @@ class SimulationLink:
         for proc in run:
             with suppress(psutil.NoSuchProcess):
                 proc.terminate()
-        _, alive = psutil.wait_procs(run, timeout=10.0)
+        alive = _wait_gone(run, timeout=10.0)
         for proc in alive:
             with suppress(psutil.NoSuchProcess):
                 proc.kill()
-        psutil.wait_procs(alive, timeout=10.0)
+        _wait_gone(alive, timeout=10.0)
         if self.ray is not None:
             self.ray.end_run()
             self.ray.handover.drop()
         self.handover.drop()
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every one of ``procs`` has exited; those still running after ``timeout``.
+    A zombie counts as exited: these are not this process's children, and the SuperExec
+    leaves its ``flwr-simulation`` unreaped (``psutil.wait_procs`` waited the full timeout
+    on it, twice, 20 s per compare arm)."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if not _exited(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(HEALTH_POLL_S)
+        alive = [p for p in alive if not _exited(p)]
+    return alive
+
+
+def _exited(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _cmdline(proc: psutil.Process) -> str:
