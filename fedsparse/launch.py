@@ -44,6 +44,7 @@ SUPERLINK_START_TIMEOUT_S = 60.0
 HEALTH_POLL_S = 0.05  # a refused connection costs next to nothing: ask often
 HANDOVER_TIMEOUT_S = 30.0  # for a supervisor (polling every 0.1 s) to take descriptors
 RAY_START_TIMEOUT_S = 90.0
+FINISHED_GRACE_S = 0.5  # to stop a finished run's processes before they are killed
 ACTOR_TITLE = "ClientAppActor"  # in the process title of Flower's Ray client actors
 
 EventHandler = Callable[[dict[str, Any]], None]
@@ -264,9 +265,10 @@ class SimulationLink:
         if self.ray is not None:
             self.ray.handover.hold(fds)
 
-    def end_run(self) -> None:
+    def end_run(self, grace: float = 10.0) -> None:
         """Stop every process below the SuperLink but the SuperLink and its SuperExec (and
-        the run's actors on the shared Ray), then let go of the run's descriptors."""
+        the run's actors on the shared Ray), killing those left after ``grace`` seconds, then
+        let go of the run's descriptors."""
         below: list[psutil.Process] = []
         with suppress(psutil.NoSuchProcess):
             below = psutil.Process(self.handover.supervisor.pid).children()
@@ -278,7 +280,7 @@ class SimulationLink:
         for proc in run:
             with suppress(psutil.NoSuchProcess):
                 proc.terminate()
-        alive = _wait_gone(run, timeout=10.0)
+        alive = _wait_gone(run, timeout=grace)
         for proc in alive:
             with suppress(psutil.NoSuchProcess):
                 proc.kill()
@@ -471,8 +473,12 @@ def _superlink(launch: Launch, env: dict[str, str]) -> Iterator[str]:
         link.hold(launch.pass_fds)
         try:
             yield link.address
-        finally:
+        except BaseException:
             link.end_run()
+            raise
+        # Done: everything is written and tracked. flwr-simulation's own exit on SIGTERM
+        # (Flower's exit handlers, leaving the shared Ray) took 3 s per arm, for nothing.
+        link.end_run(grace=FINISHED_GRACE_S)
     else:
         with simulation_superlink(env, launch.log_path, launch.workdir,
                                   launch.pass_fds) as link:
