@@ -30,6 +30,7 @@ from fedsparse.checkpoint import finished_round
 from fedsparse.experiments import Interrupted, compare, new_run_dir, run_scenario
 from fedsparse.resume import plan_resume
 from fedsparse.run_lock import RunDirBusy, hold
+from fedsparse.runtime_env import splits_dir
 from fedsparse.scenario import Scenario, ScenarioError, ScenarioNote, load_scenario
 
 EXIT_INVALID, EXIT_FAILED = 2, 1
@@ -127,12 +128,13 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
                             "ServerApp's own MLFLOW_TRACKING_URI in deployment)")
 
 
-def _load_checked(args: argparse.Namespace) -> Scenario:
-    """``args.file`` validated with its overrides, and its data split checked."""
+def _load_checked(args: argparse.Namespace, store: Path | None = None) -> Scenario:
+    """``args.file`` validated with its overrides, and its data split checked (and kept in
+    ``store`` for the processes of the run: ``fedsparse/data/split_store.py``)."""
     from fedsparse.data.partition import check_partition  # loads torch: not for --help
 
     scenario = load_scenario(args.file, args.overrides, args.unset)
-    check_partition(scenario.data, scenario.seed, str(args.file))
+    check_partition(scenario.data, scenario.seed, str(args.file), store)
     return scenario
 
 
@@ -156,14 +158,15 @@ def _run(args: argparse.Namespace) -> int:
         scenario, run_dir = resume.scenario, args.resume
     else:
         nodes = deployment_target(args)
-        scenario = _load_checked(args)
+        store = splits_dir(Path.cwd())
+        scenario = _load_checked(args, store)
         if nodes is not None and scenario.data.num_clients != nodes:
             warnings.warn(f"data.num_clients = {nodes}, one client per partition the nodes "
                           f"of {args.deployment} serve (the scenario said "
                           f"{scenario.data.num_clients})",
                           ScenarioNote, stacklevel=1)
             args.overrides.append(f"data.num_clients={nodes}")
-            scenario = _load_checked(args)
+            scenario = _load_checked(args, store)
         run_dir = args.run_dir or new_run_dir(scenario, args.deployment)
     if args.resume:
         deployment_target(args)

@@ -13,13 +13,22 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedsparse.checkpoint import Checkpoint
-from fedsparse.launch import Launch, check_client_gpus, run_flower
+from fedsparse.launch import (
+    Launch,
+    SimulationLink,
+    check_client_gpus,
+    local_ray,
+    run_flower,
+    shared_simulation_link,
+)
 from fedsparse.run_lock import hold
+from fedsparse.runtime_env import splits_dir
 from fedsparse.scenario import DataSpec, Scenario, ScenarioError, load_scenario
 from fedsparse.tracking.history import Row
 
@@ -116,11 +125,14 @@ def format_round(server_round: int, rounds: int, m: dict[str, Any]) -> str:
 
 def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: str = "",
                  root_certificates: Path | None = None, tracking_uri: str = "",
-                 extra: dict[str, str] | None = None, resume: bool = False) -> dict[str, Any]:
+                 extra: dict[str, str] | None = None, resume: bool = False,
+                 simulation_link: SimulationLink | None = None) -> dict[str, Any]:
     """Run one scenario through Flower (``resume``: continue ``run_dir`` from its checkpoint,
     ``fedsparse/resume.py`` says what may change); return its summary (see
     ``tracking/summary.py``), whose ``total_wall_s`` adds the time of a resumed run's
-    earlier sessions up to their last finished round, as ``wall_s`` does.
+    earlier sessions up to their last finished round, as ``wall_s`` does. A simulation is
+    submitted to ``simulation_link`` when given (a SuperLink shared with other runs, see
+    ``launch.SimulationLink``), else to a SuperLink started for it alone.
 
     The run folder is locked while the run goes on (``run_lock.RunDirBusy`` if it is in
     use). A simulation that ends on an interrupt or an error has its MLflow run marked KILLED
@@ -130,6 +142,8 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
     if superlink:
         scenario.refuse_deployment(f"for --superlink {superlink}")
     ray_cluster = "" if superlink else scenario.run.ray_cluster(os.environ)
+    if simulation_link is not None and simulation_link.ray is not None:
+        ray_cluster = simulation_link.ray.address
     workdir = Path.cwd()
     settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
                 **(extra or {}), "fedsparse-run-id": uuid.uuid4().hex}
@@ -153,7 +167,7 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
                         superlink=superlink, ray_cluster=ray_cluster,
                         insecure=root_certificates is None,
                         root_certificates=root_certificates, settings=settings,
-                        pass_fds=(lock,))
+                        pass_fds=(lock,), simulation_link=simulation_link)
         if not quiet:
             where = (f"SuperLink {superlink}" if superlink else
                      f"the Ray cluster at {ray_cluster}" if ray_cluster else "Ray simulation")
@@ -225,7 +239,11 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
             target: float | None = None, reference: str = "") -> Comparison:
     """Run ``files`` one after the other into one MLflow experiment and write a report.
 
-    All files are validated, and their data splits checked, before anything runs. The report
+    All files are validated, and their data splits checked, before anything runs. In
+    simulation the runs share one SuperLink and, unless they join a Ray cluster, one Ray on
+    this host (one of each per Ray cluster and CPU budget), started before the first run and
+    stopped after the last, their logs ``superlink.log`` and ``ray.log`` in ``out``; each
+    run still starts (and stops) its own ``flwr-simulation`` and client actors. The report
     (a table of final metrics, rounds to ``target`` accuracy, uplink reduction against the
     run named ``reference``, overlaid accuracy plots) goes to ``out`` and to a parent MLflow
     run.
@@ -247,7 +265,7 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
             if not scenario.run.ray_cluster(os.environ):
                 check_client_gpus(scenario.run, f"{path} for a simulation on this machine")
         if (scenario.data, scenario.seed) not in checked:  # arms often share one split
-            check_partition(scenario.data, scenario.seed, str(path))
+            check_partition(scenario.data, scenario.seed, str(path), splits_dir(Path.cwd()))
             checked.add((scenario.data, scenario.seed))
     labels = [s.name for s in scenarios]
     if len(set(labels)) < len(labels):
@@ -270,13 +288,27 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
     histories: dict[str, list[Row]] = {}
     out = out or Path("reports") / experiment
     try:
-        for label, scenario in zip(labels, scenarios, strict=True):
-            run_dir = new_run_dir(scenario)
-            summaries[label] = run_scenario(
-                scenario, run_dir=run_dir, quiet=quiet, superlink=superlink,
-                root_certificates=root_certificates, tracking_uri=tracking_uri,
-                extra={"parent-run-id": parent.run_id, "run-name": label})
-            histories[label] = read_csv(run_dir / "metrics.csv")
+        with ExitStack() as links_open:
+            # (Ray cluster, CPUs of a Ray of this host) -> the SuperLink its runs share
+            links: dict[tuple[str, int], SimulationLink] = {}
+            for label, scenario in zip(labels, scenarios, strict=True):
+                run_dir = new_run_dir(scenario)
+                link = None
+                if not superlink:
+                    cluster = scenario.run.ray_cluster(os.environ)
+                    cpus = 0 if cluster else scenario.run.num_cpus or os.cpu_count() or 1
+                    if (cluster, cpus) not in links:
+                        ray = None if cluster else links_open.enter_context(
+                            local_ray(Path.cwd(), cpus, out / "ray.log"))
+                        links[cluster, cpus] = links_open.enter_context(shared_simulation_link(
+                            Path.cwd(), cluster, out / "superlink.log", ray))
+                    link = links[cluster, cpus]
+                summaries[label] = run_scenario(
+                    scenario, run_dir=run_dir, quiet=quiet, superlink=superlink,
+                    root_certificates=root_certificates, tracking_uri=tracking_uri,
+                    extra={"parent-run-id": parent.run_id, "run-name": label},
+                    simulation_link=link)
+                histories[label] = read_csv(run_dir / "metrics.csv")
         files_written = write_report(summaries, histories, out, f"Comparison: {experiment}",
                                      target=target, reference=reference)
         for path in files_written:

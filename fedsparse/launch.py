@@ -41,6 +41,11 @@ from fedsparse.tracking import events
 APP_NAME = "fedsparse-app"
 CONNECTION = "fedsparse"
 SUPERLINK_START_TIMEOUT_S = 60.0
+HEALTH_POLL_S = 0.05  # a refused connection costs next to nothing: ask often
+HANDOVER_TIMEOUT_S = 30.0  # for a supervisor (polling every 0.1 s) to take descriptors
+RAY_START_TIMEOUT_S = 90.0
+FINISHED_GRACE_S = 0.5  # to stop a finished run's processes before they are killed
+ACTOR_TITLE = "ClientAppActor"  # in the process title of Flower's Ray client actors
 
 EventHandler = Callable[[dict[str, Any]], None]
 
@@ -57,6 +62,8 @@ class Launch:
     run_dir: Path
     workdir: Path = field(default_factory=Path.cwd)
     superlink: str = ""  # address of an existing SuperLink; "" = start a simulation one
+    # a simulation SuperLink shared with other runs (compare); None = one of its own
+    simulation_link: SimulationLink | None = None
     ray_cluster: str = ""  # simulation: the Ray cluster it joins; "" = a Ray of its own
     insecure: bool = True
     root_certificates: Path | None = None
@@ -94,16 +101,19 @@ def free_port() -> int:
 
 
 def start_supervised(command: list[str], *, pass_fds: tuple[int, ...] = (),
-                     **popen: Any) -> subprocess.Popen:
+                     fd_socket: int | None = None, **popen: Any) -> subprocess.Popen:
     """Start ``command`` under a supervisor owned by this process, in a session of its own
-    (a Ctrl-C at the terminal reaches only the CLI, which then stops the tree).
+    (a Ctrl-C at the terminal reaches only the CLI, which then stops the tree);
+    ``fd_socket``: the supervisor's end of a socket this process hands it descriptors on
+    (``supervise.Handed``).
 
     Call this from the main thread: the supervisor asks for SIGTERM when the *thread* that
     forked it exits (``PR_SET_PDEATHSIG``), so one started from a worker thread would stop
     when that thread ends, not when the CLI does.
     """
-    return subprocess.Popen(supervise.command(os.getpid(), command), pass_fds=pass_fds,
-                            start_new_session=True, **popen)
+    inherited = pass_fds if fd_socket is None else (*pass_fds, fd_socket)
+    return subprocess.Popen(supervise.command(os.getpid(), command, fd_socket),
+                            pass_fds=inherited, start_new_session=True, **popen)
 
 
 def stop_tree(proc: psutil.Process | subprocess.Popen, timeout: float = 10.0) -> None:
@@ -139,26 +149,203 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path) 
                 if 200 <= response.status < 300:
                     return
         except OSError:
-            time.sleep(0.2)
+            time.sleep(HEALTH_POLL_S)
     raise LaunchError(f"{url} did not answer within {timeout:.0f}s; see {log_path}")
+
+
+@dataclass
+class Handover:
+    """A supervisor that is handed the descriptors of each run its tree serves while that
+    run goes on (``supervise.Handed``): this process's end of its ``--fd-socket``."""
+
+    supervisor: subprocess.Popen
+    channel: socket.socket
+    log_path: Path  # where its output goes, for the error
+
+    def ask(self, message: bytes, fds: tuple[int, ...] = ()) -> None:
+        socket.send_fds(self.channel, [message], list(fds))
+        if self.channel.recv(16) != supervise.Handed.OK:
+            raise LaunchError(f"the supervisor of {supervise.supervised(self.supervisor.args)[0]}"
+                              f" did not take {message!r}; see {self.log_path}")
+
+    def hold(self, fds: tuple[int, ...]) -> None:
+        """Have the supervisor hold ``fds`` (a run folder's lock) until :meth:`drop`."""
+        self.ask(supervise.Handed.HOLD, fds)
+
+    def drop(self) -> None:
+        self.ask(supervise.Handed.DROP)
+
+    def tree(self) -> list[psutil.Process]:
+        """Every process below the supervisor."""
+        with suppress(psutil.NoSuchProcess):
+            return psutil.Process(self.supervisor.pid).children(recursive=True)
+        return []
+
+
+@contextmanager
+def supervised_with_handover(command: list[str], log_path: Path, *, env: dict[str, str],
+                             cwd: Path, pass_fds: tuple[int, ...] = ()) -> Iterator[Handover]:
+    """``command`` under a supervisor that can be handed descriptors, output to
+    ``log_path``; stopped with its tree on exit."""
+    channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log, channel, theirs:
+        proc = start_supervised(command, pass_fds=pass_fds, fd_socket=theirs.fileno(),
+                                env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        theirs.close()
+        channel.settimeout(HANDOVER_TIMEOUT_S)
+        try:
+            yield Handover(proc, channel, log_path)
+        finally:
+            stop_tree(proc)
+
+
+@dataclass
+class LocalRay:
+    """A single-node Ray cluster on 127.0.0.1 that the simulations of several runs join one
+    after the other (``fedsparse compare``), instead of each starting a Ray of its own."""
+
+    address: str
+    handover: Handover
+
+    def end_run(self, timeout: float = 10.0) -> None:
+        """Once a run's driver (its ``flwr-simulation``) is gone, wait for Ray to end that
+        run's client actors; kill those left after ``timeout``."""
+        actors = _wait_gone([p for p in self.handover.tree() if ACTOR_TITLE in _cmdline(p)],
+                            timeout)
+        for proc in actors:
+            with suppress(psutil.NoSuchProcess):
+                proc.kill()
+        _wait_gone(actors, timeout)
+
+
+@contextmanager
+def local_ray(workdir: Path, num_cpus: int, log_path: Path) -> Iterator[LocalRay]:
+    """``ray start --head`` on 127.0.0.1 with ``num_cpus`` CPUs, under a supervisor, its
+    temp files where a run's own Ray keeps them; stopped with its tree on exit."""
+    port = free_port()
+    command = ["ray", "start", "--head", "--block", "--port", str(port),
+               "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
+               "--include-dashboard", "false", "--disable-usage-stats"]
+    with supervised_with_handover(command, log_path, env=process_env(workdir),
+                                  cwd=workdir) as handover:
+        deadline = time.monotonic() + RAY_START_TIMEOUT_S
+        while "Ray runtime started" not in log_path.read_text(errors="replace"):
+            if handover.supervisor.poll() is not None or time.monotonic() > deadline:
+                raise LaunchError(f"ray start did not start a Ray; see {log_path}")
+            time.sleep(HEALTH_POLL_S)
+        yield LocalRay(f"127.0.0.1:{port}", handover)
+
+
+@dataclass
+class SimulationLink:
+    """A simulation-mode SuperLink that runs are submitted to one after the other
+    (``fedsparse compare``): started once, and after each run every process that run
+    started (its ``flwr-simulation``, its Ray or its actors on the shared ``ray``) stopped,
+    the SuperLink and its SuperExec (and the shared Ray) kept.
+
+    Each run's descriptors (its run folder's lock) are handed to the supervisors of the
+    SuperLink and of the shared Ray for as long as the run goes on (:meth:`hold`), so that
+    the lock is held until the last process of the run is gone, as when a run has a
+    SuperLink and a Ray of its own, even if the CLI is killed.
+    """
+
+    address: str
+    handover: Handover
+    ray: LocalRay | None = None  # the Ray its runs join; None: each starts its own (or
+    # joins the Ray cluster of its run.ray_address)
+
+    @property
+    def log_path(self) -> Path:
+        return self.handover.log_path
+
+    def hold(self, fds: tuple[int, ...]) -> None:
+        """Have the supervisors hold ``fds`` until :meth:`end_run`."""
+        self.handover.hold(fds)
+        if self.ray is not None:
+            self.ray.handover.hold(fds)
+
+    def end_run(self, grace: float = 10.0) -> None:
+        """Stop every process below the SuperLink but the SuperLink and its SuperExec (and
+        the run's actors on the shared Ray), killing those left after ``grace`` seconds, then
+        let go of the run's descriptors."""
+        below: list[psutil.Process] = []
+        with suppress(psutil.NoSuchProcess):
+            below = psutil.Process(self.handover.supervisor.pid).children()
+        kept = {p for p in below if "flower-superlink" in _cmdline(p)}
+        for proc in list(kept):
+            with suppress(psutil.NoSuchProcess):
+                kept |= {c for c in proc.children() if "flower-superexec" in _cmdline(c)}
+        run = [p for p in self.handover.tree() if p not in kept]
+        for proc in run:
+            with suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        alive = _wait_gone(run, timeout=grace)
+        for proc in alive:
+            with suppress(psutil.NoSuchProcess):
+                proc.kill()
+        _wait_gone(alive, timeout=10.0)
+        if self.ray is not None:
+            self.ray.end_run()
+            self.ray.handover.drop()
+        self.handover.drop()
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every one of ``procs`` has exited; those still running after ``timeout``.
+    A zombie counts as exited: these are not this process's children, and the SuperExec
+    leaves its ``flwr-simulation`` unreaped (``psutil.wait_procs`` waited the full timeout
+    on it, twice, 20 s per compare arm)."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if not _exited(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(HEALTH_POLL_S)
+        alive = [p for p in alive if not _exited(p)]
+    return alive
+
+
+def _exited(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    with suppress(psutil.Error):
+        return " ".join(proc.cmdline())
+    return ""
 
 
 @contextmanager
 def simulation_superlink(env: dict[str, str], log_path: Path, cwd: Path,
-                         pass_fds: tuple[int, ...] = ()) -> Iterator[str]:
+                         pass_fds: tuple[int, ...] = ()) -> Iterator[SimulationLink]:
     """A simulation-mode SuperLink on a free loopback port, stopped (with its tree) on exit."""
     port = free_port()
     command = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
                "--host", "127.0.0.1", "--port", str(port),
                "--disable-runtime-dependency-installation"]
-    with open(log_path, "a") as log:
-        proc = start_supervised(command, pass_fds=pass_fds, env=env, cwd=cwd, stdout=log,
-                                stderr=subprocess.STDOUT)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, SUPERLINK_START_TIMEOUT_S, log_path)
-        yield f"127.0.0.1:{port}"
-    finally:
-        stop_tree(proc)
+    with supervised_with_handover(command, log_path, env=env, cwd=cwd,
+                                  pass_fds=pass_fds) as handover:
+        wait_http(f"http://127.0.0.1:{port}/health", handover.supervisor,
+                  SUPERLINK_START_TIMEOUT_S, log_path)
+        yield SimulationLink(f"127.0.0.1:{port}", handover)
+
+
+@contextmanager
+def shared_simulation_link(workdir: Path, ray_cluster: str, log_path: Path,
+                           ray: LocalRay | None = None) -> Iterator[SimulationLink]:
+    """A simulation SuperLink for several runs (:class:`SimulationLink`), its Flower home
+    a folder of its own under the working directory's state folder, its log ``log_path``;
+    its runs join the Ray cluster at ``ray_cluster``, or ``ray`` (which, on 127.0.0.1, they
+    join as a run's own Ray is reached: ``runtime_env.LOCAL_RAY``)."""
+    env = process_env(workdir, ray_cluster)
+    if ray is not None:
+        env["RAY_ADDRESS"] = ray.address
+    env["FLWR_HOME"] = str(state_dir(workdir) / f"superlink-{secrets.token_hex(3)}")
+    with simulation_superlink(env, log_path, workdir) as link:
+        link.ray = ray
+        yield link
 
 
 def flower_config(home: Path, address: str, insecure: bool,
@@ -302,10 +489,21 @@ def _out_dir(launch: Launch) -> str:
 def _superlink(launch: Launch, env: dict[str, str]) -> Iterator[str]:
     if launch.superlink:
         yield launch.superlink
+    elif launch.simulation_link is not None:
+        link = launch.simulation_link
+        link.hold(launch.pass_fds)
+        try:
+            yield link.address
+        except BaseException:
+            link.end_run()
+            raise
+        # Done: everything is written and tracked. flwr-simulation's own exit on SIGTERM
+        # (Flower's exit handlers, leaving the shared Ray) took 3 s per arm, for nothing.
+        link.end_run(grace=FINISHED_GRACE_S)
     else:
         with simulation_superlink(env, launch.log_path, launch.workdir,
-                                  launch.pass_fds) as address:
-            yield address
+                                  launch.pass_fds) as link:
+            yield link.address
 
 
 def _stream(command: list[str], env: dict[str, str], launch: Launch,
@@ -334,9 +532,16 @@ def _stream(command: list[str], env: dict[str, str], launch: Launch,
     if outcome.get("event") == "done":
         return outcome["summary"]
     if outcome.get("event") == "error":
-        raise LaunchError(f"the federation failed: {outcome['message']} (log: {launch.log_path})")
+        raise LaunchError(f"the federation failed: {outcome['message']} (log: {_logs(launch)})")
     raise LaunchError(f"the federation ended without a result (flwr run exit code "
-                      f"{proc.returncode}){_last_error(launch.log_path)}; see {launch.log_path}")
+                      f"{proc.returncode}){_last_error(launch.log_path)}; see {_logs(launch)}")
+
+
+def _logs(launch: Launch) -> str:
+    """Where a run's Flower output is: its ``flower.log``, and the log of the SuperLink it
+    shares (whose processes' own output goes there) if it shares one."""
+    link = launch.simulation_link
+    return str(launch.log_path) if link is None else f"{launch.log_path} and {link.log_path}"
 
 
 def _last_error(log_path: Path) -> str:

@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+SPLITS_ENV = "FEDSPARSE_SPLITS_DIR"  # the clients' splits of the run (data/split_store.py)
+
 NO_PHONE_HOME: dict[str, str] = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -43,6 +45,12 @@ QUIET: dict[str, str] = {
     "PYTHONUNBUFFERED": "1",
 }
 
+# A SuperExec asks its SuperLink for a task to launch once a second by default
+# (flwr/supercore/superexec/run_superexec.py): up to 1 s between `flwr run` and the start of
+# flwr-simulation (or, on a local SuperNode, of each ClientApp). Five times a second here,
+# for the processes of this host; a user's own setting wins.
+PROMPT: dict[str, str] = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+
 # Ray places unix sockets at <tmp>/ray/session_<date>_<micros>_<pid>/sockets/plasma_store
 # (about 70 characters below <tmp>); AF_UNIX paths must fit in 107 bytes.
 _MAX_RAY_TMPDIR = 36
@@ -59,6 +67,12 @@ def apply_no_phone_home() -> None:
 def state_dir(workdir: Path) -> Path:
     """Where fedsparse keeps Flower's home and Ray's temp files for runs started in ``workdir``."""
     return workdir.resolve() / ".fedsparse"
+
+
+def splits_dir(workdir: Path) -> Path:
+    """Where the clients' splits of runs started in ``workdir`` are kept for their processes
+    (``fedsparse/data/split_store.py``)."""
+    return state_dir(workdir) / "splits"
 
 
 def ray_tmpdir(workdir: Path) -> Path:
@@ -83,10 +97,11 @@ def process_env(workdir: Path, ray_cluster: str = "") -> dict[str, str]:
     """Environment for the Flower processes (SuperLink, SuperNodes, `flwr run`) of one run;
     its simulation joins the Ray cluster at ``ray_cluster`` (``RAY_ADDRESS``, which
     ``ray.init`` reads), or starts a Ray of its own on 127.0.0.1 ("")."""
-    env = dict(os.environ)
+    env = {**PROMPT, **os.environ}
     env.update(NO_PHONE_HOME)
     env.update(QUIET)
     env["FLWR_HOME"] = str(state_dir(workdir) / "flwr_home")
+    env[SPLITS_ENV] = str(splits_dir(workdir))
     if ray_cluster:
         env["RAY_ADDRESS"] = ray_cluster
     else:

@@ -17,7 +17,11 @@ and it stops that whole tree (SIGTERM, SIGKILL after a grace period), reaps it a
   signal N ended CMD).
 
 File descriptors the parent passes on (the run folder's lock) stay open here and are not
-passed to CMD, so they are held exactly until the last process of the tree is gone.
+passed to CMD, so they are held exactly until the last process of the tree is gone. A
+supervisor whose tree serves several runs one after the other (``fedsparse compare``'s
+simulation SuperLink, ``launch.SimulationLink``) is handed each run's descriptors while it
+runs, over a unix socket it inherits (``--fd-socket``, :class:`Handed`): held alike from
+before that run starts anything until it is dropped, or until the tree is gone.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import argparse
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,9 +46,12 @@ GRACE_S = 5.0
 MODULE = "fedsparse.supervise"
 
 
-def command(parent_pid: int, cmd: Sequence[str]) -> list[str]:
-    """The command line that runs ``cmd`` under a supervisor owned by ``parent_pid``."""
-    return [sys.executable, "-m", MODULE, "--parent-pid", str(parent_pid), "--", *cmd]
+def command(parent_pid: int, cmd: Sequence[str], fd_socket: int | None = None) -> list[str]:
+    """The command line that runs ``cmd`` under a supervisor owned by ``parent_pid``
+    (``fd_socket``: an inherited socket descriptors are handed on, :class:`Handed`)."""
+    handing = [] if fd_socket is None else ["--fd-socket", str(fd_socket)]
+    return [sys.executable, "-m", MODULE, "--parent-pid", str(parent_pid), *handing, "--",
+            *cmd]
 
 
 def supervised(argv: Sequence[str]) -> list[str]:
@@ -86,9 +94,44 @@ def reap() -> dict[int, int]:
         codes[pid] = _exit_code(status)
 
 
-def wait_for_end(child: int, parent_pid: int, received: list[int]) -> int:
+class Handed:
+    """Descriptors the parent hands over while CMD runs, on the socket ``sock``: a message
+    ``hold`` carries descriptors to keep open (as if passed at the start), ``drop`` closes
+    every one held so far; each is answered ``ok`` once done, so the parent can wait for it.
+    """
+
+    HOLD, DROP, OK = b"hold", b"drop", b"ok"
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fds: list[int] = []
+
+    def poll(self) -> None:
+        """Act on every message waiting (none once the parent has closed its end)."""
+        while self.sock.fileno() >= 0:
+            try:
+                message, fds, _, _ = socket.recv_fds(self.sock, 16, 16)
+            except BlockingIOError:
+                return
+            if not message:  # the parent closed its end (or died): nothing more will come
+                self.sock.close()
+                return
+            if message == self.DROP:
+                for fd in self.fds:
+                    os.close(fd)
+                self.fds = []
+            self.fds += fds
+            with suppress(OSError):
+                self.sock.send(self.OK)
+
+
+def wait_for_end(child: int, parent_pid: int, received: list[int],
+                 handed: Handed | None = None) -> int:
     """Poll until CMD exits, a signal arrives or the parent dies; the code to exit with."""
     while True:
+        if handed is not None:
+            handed.poll()
         code = reap().get(child)
         if code is not None:
             return code
@@ -124,16 +167,22 @@ def stop_descendants(grace: float = GRACE_S) -> None:
         _signal_until_gone(signal.SIGKILL, grace)
 
 
-def supervise(cmd: Sequence[str], parent_pid: int, grace: float = GRACE_S) -> int:
-    """Run ``cmd`` until it ends, a signal arrives or the parent dies; stop the tree."""
+def supervise(cmd: Sequence[str], parent_pid: int, grace: float = GRACE_S,
+              fd_socket: int | None = None) -> int:
+    """Run ``cmd`` until it ends, a signal arrives or the parent dies; stop the tree.
+    ``fd_socket``: the descriptor of the socket descriptors are handed on (:class:`Handed`).
+    """
     received: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda number, _frame: received.append(number))
     own_descendants(follow_parent=parent_pid != 0)
     if parent_pid and os.getppid() != parent_pid:  # died before PR_SET_PDEATHSIG was set
         return 128 + signal.SIGTERM
+    handed = None if fd_socket is None else Handed(socket.socket(fileno=fd_socket))
     child = subprocess.Popen(cmd)
-    code = wait_for_end(child.pid, parent_pid, received)
+    code = wait_for_end(child.pid, parent_pid, received, handed)
+    if handed is not None:  # handed just before the end: held until the tree is gone too
+        handed.poll()
     stop_descendants(grace)
     child.returncode = code  # reaped here, not by Popen
     return code
@@ -147,12 +196,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "0: no parent to follow (a daemon)")
     parser.add_argument("--grace", type=float, default=GRACE_S,
                         help="seconds between SIGTERM and SIGKILL when stopping the tree")
+    parser.add_argument("--fd-socket", type=int, metavar="FD",
+                        help="an inherited unix socket on which the parent hands descriptors "
+                             "to hold while CMD runs (see Handed)")
     parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     args = parser.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         parser.error("no command given after --")
-    return supervise(cmd, args.parent_pid, args.grace)
+    return supervise(cmd, args.parent_pid, args.grace, args.fd_socket)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,17 @@ def test_client_view_matches_the_full_partition():
         client_indices(spec, 9, 5)
 
 
+@pytest.mark.parametrize("knobs", [{"partition": "dirichlet", "alpha": 0.5},
+                                   {"partition": "iid"},
+                                   {"partition": "shards", "shards_per_client": 2}])
+def test_a_partition_read_in_bulk_is_the_rows_one_by_one(knobs):
+    spec = DataSpec(dataset="digits", num_clients=7, **knobs)
+    partitioner = partition._assigned_partitioner(labels("digits"), spec, seed=4)
+    for pid in range(7):
+        rows = [row["index"] for row in partitioner.load_partition(pid)]
+        assert np.array_equal(partition._load(partitioner, pid), np.sort(rows))
+
+
 def test_a_split_that_needs_resampling_is_the_same_whichever_client_comes_first(monkeypatch):
     """DirichletPartitioner makes 10 draws per call and keeps its generator when they all
     fail; for this seed the first three calls fail. Every process must still hold the one
@@ -268,4 +279,6 @@ def test_run_and_compare_check_the_split_before_anything_starts(workdir, capsys)
     assert main(["compare", "fine.toml", "few.toml"]) == 2
     err = capsys.readouterr().err
     assert "invalid scenario few.toml:\n  - data.num_clients = 2000: more clients" in err
-    assert sorted(p.name for p in workdir.iterdir()) == ["few.toml", "fine.toml"]  # no run
+    # no run; only the split of the valid file, kept for its processes (split_store.py)
+    assert sorted(p.name for p in workdir.iterdir()) == [".fedsparse", "few.toml", "fine.toml"]
+    assert [p.name for p in (workdir / ".fedsparse").iterdir()] == ["splits"]

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import numpy as np
 import psutil
 import pytest
 
-from fedsparse import cli
+from fedsparse import cli, supervise
 from fedsparse.checkpoint import Checkpoint, finished_round
 from fedsparse.experiments import Interrupted, run_scenario
 from fedsparse.launch import LaunchError, start_supervised, stop_tree
@@ -53,6 +54,41 @@ def test_a_locked_run_folder_is_refused_at_once_naming_the_holder(workdir: Path,
         assert capsys.readouterr().err == busy_message("runs/r", os.getpid())
     with hold(Path("runs/r")):  # released: free again
         assert (workdir / "runs/r/.lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_a_lock_handed_to_a_running_supervisor_is_held_until_dropped(tmp_path: Path):
+    """``compare``'s shared SuperLink: each arm's lock is handed to its supervisor while the
+    arm runs (``supervise.Handed``), and outlives the CLI's own descriptor until dropped."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sup = start_supervised(SLEEP, fd_socket=theirs.fileno())
+    theirs.close()
+    try:
+        with hold(tmp_path) as fd:
+            socket.send_fds(ours, [supervise.Handed.HOLD], [fd])
+            assert ours.recv(16) == supervise.Handed.OK
+        lock = str(tmp_path / ".lock")
+        assert lock in {f.path for f in psutil.Process(sup.pid).open_files()}
+        with pytest.raises(RunDirBusy), hold(tmp_path):
+            pass
+        ours.send(supervise.Handed.DROP)
+        assert ours.recv(16) == supervise.Handed.OK
+        assert lock not in {f.path for f in psutil.Process(sup.pid).open_files()}
+        with hold(tmp_path):
+            pass
+        with hold(tmp_path) as fd:  # handed again, then the CLI dies: held until all is gone
+            socket.send_fds(ours, [supervise.Handed.HOLD], [fd])
+            assert ours.recv(16) == supervise.Handed.OK
+        ours.close()
+        time.sleep(0.3)  # the supervisor has seen the end of the socket, and kept the lock
+        with pytest.raises(RunDirBusy), hold(tmp_path):
+            pass
+        sup.send_signal(signal.SIGTERM)
+        sup.wait(timeout=10)
+        with hold(tmp_path):
+            pass
+    finally:
+        ours.close()
+        stop_tree(sup)
 
 
 def test_the_lock_stays_held_until_the_supervisor_that_inherited_it_is_gone(tmp_path: Path):

@@ -135,12 +135,23 @@ def test_same_seed_same_metrics_and_resume_continues_exactly(first_run, monkeypa
     assert steps == [1, 2, 3]  # one MLflow run across the interruption
 
 
-def test_compare_runs_into_one_experiment_with_a_report(workdir: Path, capsys):
+def test_compare_runs_into_one_experiment_with_a_report(workdir: Path, first_run, capsys):
+    """The arms share one SuperLink and one Ray, and an arm gives the metrics it gives on its
+    own (the second arm, after the first has used them, against ``first_run``)."""
     slow = workdir / "slow.toml"
     slow.write_text((DATA / "digits.toml").read_text().replace("lr = 0.1", "lr = 0.01")
                     .replace('name = "digits-test"', 'name = "digits-slow"'))
-    assert fedsparse("compare", DATA / "digits.toml", slow, "--set", "run.rounds=2",
-                     "--experiment", "cmp", "--out", "report", "--quiet") == 0
+    assert fedsparse("compare", slow, DATA / "digits.toml", "--experiment", "cmp",
+                     "--out", "report", "--quiet") == 0
+    assert not flower_processes(workdir)
+    started = "Starting Flower SuperLink"
+    assert (workdir / "report/superlink.log").read_text().count(started) == 1
+    arms = sorted((workdir / "runs").iterdir())
+    assert [started in (arm / "flower.log").read_text() for arm in arms] == [False, False]
+    assert len(list((workdir / ".fedsparse/ray/ray").glob("session_2*"))) == 1  # one Ray
+    (alone,) = [arm for arm in arms if arm.name.startswith("digits-test-")]
+    assert deterministic(read_csv(alone / "metrics.csv")) == \
+        deterministic(read_csv(first_run[0] / "runs/a/metrics.csv"))
     report = (workdir / "report/report.md").read_text()
     assert "| digits-test |" in report and "| digits-slow |" in report
     assert (workdir / "report/plots/accuracy_vs_uplink.png").stat().st_size > 0

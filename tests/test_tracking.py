@@ -160,3 +160,48 @@ def test_standard_error_is_the_sample_deviation_over_root_n():
     assert standard_error(values) == pytest.approx(math.sqrt(7) / 2)
     assert standard_error(values) == pytest.approx(np.std(values, ddof=1) / np.sqrt(4))
     assert np.isnan(standard_error([3.0]))
+
+
+def test_a_running_mirror_pushes_params_and_tags_once_then_only_rounds(tmp_path: Path,
+                                                                       monkeypatch):
+    """Re-setting every tag after every round cost the ServerApp one SQL transaction per tag
+    per round, on the process that also moves the clients' messages."""
+    from collections import Counter
+
+    from fedsparse.scenario import parse_scenario
+    from fedsparse.tracking import mlflow_run
+    from fedsparse.tracking.mirror import BackgroundMirror, new_tracked_run
+    from tests.conftest import digits_scenario
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    record = new_tracked_run(parse_scenario(digits_scenario()), tracking_uri=uri,
+                             artifact_location=(tmp_path / "mlruns").as_uri(), run_name="",
+                             parent_run_id="", fedsparse_run_id="one")
+    calls: Counter = Counter()
+    real = mlflow_run.client_for
+
+    def counting(tracking_uri: str):
+        client = real(tracking_uri)
+        for name in ("set_tag", "log_batch"):
+            method = getattr(client, name)
+
+            def counted(*args, _method=method, _name=name, **kwargs):
+                calls[_name if _name == "set_tag" else f"log_batch:{sorted(kwargs)}"] += 1
+                return _method(*args, **kwargs)
+            setattr(client, name, counted)
+        return client
+
+    monkeypatch.setattr(mlflow_run, "client_for", counting)
+    rows = [{"round": r, "accuracy": 0.1 * r} for r in (1, 2, 3)]
+    mirror = BackgroundMirror(record, tmp_path, lambda: rows)
+    mirror.round_done(1)
+    assert mirror.synced.wait(60)
+    first = dict(calls)
+    assert first["set_tag"] == len(record.tags) and first["log_batch:['params']"] >= 1
+    mirror.round_done(2)
+    mirror.round_done(3)
+    assert mirror.close(60)
+    assert calls["set_tag"] == first["set_tag"]
+    assert calls["log_batch:['params']"] == first["log_batch:['params']"]
+    history = real(uri).get_metric_history(record.mlflow_run_id, "accuracy")
+    assert sorted(m.step for m in history) == [1, 2, 3]

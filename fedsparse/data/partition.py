@@ -16,7 +16,8 @@
 Each client's partition is then split into a local train and a local test part. The same
 spec and seed always give the same partition, in every process and whichever client a
 process serves first. :func:`check_partition` makes that split once, before a run starts,
-and says which data key makes it impossible.
+says which data key makes it impossible, and keeps it for the run's processes
+(``split_store.py``).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
-from fedsparse.data import synthetic
+from fedsparse.data import split_store, synthetic
 from fedsparse.scenario import PARTITION_KEYS, DataSpec, ScenarioError, SyntheticSpec
 
 RESAMPLING_CALLS = 10  # DirichletPartitioner draws 10 times per call before it raises
@@ -123,7 +125,12 @@ def _cannot_split(spec: DataSpec, n_examples: int, reason: Exception) -> str:
 
 
 def _load(partitioner, partition_id: int) -> np.ndarray:
-    return np.sort(np.asarray(partitioner.load_partition(partition_id)["index"], dtype=np.int64))
+    """The dataset indices of one partition, sorted. The column is read as one numpy slice:
+    ``partition["index"]`` iterates row by row in Python, and cost some 0.1 s per 3,000-row
+    client (a Ray actor pays it for every client it serves, the server for every client it
+    checks a reply of)."""
+    rows = partitioner.load_partition(partition_id).with_format("numpy", columns=["index"])[:]
+    return np.sort(rows["index"].astype(np.int64, copy=False))
 
 
 def partition_indices(labels: np.ndarray, spec: DataSpec, seed: int,
@@ -176,6 +183,9 @@ def client_indices(spec: DataSpec, seed: int, partition_id: int) -> ClientIndice
     if spec.synthetic is not None:
         n = synthetic.client_size(spec.synthetic, seed, partition_id)
         return synthetic_split(n, spec.test_fraction)
+    stored = _stored_splits(spec, seed)
+    if stored is not None:
+        return stored[partition_id]
     partitioner = _cached_partitioner(spec, seed)
     return local_split(_load(partitioner, partition_id), spec.test_fraction, seed, partition_id)
 
@@ -197,11 +207,12 @@ class LazySplits(Sequence[ClientIndices]):
         return client_indices(self.spec, self.seed, partition_id)
 
 
-def check_partition(spec: DataSpec, seed: int, source: str = "<scenario>"
-                    ) -> Sequence[ClientIndices]:
+def check_partition(spec: DataSpec, seed: int, source: str = "<scenario>",
+                    store: Path | None = None) -> Sequence[ClientIndices]:
     """Every client's local train/test split, as a run will make it; a :class:`ScenarioError`
     naming the data key that makes the split impossible or leaves a client without a local
-    training example.
+    training example. ``store``: a folder of split files (``split_store``) where a split
+    that passed is kept for the run's processes, and read instead of made again.
 
     It loads the dataset: call it where a run is set up (the CLI), not where every process
     parses the scenario. On ``synthetic`` it generates nothing: the check is on the sizes the
@@ -218,6 +229,10 @@ def check_partition(spec: DataSpec, seed: int, source: str = "<scenario>"
         data = load_dataset(spec.dataset)
     except DatasetUnavailable as err:
         raise ScenarioError(source, [f"data.dataset = {spec.dataset!r}: {err}"]) from None
+    path = None if store is None else _split_path(store, spec, seed)
+    stored = None if path is None else split_store.load_splits(path)
+    if stored is not None:  # kept only once it had passed this check
+        return [ClientIndices(train, test) for train, test in stored]
     labels = data.y_train
     problems = _impossible_sizes(spec, len(labels), len(np.unique(labels)))
     if problems:
@@ -232,7 +247,29 @@ def check_partition(spec: DataSpec, seed: int, source: str = "<scenario>"
     problems = _without_training_examples(spec, parts, splits)
     if problems:
         raise ScenarioError(source, problems)
+    if path is not None:
+        split_store.save_splits(path, [(split.train, split.test) for split in splits])
     return splits
+
+
+def _split_path(directory: Path, spec: DataSpec, seed: int) -> Path:
+    from fedsparse.data.datasets import load_dataset
+
+    data = load_dataset(spec.dataset)
+    return split_store.split_path(directory, spec, seed, data.y_train,
+                                  getattr(data, "groups", None))
+
+
+@lru_cache(maxsize=4)
+def _stored_splits(spec: DataSpec, seed: int) -> list[ClientIndices] | None:
+    """Every client's split from the run's split file (``split_store``), if this process
+    sees one; None: make the split here."""
+    directory = split_store.store_dir()
+    stored = None if directory is None else \
+        split_store.load_splits(_split_path(directory, spec, seed))
+    if stored is None or len(stored) != spec.num_clients:
+        return None
+    return [ClientIndices(train, test) for train, test in stored]
 
 
 def _impossible_sizes(spec: DataSpec, n_examples: int, n_classes: int) -> list[str]:

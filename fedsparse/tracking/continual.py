@@ -13,10 +13,6 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import nn
@@ -34,6 +30,7 @@ from fedsparse.continual import (
 from fedsparse.protocol import derive_seed
 from fedsparse.scenario import Scenario
 from fedsparse.tracking.history import Row
+from fedsparse.tracking.plots import pyplot
 
 SETTINGS = {"class_il": "task{}_accuracy", "task_il": "task{}_til_accuracy"}
 
@@ -109,6 +106,7 @@ def task_end_metrics(history: Sequence[Row], scenario: Scenario) -> dict[str, fl
 
 def matrix_artifacts(history: Sequence[Row], scenario: Scenario, out_dir: Path) -> list[Path]:
     """``accuracy_matrix_<setting>.csv`` and a heat map ``.png`` per setting."""
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for setting in SETTINGS:

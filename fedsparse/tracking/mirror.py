@@ -80,9 +80,12 @@ def numeric(row: Row) -> dict[str, float]:
             and not isinstance(v, bool)}
 
 
-def push(record: TrackedRun, run_dir: Path, rows: Sequence[Row], reopen: bool) -> int:
-    """Bring the MLflow run up to date with ``rows`` and the record's artifacts and status;
-    return the number of rounds pushed. Raises whatever MLflow raises when it is away."""
+def push(record: TrackedRun, run_dir: Path, rows: Sequence[Row], reopen: bool,
+         meta: bool = True) -> int:
+    """Bring the MLflow run up to date with ``rows`` and the record's artifacts and status
+    (``meta``: and its params and tags, which a running mirror pushes once, not after every
+    round: one SQL transaction per tag); return the number of rounds pushed. Raises whatever
+    MLflow raises when it is away."""
     from mlflow.entities import Metric, Param
 
     from fedsparse.tracking.mlflow_run import client_for, experiment_id
@@ -97,10 +100,10 @@ def push(record: TrackedRun, run_dir: Path, rows: Sequence[Row], reopen: bool) -
                                                  record.fedsparse_run_id}).info.run_id
         record.save(run_dir)
     run_id = record.mlflow_run_id
-    params = [Param(k, v) for k, v in record.params.items()]
+    params = [Param(k, v) for k, v in record.params.items()] if meta else []
     for start in range(0, len(params), 100):
         client.log_batch(run_id, params=params[start:start + 100])
-    for key, value in record.tags.items():
+    for key, value in record.tags.items() if meta else ():
         client.set_tag(run_id, key, value)
     if reopen and not record.status:
         client.update_run(run_id, status="RUNNING")
@@ -195,7 +198,7 @@ class BackgroundMirror:
                 asked = self._asked
             rows = [row for row in self.rows() if row["round"] <= self.ready]
             try:
-                push(self.record, self.run_dir, rows, reopen)
+                push(self.record, self.run_dir, rows, reopen, meta=reopen)
             except Exception as err:  # the server is away (or refuses): retry later
                 if not self._failing:
                     log.warning("MLflow at %s is unreachable (%s): tracking stays in %s and is "
