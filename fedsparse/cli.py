@@ -27,7 +27,13 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from fedsparse.checkpoint import finished_round
-from fedsparse.experiments import Interrupted, compare, new_run_dir, run_scenario
+from fedsparse.experiments import (
+    Interrupted,
+    compare,
+    new_run_dir,
+    refuse_unplaceable,
+    run_scenario,
+)
 from fedsparse.resume import plan_resume
 from fedsparse.run_lock import RunDirBusy, hold
 from fedsparse.runtime_env import splits_dir
@@ -134,6 +140,8 @@ def _load_checked(args: argparse.Namespace, store: Path | None = None) -> Scenar
     from fedsparse.data.partition import check_partition  # loads torch: not for --help
 
     scenario = load_scenario(args.file, args.overrides, args.unset)
+    if store is not None:  # a run: refused before its split is kept
+        refuse_unplaceable(scenario, args.superlink)
     check_partition(scenario.data, scenario.seed, str(args.file), store)
     return scenario
 

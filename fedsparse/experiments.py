@@ -123,6 +123,17 @@ def format_round(server_round: int, rounds: int, m: dict[str, Any]) -> str:
             f"down {m.get('downlink_bytes', 0) / 1e6:7.2f} MB  {m['round_s']:5.1f} s")
 
 
+def refuse_unplaceable(scenario: Scenario, superlink: str, label: str = "") -> None:
+    """ScenarioError, before anything is written or started, where the scenario cannot run
+    where it is sent: fault injection on a SuperLink; on a Ray of the run's own, a GPU share
+    this machine cannot give (a cluster decides where its GPUs are); a ``$RAY_ADDRESS`` that
+    meets ``run.num_cpus``. ``label``: the scenario's file, where several are checked."""
+    if superlink:
+        scenario.refuse_deployment(label or f"for --superlink {superlink}")
+    elif not scenario.run.ray_cluster(os.environ):
+        check_client_gpus(scenario.run, f"{label} for a simulation on this machine".lstrip())
+
+
 def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: str = "",
                  root_certificates: Path | None = None, tracking_uri: str = "",
                  extra: dict[str, str] | None = None, resume: bool = False,
@@ -139,8 +150,7 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
     or FAILED once its processes are stopped, so the ServerApp's own status cannot overwrite
     it; an interrupt is raised again as :class:`Interrupted`, naming the run folder.
     """
-    if superlink:
-        scenario.refuse_deployment(f"for --superlink {superlink}")
+    refuse_unplaceable(scenario, superlink)
     ray_cluster = "" if superlink else scenario.run.ray_cluster(os.environ)
     if simulation_link is not None and simulation_link.ray is not None:
         ray_cluster = simulation_link.ray.address
@@ -148,8 +158,6 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
     settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
                 **(extra or {}), "fedsparse-run-id": uuid.uuid4().hex}
     if not superlink:  # simulated clients keep their state in the run folder
-        if not ray_cluster:  # a cluster decides where its GPUs are
-            check_client_gpus(scenario.run, "for a simulation on this machine")
         settings["client-state-dir"] = str((run_dir / CLIENT_STATE).resolve())
         _preflight(settings["tracking-uri"], run_dir)
     with hold(run_dir) as lock:
@@ -259,11 +267,7 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
     scenarios = [load_scenario(f, overrides, unset) for f in files]
     checked: set[tuple[DataSpec, int]] = set()
     for scenario, path in zip(scenarios, files, strict=True):
-        if superlink:
-            scenario.refuse_deployment(str(path))
-        else:  # $RAY_ADDRESS against each arm's run.num_cpus, before any arm runs
-            if not scenario.run.ray_cluster(os.environ):
-                check_client_gpus(scenario.run, f"{path} for a simulation on this machine")
+        refuse_unplaceable(scenario, superlink, str(path))  # before any arm runs
         if (scenario.data, scenario.seed) not in checked:  # arms often share one split
             check_partition(scenario.data, scenario.seed, str(path), splits_dir(Path.cwd()))
             checked.add((scenario.data, scenario.seed))

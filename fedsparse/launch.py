@@ -384,9 +384,10 @@ def check_client_gpus(run: RunSpec, source: str) -> None:
 def _federation_config(scenario: Scenario, ray_cluster: str) -> str:
     """The Simulation Engine's settings: Flower's ``init-args-*`` keys are ``ray.init``'s
     arguments, and a cluster's CPUs are its nodes' (``ray.init`` refuses ``num_cpus`` when
-    it joins one); each client's actor asks for ``run.client_cpus`` on whichever node."""
+    it joins one); each client's actor asks for ``run.client_cpus`` on whichever node. The
+    nodes are as many as a round contacts at once (``Scenario.simulated_nodes``)."""
     run = scenario.run
-    config: dict[str, Any] = {"num-supernodes": scenario.data.num_clients,
+    config: dict[str, Any] = {"num-supernodes": scenario.simulated_nodes(),
                               "client-resources-num-cpus": run.client_cpus,
                               "client-resources-num-gpus": run.client_gpus,
                               "init-args-logging-level": "ERROR",

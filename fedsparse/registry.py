@@ -75,6 +75,12 @@ class StrategyParams(PluginParams):
             return 0
         return min(pool, max(self.min_evaluate_clients, int(self.fraction_evaluate * pool)))
 
+    def clients_at_once(self, num_clients: int) -> int:
+        """The most clients one exchange of a round contacts (its training or its federated
+        evaluation sample)."""
+        pool = self.training_pool(num_clients)
+        return max(self.sample_size(pool, "train"), self.sample_size(pool, "evaluate"))
+
     def check_minimums(self, num_clients: int) -> None:
         """The reply minimums must be reachable with the clients sampled per round."""
         pool = self.training_pool(num_clients)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tomllib
 import typing
@@ -250,6 +251,11 @@ class RunSpec(Section):
                                                               source=RAY_ADDRESS_ENV)])
         return address
 
+    def actors(self) -> int:
+        """How many clients a Ray of the run's own trains at once (its CPUs over
+        ``client_cpus``; on a cluster, this host's CPUs stand for the cluster's)."""
+        return max(1, (self.num_cpus or os.cpu_count() or 1) // self.client_cpus)
+
     @field_validator("client_gpus")
     @classmethod
     def _placeable(cls, share: float) -> float:
@@ -459,6 +465,16 @@ class Scenario(Section):
             raise ScenarioError(source, [
                 "faults: fault injection runs in simulation only, not on a SuperLink; remove "
                 "the [faults] section (or --unset faults) to run this scenario on devices"])
+
+    def simulated_nodes(self) -> int:
+        """How many nodes a simulation of this scenario runs: as many as the clients one
+        exchange contacts at once (those a round samples to train or to evaluate, at least
+        one per actor), not one per client. A simulated node serves whichever partition an
+        instruction names (``strategies/directory.py``), and Flower's Simulation Engine asks
+        every node for a message every 0.1 s: with a node per client, 100,000 clients made
+        each round cost 111 s instead of 2.5 s."""
+        at_once = self.strategy.clients_at_once(self.data.num_clients)
+        return min(self.data.num_clients, max(at_once, self.run.actors()))
 
     def evaluates(self, server_round: int) -> bool:
         """Whether ``server_round`` ends with evaluation: every ``run.eval_every`` rounds,

@@ -171,7 +171,7 @@ class FedSparseStrategy(Strategy):
         disk by now: ``clients.jsonl``), so that a round's work stays proportional to the
         clients it samples, and follow nodes that joined or left."""
         self.client_records.clear()
-        self.bound.refresh(grid)
+        self.bound.begin_round(grid)
 
     def sample(self, server_round: int, phase: str) -> list[int]:
         """Partition ids for ``phase`` of ``server_round``, drawn with the scenario's seed."""
@@ -368,12 +368,12 @@ class FedSparseStrategy(Strategy):
         pending = self._pending.pop((server_round, phase), {})
         by_partition: dict[int, Message] = {}
         for message in replies:
-            pid = self.bound.partition(message.metadata.src_node_id)
+            pid = self.bound.sender(message)
             if pid in pending and pid not in by_partition:
                 by_partition[pid] = message
             else:
-                log.warning("round %d %s: reply from unexpected node %d ignored",
-                            server_round, phase, message.metadata.src_node_id)
+                log.warning("round %d %s: a reply from node %d to no instruction of this "
+                            "phase ignored", server_round, phase, message.metadata.src_node_id)
         accepted = []
         for pid, record in sorted(pending.items()):
             message = by_partition.get(pid)

@@ -4,11 +4,12 @@ Flower node ids are random per run, while fedsparse samples, seeds and orders cl
 partition id (so that a scenario and its seed give the same run whatever the ids). How the
 server learns the node of each partition depends on who may be trusted to say it:
 
-- :class:`Assigned` (simulation): the Simulation Engine numbers its nodes itself, but the
-  server cannot see that numbering. So the server assigns: the p-th smallest node id serves
-  partition p, and every instruction names its partition (``partition-id`` in its config);
-  a simulated ClientApp serves the partition it is told (``clients/client_app.py``). One
-  ``get_node_ids`` call before round 1, whatever the number of clients.
+- :class:`Assigned` (simulation): a simulated node is a slot, not a client. Every
+  instruction names its partition (``partition-id`` in its config) and a simulated ClientApp
+  serves the partition it is told (``clients/client_app.py``), its state coming from the
+  per-partition store; so the simulation runs only as many nodes as a round contacts at
+  once (``Scenario.simulated_nodes``) and the server hands the instructions to them in
+  turn. One ``get_node_ids`` call before round 1, whatever the number of clients.
 - :class:`Registered` (a ``fedsparse deploy`` federation with node authentication): node id
   -> partition from the deployment's registry, which the server itself wrote when it
   registered each node's key. No node is asked; a node whose own node config names another
@@ -18,17 +19,19 @@ server learns the node of each partition depends on who may be trusted to say it
   round, so that nodes may join late, leave and come back; a partition whose node left is
   unavailable until a node serves it again.
 
-Every instruction carries its partition id (:meth:`Directory.stamp`), whichever the mode.
+Every instruction carries its partition id (:meth:`Directory.stamp`), whichever the mode. A
+reply counts for the client :meth:`Directory.sender` says, from what the server itself
+knows, never from the reply's word: the partition of its node in a deployment, the
+partition its instruction named in simulation.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from abc import ABC, abstractmethod
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, Metadata, RecordDict
 from flwr.serverapp import Grid
 
 from fedsparse.payload import MetricSpec, PayloadError, check_metrics
@@ -84,14 +87,27 @@ class Directory(ABC):
         stamped[CONFIG] = ConfigRecord({**config, PARTITION_ID: partition_id})
         return stamped
 
+    def _route(self, partition_id: int) -> int | None:
+        """The node an instruction for ``partition_id`` goes to (None: none serves it)."""
+        return self.node(partition_id)
+
     def message(self, partition_id: int, content: RecordDict,
                 message_type: str) -> Message | None:
         """An instruction for client ``partition_id`` (None: no node serves it now)."""
-        node_id = self.node(partition_id)
+        node_id = self._route(partition_id)
         if node_id is None:
             return None
         return Message(content=self.stamp(content, partition_id), dst_node_id=node_id,
                        message_type=message_type)
+
+    def sender(self, reply: Message) -> int | None:
+        """The client ``reply`` counts for (None: none): by default the partition its node
+        serves, a node being a client."""
+        return self.partition(reply.metadata.src_node_id)
+
+    def begin_round(self, grid: Grid) -> None:
+        """Before a round: follow the nodes that joined or left (:meth:`refresh`)."""
+        self.refresh(grid)
 
     def _wait(self, grid: Grid, count: int, what: str) -> list[int]:
         """The connected node ids, once at least ``count`` of those :meth:`_counted` are there
@@ -103,8 +119,8 @@ class Directory(ABC):
             if len(nodes) >= count:
                 return nodes
             if time.monotonic() > deadline:
-                raise DiscoveryError(f"only {len(nodes)} of data.num_clients={count} {what} "
-                                     f"connected within run.node_wait_s={wait_s}")
+                raise DiscoveryError(f"only {len(nodes)} of the {count} {what} connected "
+                                     f"within run.node_wait_s={wait_s}")
             time.sleep(0.2)
 
     def _counted(self, node_ids: list[int]) -> list[int]:
@@ -121,7 +137,11 @@ class Directory(ABC):
 
 
 class Assigned(Directory):
-    """Simulation: the server assigns partition p to the p-th smallest node id.
+    """Simulation: each instruction goes to the next of the simulation's nodes in turn.
+
+    The simulation runs as many nodes as a round contacts at once
+    (``Scenario.simulated_nodes``), so the instructions of one exchange go to distinct
+    nodes, and a node serves a different partition from one exchange to the next.
 
     ``actors``: how many ClientApp processes (Ray actors) the simulation runs at once. Before
     round 1 that many clients are asked to warm up (:func:`clients.client_app.warm_up`), one
@@ -132,21 +152,55 @@ class Assigned(Directory):
     def __init__(self, scenario: Scenario, actors: int) -> None:
         super().__init__(scenario)
         self.actors = actors
+        self._slots: list[int] = []
+        self._turn = 0
+        # this round's instructions: the metadata Flower gives its message id when it is
+        # pushed, and the partition it names; then message id -> (partition, node asked)
+        self._asked: list[tuple[Metadata, int]] = []
+        self._answers_to: dict[str, tuple[int, int]] = {}
+
+    def _route(self, partition_id: int) -> int | None:
+        node_id = self._slots[self._turn % len(self._slots)]
+        self._turn += 1
+        return node_id
+
+    def message(self, partition_id: int, content: RecordDict,
+                message_type: str) -> Message | None:
+        message = super().message(partition_id, content, message_type)
+        if message is not None:
+            self._asked.append((message.metadata, partition_id))
+        return message
+
+    def sender(self, reply: Message) -> int | None:
+        """The partition named by the instruction ``reply`` answers, as the server recorded
+        it when it made the instruction this round (a node serves many partitions); None for
+        a reply to none of them, or from another node than the one asked."""
+        unpushed = []
+        for metadata, partition_id in self._asked:
+            if metadata.message_id:  # set by Grid.push_messages
+                self._answers_to[metadata.message_id] = (partition_id, metadata.dst_node_id)
+            else:
+                unpushed.append((metadata, partition_id))
+        self._asked = unpushed
+        asked = self._answers_to.get(reply.metadata.reply_to_message_id)
+        if asked is None or asked[1] != reply.metadata.src_node_id:
+            return None
+        return asked[0]
+
+    def begin_round(self, grid: Grid) -> None:
+        self._asked.clear()
+        self._answers_to.clear()
+        super().begin_round(grid)
 
     def start(self, grid: Grid) -> None:
-        nodes = self._wait(grid, self.expected, "simulated nodes")
-        if len(nodes) != self.expected:
-            raise DiscoveryError(f"the simulation has {len(nodes)} nodes but the scenario has "
-                                 f"data.num_clients={self.expected}")
-        for partition_id, node_id in enumerate(nodes):
-            self._set(partition_id, node_id)
+        self._slots = self._wait(grid, self.scenario.simulated_nodes(), "simulated nodes")
         warm = [self.message(pid, RecordDict(), MessageType.QUERY)
                 for pid in range(min(self.actors, self.expected))]
         for reply in exchange(grid, [m for m in warm if m is not None],
                               self.scenario.run.node_wait_s):
             if reply.has_error():
-                log.warning("client %s did not warm up: %s",
-                            self.partition(reply.metadata.src_node_id), reply.error.reason)
+                log.warning("client %s did not warm up: %s", self.sender(reply),
+                            reply.error.reason)
 
 
 class Registered(Directory):
@@ -170,7 +224,7 @@ class Registered(Directory):
         return [n for n in node_ids if self.registered.get(n, self.expected) < self.expected]
 
     def start(self, grid: Grid) -> None:
-        self._wait(grid, self.expected, "registered nodes")
+        self._wait(grid, self.expected, "registered nodes (data.num_clients)")
 
 
 class Declared(Directory):
@@ -178,7 +232,7 @@ class Declared(Directory):
     serve (``partition-id``/``num-partitions`` of their node config)."""
 
     def start(self, grid: Grid) -> None:
-        nodes = self._wait(grid, self.expected, "nodes")
+        nodes = self._wait(grid, self.expected, "nodes (data.num_clients)")
         for node_id, partition_id in self._ask(grid, nodes):
             if self.node(partition_id) is not None:
                 raise DiscoveryError(f"two nodes serve {PARTITION_ID}={partition_id}")
@@ -248,5 +302,4 @@ def directory_for(scenario: Scenario, deployment: bool,
         return Registered(scenario, registered)
     if deployment:
         return Declared(scenario)
-    cpus = scenario.run.num_cpus or os.cpu_count() or 1
-    return Assigned(scenario, actors=max(1, cpus // scenario.run.client_cpus))
+    return Assigned(scenario, actors=scenario.run.actors())

@@ -81,6 +81,9 @@ class PFedGateParams(StrategyParams):
     def training_pool(self, num_clients: int) -> int:
         return num_clients - self.novel_clients
 
+    def clients_at_once(self, num_clients: int) -> int:
+        return max(super().clients_at_once(num_clients), self.novel_clients)
+
     def check_scenario(self, scenario: Any) -> None:
         if self.novel_clients >= scenario.data.num_clients:
             raise ValueError(f"strategy.novel_clients = {self.novel_clients} leaves no client "
@@ -117,10 +120,11 @@ class PFedGate(FedSparseStrategy):
         queries = [q for pid in missing
                    if (q := self.query(pid, ConfigRecord({QUERY: NUM_EXAMPLES}))) is not None]
         for reply in exchange(grid, queries, self.scenario.run.round_timeout_s):
-            pid = self.bound.partition(reply.metadata.src_node_id)
+            pid = self.bound.sender(reply)
             try:
                 if pid is None or reply.has_error():
-                    raise PayloadError(reply.error.reason if reply.has_error() else "unknown node")
+                    raise PayloadError(reply.error.reason if reply.has_error()
+                                       else "a reply to no query of this round")
                 self.data_sizes[pid] = check_count(
                     reply.content.metric_records[METRICS][NUM_EXAMPLES], NUM_EXAMPLES,
                     self.example_bound(pid, TRAIN))

@@ -117,10 +117,11 @@ class ControlledAveraging(FedSparseStrategy):
                    {QUERY: "control", COMMIT_ROUND: self.accepted_round.get(pid, 0)})))]
         c_i = {}
         for reply in exchange(grid, queries, self.scenario.run.round_timeout_s):
-            pid = self.bound.partition(reply.metadata.src_node_id)
+            pid = self.bound.sender(reply)
             try:
                 if pid is None:
-                    raise PayloadError(f"node {reply.metadata.src_node_id} is no client")
+                    raise PayloadError(f"node {reply.metadata.src_node_id} answered no query of "
+                                       "this audit")
                 if reply.has_error():
                     raise PayloadError(str(reply.error.reason))
                 c_i[pid] = expect_array(Received(reply.content)[CONTROL], "c_i",

@@ -90,7 +90,7 @@ class LocalGrid:
     def client_state(self, partition_id: int, commit_round: int
                      ) -> dict[str, dict[str, np.ndarray]]:
         """Client ``partition_id``'s state as of ``commit_round`` (what it starts from)."""
-        run_id = self.contexts[1000 + partition_id].run_config["fedsparse-run-id"]
+        run_id = next(iter(self.contexts.values())).run_config["fedsparse-run-id"]
         return StateStore(self.state_dir, str(run_id), partition_id).load(commit_round)[0]
 
 
@@ -117,10 +117,10 @@ def run_federation(scenario: Scenario, tamper: Tamper | None = None,
                    on_round: Callable[[int, Federation], None] | None = None,
                    state_dir: Path | None = None,
                    node_ids: list[int] | None = None) -> Federation:
-    """The real ServerApp round loop and strategy over a :class:`LocalGrid` (its nodes'
-    ids: ``node_ids``, by node config partition); ``on_round(round, federation)`` runs
+    """The real ServerApp round loop and strategy over a :class:`LocalGrid` of as many nodes
+    as the simulation runs (their ids: ``node_ids``); ``on_round(round, federation)`` runs
     after every round."""
-    grid = LocalGrid(scenario.data.num_clients, {"scenario": scenario.to_toml()}, tamper,
+    grid = LocalGrid(scenario.simulated_nodes(), {"scenario": scenario.to_toml()}, tamper,
                      state_dir, node_ids)
     strategy = build_strategy(scenario)
     strategy.bind(assigned(grid, scenario))
@@ -149,6 +149,7 @@ def serve(text: str, run_dir: Path, workdir: Path, *, resume: bool = False,
               "artifact-location": (workdir / "mlruns").as_uri(),
               "resume-from": str(run_dir) if resume else "", "fedsparse-run-id": run_id,
               "client-state-dir": str(run_dir / "client-state")}
-    grid = LocalGrid(scenario.data.num_clients, config, tamper, state_dir=run_dir / "client-state")
+    grid = LocalGrid(scenario.simulated_nodes(), config, tamper,
+                     state_dir=run_dir / "client-state")
     server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                   run_config=config))

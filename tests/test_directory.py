@@ -3,30 +3,100 @@
 
 from __future__ import annotations
 
+import tomllib
+
 import numpy as np
 import pytest
+import tomli_w
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from clients import client_app
-from fedsparse.scenario import parse_scenario
+from fedsparse.scenario import Scenario, parse_scenario
 from strategies.directory import Assigned, Declared
 from strategies.records import to_numpy
 from strategies.server_app import build_strategy, initial_arrays
-from tests.conftest import digits_scenario
+from tests.conftest import DATA, digits_scenario
 from tests.local_grid import LocalGrid, run_federation
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
 
+def sampled_tenth() -> Scenario:
+    """40 clients of which a round trains and evaluates 4."""
+    return parse_scenario(digits_scenario(
+        data={"num_clients": 40}, run={"num_cpus": 2, "node_wait_s": 5},
+        strategy={"fraction_train": 0.1, "fraction_evaluate": 0.1}))
+
+
+def test_a_simulation_runs_as_many_nodes_as_a_round_contacts_at_once():
+    def nodes(num_cpus: int = 2, **strategy) -> int:
+        return parse_scenario(digits_scenario(data={"num_clients": 40}, run={
+            "num_cpus": num_cpus}, strategy=strategy)).simulated_nodes()
+
+    assert nodes(fraction_train=0.1, fraction_evaluate=0.0) == 4
+    assert nodes(fraction_train=0.1, fraction_evaluate=0.25) == 10  # evaluation samples more
+    assert nodes(fraction_train=0.02, fraction_evaluate=0.0, min_train_clients=3) == 3
+    assert nodes(num_cpus=6, fraction_train=0.1, fraction_evaluate=0.0) == 6  # one per actor
+    assert nodes(fraction_train=1.0) == 40  # never more than the clients
+    tree = tomllib.loads((DATA / "pfedgate_digits.toml").read_text())
+    tree["strategy"] |= {"novel_clients": 4, "fraction_train": 0.2, "fraction_evaluate": 0.0}
+    tree.setdefault("run", {})["num_cpus"] = 1
+    # pFedGate's novel clients are all asked at once, after the last round
+    assert parse_scenario(tomli_w.dumps(tree)).simulated_nodes() == 4
+
+
 def test_simulation_start_up_asks_one_client_per_actor_whatever_the_clients():
-    scenario = parse_scenario(digits_scenario(data={"num_clients": 40}))
-    ids = [int(i) for i in np.random.default_rng(1).choice(2**40, 40, replace=False)]
-    grid = LocalGrid(40, {"scenario": scenario.to_toml()}, node_ids=ids)
+    scenario = sampled_tenth()
+    ids = [int(i) for i in np.random.default_rng(1).choice(2**40, 4, replace=False)]
+    grid = LocalGrid(4, {"scenario": scenario.to_toml()}, node_ids=ids)
     directory = Assigned(scenario, actors=2)
     directory.start(grid)
-    assert directory.nodes() == dict(enumerate(sorted(ids)))
     assert [m.metadata.message_type for m in grid.sent] == [MessageType.QUERY] * 2
     assert [m.content["config"]["partition-id"] for m in grid.sent] == [0, 1]
+    assert len({m.metadata.dst_node_id for m in grid.sent}) == 2
+
+
+def test_an_exchange_goes_to_distinct_simulated_nodes_that_serve_other_partitions_next():
+    scenario = sampled_tenth()
+    grid = LocalGrid(scenario.simulated_nodes(), {"scenario": scenario.to_toml()})
+    strategy = build_strategy(scenario)
+    strategy.bind(Assigned(scenario, actors=1))
+    strategy.bound.start(grid)
+    served: dict[int, set[int]] = {}
+    for server_round in (1, 2, 3):
+        strategy.begin_round(server_round, grid)
+        messages = list(strategy.configure_train(server_round, initial_arrays(scenario),
+                                                 ConfigRecord(), grid))
+        assert len({m.metadata.dst_node_id for m in messages}) == len(messages) == 4
+        for m in messages:
+            served.setdefault(m.metadata.dst_node_id, set()).add(LocalGrid.partition_of(m))
+        _, metrics = strategy.aggregate_train(
+            server_round, grid.pull_messages(grid.push_messages(messages)))
+        assert metrics["clients_ok"] == 4
+        assert sorted(r.partition_id for r in strategy.client_records) == \
+            strategy.sample(server_round, "train")
+    assert any(len(partitions) > 1 for partitions in served.values())
+
+
+def test_a_simulated_reply_counts_for_its_instruction_this_round_from_the_node_asked():
+    scenario = parse_scenario(digits_scenario(run={"num_cpus": 2}))
+    grid = LocalGrid(scenario.simulated_nodes(), {"scenario": scenario.to_toml()})
+    directory = Assigned(scenario, actors=1)
+    directory.start(grid)
+    directory.begin_round(grid)
+    asked = directory.message(4, RecordDict(), MessageType.QUERY)
+    (reply,) = grid.pull_messages(grid.push_messages([asked]))
+    assert directory.sender(reply) == 4
+    other = next(n for n in grid.get_node_ids() if n != asked.metadata.dst_node_id)
+    forged = Message(RecordDict(), reply_to=asked)
+    forged.metadata.__dict__["_src_node_id"] = other
+    assert directory.sender(forged) is None  # from another node than the one asked
+    unasked = Message(RecordDict(), dst_node_id=asked.metadata.dst_node_id,
+                      message_type=MessageType.QUERY)
+    grid.push_messages([unasked])
+    assert directory.sender(Message(RecordDict(), reply_to=unasked)) is None
+    directory.begin_round(grid)
+    assert directory.sender(reply) is None  # a reply to the round before
 
 
 def test_a_simulation_is_the_same_whatever_the_node_ids_and_their_numbering():

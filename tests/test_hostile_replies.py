@@ -410,8 +410,7 @@ def test_evaluate_replies_are_checked_against_what_the_server_knows(metric, valu
 def test_num_examples_is_bounded_by_the_partition_in_simulation():
     a = arena("fedavg")
     strategy = a.fresh()
-    bound = strategy.example_bound(strategy.bound.partition(a.instruction.metadata.dst_node_id),
-                                   "train")
+    bound = strategy.example_bound(LocalGrid.partition_of(a.instruction), "train")
     content = RecordDict({"arrays": a.reply.array_records["arrays"],
                           "metrics": MetricRecord({**a.reply.metric_records["metrics"],
                                                    "num-examples": bound + 1})})
@@ -466,7 +465,7 @@ def stale_reason(server_round: int) -> str:
 def test_every_injected_corruption_is_rejected(name, kind, caplog):
     a = arena(name)
     strategy = a.fresh()
-    pid = strategy.bound.partition(a.instruction.metadata.dst_node_id)
+    pid = LocalGrid.partition_of(a.instruction)
     at = Situation(a.server_round, strategy.example_bound(pid, "train"),
                    np.random.default_rng(0))
     caplog.clear()
