@@ -1,16 +1,20 @@
 """Scale: start-up, round time and memory of Ray simulations from 1,000 to 100,000 clients.
 
 Each arm is one ``fedsparse run`` (the real CLI, Ray simulation, 100 clients sampled per
-round, no federated evaluation, centralised evaluation at the last round only), measured
-from outside while it runs:
+round, no federated evaluation, centralised evaluation after every round so that all rounds
+do the same work), in a folder of its own (a cold start: no kept split, a new MLflow
+store), measured from outside while it runs:
 
 - ``first round s``: from the command's start to the start of round 1 (the time the round's
-  line appeared minus the round's own ``round_s``): SuperLink, ``flwr run``, Ray, Flower's
-  own node set-up, the ServerApp's set-up and the one-per-actor warm-up;
+  line appeared minus the round's own ``round_s``): the CLI's check of the split (an image
+  dataset's partitioner is asked for every client: O(clients), once per split, which later
+  runs in the folder read back), SuperLink, ``flwr run``, Ray, Flower's own node set-up,
+  the ServerApp's set-up and the one-per-actor warm-up;
 - ``round s``: the mean ``round_s`` of rounds 2 to 10 (the ServerApp's own clock);
 - ``peak PSS MiB``: the largest proportional set size of the whole process tree (shared
   pages counted once, split among the processes sharing them), sampled every 0.5 s;
-- ``PSS r1`` / ``PSS r10``: the tree's PSS when round 1 and round 10 finished;
+- ``PSS r1`` / ``PSS r10``: the tree's PSS when round 1 and round 10 finished (``--json``
+  has it after every round);
 - ``state MiB``: the run folder's client state store at the end (stateful arms).
 
     python benchmarks/scale.py [--arms synthetic-1k,synthetic-10k,...] [--rounds 10]
@@ -49,7 +53,7 @@ class Arm:
     unset: tuple[str, ...] = ()
 
 
-MNIST = ("data.partition='iid'", "strategy.fraction_evaluate=0.0")
+MNIST = ("data.partition='iid'",)
 ARMS = {a.name: a for a in [
     Arm("synthetic-1k", "synthetic.toml", 1_000),
     Arm("synthetic-10k", "synthetic.toml", 10_000),
@@ -89,7 +93,8 @@ def run_arm(arm: Arm, rounds: int, workdir: Path) -> dict[str, object]:
                "--run-dir", str(run_dir), "--summary", str(run_dir.with_suffix(".json")),
                "--set", f"data.num_clients={arm.clients}",
                "--set", f"strategy.fraction_train={PER_ROUND / arm.clients!r}",
-               "--set", f"run.rounds={rounds}", "--set", f"run.eval_every={rounds}",
+               "--set", f"run.rounds={rounds}", "--set", "run.eval_every=1",
+               "--set", "strategy.fraction_evaluate=0.0",
                "--set", "tracking.log_model=false"]
     for override in arm.overrides:
         command += ["--set", override]
@@ -137,6 +142,8 @@ def run_arm(arm: Arm, rounds: int, workdir: Path) -> dict[str, object]:
         "peak_pss_mib": measured.peak_pss / mib,
         "pss_r1_mib": measured.at_round[1] / mib,
         "pss_last_mib": measured.at_round[rounds] / mib,
+        "pss_by_round_mib": [round(measured.at_round[r] / mib, 1)
+                             for r in sorted(measured.at_round)],
         "state_mib": state_bytes / mib,
         "accuracy": float(rows[-1].get("accuracy", float("nan"))),
     }
@@ -156,7 +163,9 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="fedsparse-scale-") as tmp:
         for name in names:
-            result = run_arm(ARMS[name], args.rounds, Path(tmp))
+            workdir = Path(tmp) / name  # a folder of its own: every arm starts cold
+            workdir.mkdir()
+            result = run_arm(ARMS[name], args.rounds, workdir)
             results.append(result)
             print(json.dumps(result), flush=True)
     header = ("| arm | clients | first round s | round s | peak PSS MiB | PSS r1 MiB | "

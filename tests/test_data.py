@@ -175,7 +175,7 @@ def test_a_split_that_needs_resampling_is_the_same_whichever_client_comes_first(
     assert min(len(p) for p in parts) >= 50
     for order in (range(10), reversed(range(10))):  # a fresh process serving these clients
         partition._cached_partitioner.cache_clear()
-        client_indices.cache_clear()
+        partition._partitioned_indices.cache_clear()
         for pid in order:
             idx = client_indices(spec, 23, pid)
             assert np.array_equal(np.sort(np.concatenate([idx.train, idx.test])), parts[pid])

@@ -23,7 +23,7 @@ SEED = 3
 
 def made_here(spec: DataSpec, seed: int) -> list[tuple[list[int], list[int]]]:
     """Every client's split made in this process, with no store."""
-    partition.client_indices.cache_clear()
+    partition._partitioned_indices.cache_clear()
     partition._stored_splits.cache_clear()
     return [(c.train.tolist(), c.test.tolist()) for c in
             (client_indices(spec, seed, pid) for pid in range(spec.num_clients))]

@@ -169,12 +169,13 @@ def _cached_partitioner(spec: DataSpec, seed: int):
     return _assigned_partitioner(data.y_train, spec, seed, getattr(data, "groups", None))
 
 
-@lru_cache(maxsize=1024)
 def client_indices(spec: DataSpec, seed: int, partition_id: int) -> ClientIndices:
-    """The local train/test indices of client ``partition_id`` (cached per process).
+    """The local train/test indices of client ``partition_id``.
 
     Only this client's partition is materialised, so a Ray actor or a SuperNode pays
-    for the clients it serves, not for all of them; on ``synthetic`` only its size is drawn.
+    for the clients it serves, not for all of them: on ``synthetic`` only its size is drawn
+    (each time: it costs less than a cache entry would hold), else its partition is read
+    from the kept split or the process's partitioner (cached per process, 1,024 clients).
     """
     if not 0 <= partition_id < spec.num_clients:
         raise ValueError(
@@ -183,6 +184,11 @@ def client_indices(spec: DataSpec, seed: int, partition_id: int) -> ClientIndice
     if spec.synthetic is not None:
         n = synthetic.client_size(spec.synthetic, seed, partition_id)
         return synthetic_split(n, spec.test_fraction)
+    return _partitioned_indices(spec, seed, partition_id)
+
+
+@lru_cache(maxsize=1024)
+def _partitioned_indices(spec: DataSpec, seed: int, partition_id: int) -> ClientIndices:
     stored = _stored_splits(spec, seed)
     if stored is not None:
         return stored[partition_id]
