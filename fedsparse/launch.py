@@ -505,6 +505,9 @@ def _superlink(launch: Launch, env: dict[str, str]) -> Iterator[str]:
         with simulation_superlink(env, launch.log_path, launch.workdir,
                                   launch.pass_fds) as link:
             yield link.address
+            # Done, as above: Flower's and Ray's own exit on SIGTERM took 3.1 s of the
+            # quickstart; what is left after the grace is killed.
+            stop_tree(link.handover.supervisor, timeout=FINISHED_GRACE_S)
 
 
 def _stream(command: list[str], env: dict[str, str], launch: Launch,
