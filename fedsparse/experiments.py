@@ -20,6 +20,7 @@ from typing import Any
 
 from fedsparse.checkpoint import Checkpoint
 from fedsparse.launch import (
+    FINISHED_GRACE_S,
     Launch,
     SimulationLink,
     check_client_gpus,
@@ -232,6 +233,27 @@ def _preflight(tracking_uri: str, run_dir: Path) -> None:
               f"fedsparse sync {run_dir}", file=sys.stderr)
 
 
+def _link_key(scenario: Scenario) -> tuple[str, int]:
+    """Which runs of a comparison share a SuperLink: those on the same Ray cluster, or on a
+    Ray of this host with the same CPUs (0 for a cluster's)."""
+    cluster = scenario.run.ray_cluster(os.environ)
+    return cluster, 0 if cluster else scenario.run.cpus()
+
+
+def _simulation_links(scenarios: Sequence[Scenario], out: Path,
+                      stack: ExitStack) -> dict[tuple[str, int], SimulationLink]:
+    """One simulation SuperLink per :func:`_link_key` of ``scenarios`` (with a Ray of this
+    host unless they join a cluster), logs in ``out``, stopped when ``stack`` closes."""
+    links: dict[tuple[str, int], SimulationLink] = {}
+    for key in dict.fromkeys(_link_key(s) for s in scenarios):
+        cluster, cpus = key
+        ray = None if cluster else stack.enter_context(local_ray(Path.cwd(), cpus,
+                                                                 out / "ray.log"))
+        links[key] = stack.enter_context(shared_simulation_link(
+            Path.cwd(), cluster, out / "superlink.log", ray))
+    return links
+
+
 @dataclass
 class Comparison:
     experiment: str
@@ -277,48 +299,41 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
     if reference and reference not in labels:
         raise ScenarioError("--reference", [f"{reference!r} is none of the runs; allowed: "
                                             f"{', '.join(labels)}"])
-    # the CLI's own view of the store (the ServerApps get tracking_uri, see run_scenario)
-    settings = tracking_settings(Path.cwd())
-    reason = unreachable(settings["tracking-uri"])
-    if reason:
-        from fedsparse.launch import LaunchError
-
-        raise LaunchError(f"compare needs its MLflow experiment, and MLflow at "
-                          f"{settings['tracking-uri']} is unreachable ({reason})")
-    exp_id = experiment_id(settings["tracking-uri"], experiment, settings["artifact-location"])
-    parent = MlflowRun.create(settings["tracking-uri"], exp_id, "comparison",
-                              {"fedsparse.compare": ",".join(labels)})
-    summaries: dict[str, dict[str, Any]] = {}
-    histories: dict[str, list[Row]] = {}
     out = out or Path("reports") / experiment
-    try:
-        with ExitStack() as links_open:
-            # (Ray cluster, CPUs of a Ray of this host) -> the SuperLink its runs share
-            links: dict[tuple[str, int], SimulationLink] = {}
+    with ExitStack() as links_open:
+        # Started first: their start-up overlaps MLflow's (the experiment, the parent run).
+        links = {} if superlink else _simulation_links(scenarios, out, links_open)
+        # the CLI's own view of the store (the ServerApps get tracking_uri, see run_scenario)
+        settings = tracking_settings(Path.cwd())
+        reason = unreachable(settings["tracking-uri"])
+        if reason:
+            from fedsparse.launch import LaunchError
+
+            raise LaunchError(f"compare needs its MLflow experiment, and MLflow at "
+                              f"{settings['tracking-uri']} is unreachable ({reason})")
+        exp_id = experiment_id(settings["tracking-uri"], experiment,
+                               settings["artifact-location"])
+        parent = MlflowRun.create(settings["tracking-uri"], exp_id, "comparison",
+                                  {"fedsparse.compare": ",".join(labels)})
+        summaries: dict[str, dict[str, Any]] = {}
+        histories: dict[str, list[Row]] = {}
+        try:
             for label, scenario in zip(labels, scenarios, strict=True):
                 run_dir = new_run_dir(scenario)
-                link = None
-                if not superlink:
-                    cluster = scenario.run.ray_cluster(os.environ)
-                    cpus = 0 if cluster else scenario.run.num_cpus or os.cpu_count() or 1
-                    if (cluster, cpus) not in links:
-                        ray = None if cluster else links_open.enter_context(
-                            local_ray(Path.cwd(), cpus, out / "ray.log"))
-                        links[cluster, cpus] = links_open.enter_context(shared_simulation_link(
-                            Path.cwd(), cluster, out / "superlink.log", ray))
-                    link = links[cluster, cpus]
                 summaries[label] = run_scenario(
                     scenario, run_dir=run_dir, quiet=quiet, superlink=superlink,
                     root_certificates=root_certificates, tracking_uri=tracking_uri,
                     extra={"parent-run-id": parent.run_id, "run-name": label},
-                    simulation_link=link)
+                    simulation_link=links.get(_link_key(scenario)))
                 histories[label] = read_csv(run_dir / "metrics.csv")
-        files_written = write_report(summaries, histories, out, f"Comparison: {experiment}",
-                                     target=target, reference=reference)
-        for path in files_written:
-            parent.log_artifact(path, "plots" if path.suffix == ".png" else None)
-    except BaseException as err:
-        parent.finish(end_status(err))
-        raise
+            for link in links.values():  # every run is written and tracked
+                link.stop(timeout=FINISHED_GRACE_S)
+            files_written = write_report(summaries, histories, out, f"Comparison: {experiment}",
+                                         target=target, reference=reference)
+            for path in files_written:
+                parent.log_artifact(path, "plots" if path.suffix == ".png" else None)
+        except BaseException as err:
+            parent.finish(end_status(err))
+            raise
     parent.finish()
     return Comparison(experiment, parent.run_id, summaries, histories, out / "report.md")

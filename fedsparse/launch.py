@@ -21,6 +21,7 @@ import os
 import secrets
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -116,13 +117,13 @@ def start_supervised(command: list[str], *, pass_fds: tuple[int, ...] = (),
                             pass_fds=inherited, start_new_session=True, **popen)
 
 
-def stop_tree(proc: psutil.Process | subprocess.Popen, timeout: float = 10.0) -> None:
-    """Terminate a process and all its descendants; kill what is left after ``timeout``."""
-    try:
-        root = psutil.Process(proc.pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
+def stop_tree(*procs: psutil.Process | subprocess.Popen, timeout: float = 10.0) -> None:
+    """Terminate processes and all their descendants; kill what is left after ``timeout``."""
+    tree: list[psutil.Process] = []
+    for proc in procs:
+        with suppress(psutil.NoSuchProcess):
+            root = psutil.Process(proc.pid)
+            tree += [root, *root.children(recursive=True)]
     for p in tree:
         with suppress(psutil.NoSuchProcess):
             p.terminate()
@@ -131,8 +132,9 @@ def stop_tree(proc: psutil.Process | subprocess.Popen, timeout: float = 10.0) ->
         with suppress(psutil.NoSuchProcess):
             p.kill()
     psutil.wait_procs(alive, timeout=timeout)
-    if isinstance(proc, subprocess.Popen):
-        proc.wait()
+    for proc in procs:
+        if isinstance(proc, subprocess.Popen):
+            proc.wait()
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path) -> None:
@@ -203,37 +205,54 @@ def supervised_with_handover(command: list[str], log_path: Path, *, env: dict[st
 @dataclass
 class LocalRay:
     """A single-node Ray cluster on 127.0.0.1 that the simulations of several runs join one
-    after the other (``fedsparse compare``), instead of each starting a Ray of its own."""
+    after the other (``fedsparse compare``), instead of each starting a Ray of its own.
+
+    Nothing waits for it to start: a simulation's ``ray.init`` waits for its GCS, so Ray's
+    3-4 s of start-up overlap the SuperLink's and the first run's own.
+    :meth:`wait_started` says why it failed, if it did (``ray.init`` would wait minutes)."""
 
     address: str
     handover: Handover
 
+    def wait_started(self, timeout: float = RAY_START_TIMEOUT_S,
+                     stop: threading.Event | None = None) -> str:
+        """Wait until ``ray start`` says it has started; "" then (or once ``stop`` is set),
+        else why it did not."""
+        deadline = time.monotonic() + timeout
+        while "Ray runtime started" not in self.handover.log_path.read_text(errors="replace"):
+            if stop is not None and stop.is_set():
+                return ""
+            if self.handover.supervisor.poll() is not None:
+                return f"ray start exited with code {self.handover.supervisor.returncode}"
+            if time.monotonic() > deadline:
+                return f"ray start did not start a Ray within {timeout:.0f} s"
+            time.sleep(HEALTH_POLL_S)
+        return ""
+
     def end_run(self, timeout: float = 10.0) -> None:
         """Once a run's driver (its ``flwr-simulation``) is gone, wait for Ray to end that
-        run's client actors; kill those left after ``timeout``."""
+        run's client actors; kill those left after ``timeout`` (a finished run's: Ray took
+        1 s to end them)."""
         actors = _wait_gone([p for p in self.handover.tree() if ACTOR_TITLE in _cmdline(p)],
                             timeout)
         for proc in actors:
             with suppress(psutil.NoSuchProcess):
                 proc.kill()
-        _wait_gone(actors, timeout)
+        _wait_gone(actors, timeout=10.0)
 
 
 @contextmanager
-def local_ray(workdir: Path, num_cpus: int, log_path: Path) -> Iterator[LocalRay]:
+def local_ray(workdir: Path, num_cpus: int, log_path: Path,
+              pass_fds: tuple[int, ...] = ()) -> Iterator[LocalRay]:
     """``ray start --head`` on 127.0.0.1 with ``num_cpus`` CPUs, under a supervisor, its
-    temp files where a run's own Ray keeps them; stopped with its tree on exit."""
+    temp files where a run's own Ray keeps them; stopped with its tree on exit. It is
+    started, not waited for (:class:`LocalRay`)."""
     port = free_port()
     command = ["ray", "start", "--head", "--block", "--port", str(port),
                "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
                "--include-dashboard", "false", "--disable-usage-stats"]
     with supervised_with_handover(command, log_path, env=process_env(workdir),
-                                  cwd=workdir) as handover:
-        deadline = time.monotonic() + RAY_START_TIMEOUT_S
-        while "Ray runtime started" not in log_path.read_text(errors="replace"):
-            if handover.supervisor.poll() is not None or time.monotonic() > deadline:
-                raise LaunchError(f"ray start did not start a Ray; see {log_path}")
-            time.sleep(HEALTH_POLL_S)
+                                  cwd=workdir, pass_fds=pass_fds) as handover:
         yield LocalRay(f"127.0.0.1:{port}", handover)
 
 
@@ -265,6 +284,13 @@ class SimulationLink:
         if self.ray is not None:
             self.ray.handover.hold(fds)
 
+    def stop(self, timeout: float) -> None:
+        """Stop the SuperLink and the Ray with their trees, killing what is left after
+        ``timeout`` seconds (once its runs are written and tracked, Ray's own exit on SIGTERM
+        only costs time: 5 s at the end of a comparison)."""
+        rays = [] if self.ray is None else [self.ray.handover.supervisor]
+        stop_tree(self.handover.supervisor, *rays, timeout=timeout)
+
     def end_run(self, grace: float = 10.0) -> None:
         """Stop every process below the SuperLink but the SuperLink and its SuperExec (and
         the run's actors on the shared Ray), killing those left after ``grace`` seconds, then
@@ -286,7 +312,7 @@ class SimulationLink:
                 proc.kill()
         _wait_gone(alive, timeout=10.0)
         if self.ray is not None:
-            self.ray.end_run()
+            self.ray.end_run(timeout=grace)
             self.ray.handover.drop()
         self.handover.drop()
 
@@ -393,7 +419,7 @@ def _federation_config(scenario: Scenario, ray_cluster: str) -> str:
                               "init-args-logging-level": "ERROR",
                               "init-args-log-to-driver": False}
     if not ray_cluster:
-        config["init-args-num-cpus"] = run.num_cpus or os.cpu_count() or 1
+        config["init-args-num-cpus"] = run.cpus()
     return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
 
 
@@ -466,7 +492,7 @@ def run_flower(launch: Launch, on_event: EventHandler) -> dict[str, Any]:
                 "scenario": launch.scenario.to_toml(), "out-dir": _out_dir(launch),
                 "federation": "deployment" if launch.superlink else "simulation"}
     run_config.write_text(tomli_w.dumps(settings))
-    with _superlink(launch, env) as address:
+    with _superlink(launch, env) as (address, ray):
         flower_config(Path(env["FLWR_HOME"]), address, launch.insecure or not launch.superlink,
                        launch.root_certificates)
         command = ["flwr", "run", str(app_dir), CONNECTION, "--stream",
@@ -474,7 +500,7 @@ def run_flower(launch: Launch, on_event: EventHandler) -> dict[str, Any]:
         if not launch.superlink:
             command += ["--federation-config",
                         _federation_config(launch.scenario, launch.ray_cluster)]
-        return _stream(command, env, launch, on_event)
+        return _stream(command, env, launch, on_event, ray)
 
 
 def _out_dir(launch: Launch) -> str:
@@ -487,14 +513,16 @@ def _out_dir(launch: Launch) -> str:
 
 
 @contextmanager
-def _superlink(launch: Launch, env: dict[str, str]) -> Iterator[str]:
+def _superlink(launch: Launch, env: dict[str, str]) -> Iterator[tuple[str, LocalRay | None]]:
+    """The SuperLink the run is submitted to, and the Ray of this host it shares with other
+    runs (None: its own Ray, a user's cluster or a deployment)."""
     if launch.superlink:
-        yield launch.superlink
+        yield launch.superlink, None
     elif launch.simulation_link is not None:
         link = launch.simulation_link
         link.hold(launch.pass_fds)
         try:
-            yield link.address
+            yield link.address, link.ray
         except BaseException:
             link.end_run()
             raise
@@ -504,21 +532,23 @@ def _superlink(launch: Launch, env: dict[str, str]) -> Iterator[str]:
     else:
         with simulation_superlink(env, launch.log_path, launch.workdir,
                                   launch.pass_fds) as link:
-            yield link.address
+            yield link.address, None
             # Done, as above: Flower's and Ray's own exit on SIGTERM took 3.1 s of the
             # quickstart; what is left after the grace is killed.
             stop_tree(link.handover.supervisor, timeout=FINISHED_GRACE_S)
 
 
 def _stream(command: list[str], env: dict[str, str], launch: Launch,
-            on_event: EventHandler) -> dict[str, Any]:
-    """Run ``flwr run --stream``: events to ``on_event``, every other line to the log file."""
+            on_event: EventHandler, ray: LocalRay | None) -> dict[str, Any]:
+    """Run ``flwr run --stream``: events to ``on_event``, every other line to the log file.
+    A ``ray`` of this host that fails to start stops the run, saying so."""
     outcome: dict[str, Any] = {}
     with open(launch.log_path, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
         proc = start_supervised(command, pass_fds=launch.pass_fds, env=env, cwd=launch.workdir,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        watch = _RayWatch(ray, proc)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -532,13 +562,42 @@ def _stream(command: list[str], env: dict[str, str], launch: Launch,
                     outcome = event
                     break
         finally:
+            watch.close()
             stop_tree(proc)
     if outcome.get("event") == "done":
         return outcome["summary"]
+    if watch.failure:
+        raise LaunchError(f"the Ray of this run did not start ({watch.failure}); see "
+                          f"{watch.log_path}")
     if outcome.get("event") == "error":
         raise LaunchError(f"the federation failed: {outcome['message']} (log: {_logs(launch)})")
     raise LaunchError(f"the federation ended without a result (flwr run exit code "
                       f"{proc.returncode}){_last_error(launch.log_path)}; see {_logs(launch)}")
+
+
+class _RayWatch:
+    """Stops ``proc`` (``flwr run``) if ``ray`` fails to start: the simulation's
+    ``ray.init`` would wait minutes for a GCS that never comes."""
+
+    def __init__(self, ray: LocalRay | None, proc: subprocess.Popen) -> None:
+        self.failure = ""
+        self.log_path = None if ray is None else ray.handover.log_path
+        self._stop = threading.Event()
+        self._thread = None if ray is None else threading.Thread(
+            target=self._watch, args=(ray, proc), daemon=True, name="ray-watch")
+        if self._thread is not None:
+            self._thread.start()
+
+    def _watch(self, ray: LocalRay, proc: subprocess.Popen) -> None:
+        self.failure = ray.wait_started(stop=self._stop)
+        if self.failure:
+            with suppress(psutil.NoSuchProcess):
+                psutil.Process(proc.pid).terminate()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def _logs(launch: Launch) -> str:

@@ -10,8 +10,10 @@ scenario is validated.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -142,7 +144,11 @@ STRATEGIES: Registry[Any] = Registry("strategy", "name")
 CLIENT_PROGRAMS: Registry[Any] = Registry("client program", "program")
 
 
+@cache
 def load_plugins() -> None:
-    """Import the packages whose modules register models, strategies and client programs."""
-    for package in PLUGIN_PACKAGES:
-        importlib.import_module(package)
+    """Import every module of the packages whose modules register models, strategies and
+    client programs."""
+    for name in PLUGIN_PACKAGES:
+        package = importlib.import_module(name)
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{name}.{module.name}")

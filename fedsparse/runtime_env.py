@@ -40,6 +40,12 @@ LOCAL_RAY: dict[str, str] = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # none (0 turns the reporting off: src/ray/common/ray_config_def.h); a user's setting wins.
 UNTRACED_RAY: dict[str, str] = {"RAY_task_events_report_interval_ms": "0"}
 
+# When its first driver connects, Ray starts as many idle workers as it has CPUs
+# (prestart_worker_first_driver), but Flower's actors carry a runtime_env (its PYTHONPATH),
+# so Ray starts workers of their own for them and the idle ones only took CPU (0.5 s each)
+# from the actors starting beside them. A user's setting wins.
+NO_IDLE_WORKERS: dict[str, str] = {"RAY_prestart_worker_first_driver": "0"}
+
 QUIET: dict[str, str] = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
@@ -112,7 +118,7 @@ def process_env(workdir: Path, ray_cluster: str = "") -> dict[str, str]:
         env["RAY_ADDRESS"] = ray_cluster
     else:
         env.update(LOCAL_RAY)
-        env = {**UNTRACED_RAY, **env}
+        env = {**UNTRACED_RAY, **NO_IDLE_WORKERS, **env}
         env["RAY_TMPDIR"] = str(ray_tmpdir(workdir))
     # Flower's executables (flower-superlink, flwr, flwr-simulation, ...) live beside this
     # interpreter; a virtualenv that is not activated is not on PATH, and the SuperLink in turn

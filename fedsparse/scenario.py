@@ -251,10 +251,14 @@ class RunSpec(Section):
                                                               source=RAY_ADDRESS_ENV)])
         return address
 
+    def cpus(self) -> int:
+        """The CPUs of a Ray of the run's own: ``num_cpus``, else this host's."""
+        return self.num_cpus or os.cpu_count() or 1
+
     def actors(self) -> int:
         """How many clients a Ray of the run's own trains at once (its CPUs over
         ``client_cpus``; on a cluster, this host's CPUs stand for the cluster's)."""
-        return max(1, (self.num_cpus or os.cpu_count() or 1) // self.client_cpus)
+        return max(1, self.cpus() // self.client_cpus)
 
     @field_validator("client_gpus")
     @classmethod

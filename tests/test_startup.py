@@ -13,6 +13,7 @@ from fedsparse.runtime_env import process_env
 
 POLL = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # flwr/supercore/superexec/run_superexec.py
 TASK_EVENTS = "RAY_task_events_report_interval_ms"  # ray/common/ray_config_def.h
+PRESTART = "RAY_prestart_worker_first_driver"  # ray/common/ray_config_def.h
 
 
 def imported_after(statement: str, modules: list[str]) -> list[str]:
@@ -37,10 +38,38 @@ def test_the_superexec_asks_for_a_run_five_times_a_second_unless_told_otherwise(
     assert process_env(tmp_path)[POLL] == "2"
 
 
-def test_a_ray_of_the_runs_own_keeps_no_task_records_a_cluster_is_left_alone(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv(TASK_EVENTS, raising=False)
-    assert process_env(tmp_path)[TASK_EVENTS] == "0"
-    assert TASK_EVENTS not in process_env(tmp_path, "head:6379")
-    monkeypatch.setenv(TASK_EVENTS, "1000")
-    assert process_env(tmp_path)[TASK_EVENTS] == "1000"
+@pytest.mark.parametrize("key", [TASK_EVENTS, PRESTART])
+def test_a_ray_of_the_runs_own_keeps_no_task_records_and_no_idle_workers_a_cluster_is_left_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str):
+    monkeypatch.delenv(key, raising=False)
+    assert process_env(tmp_path)[key] == "0"
+    assert key not in process_env(tmp_path, "head:6379")
+    monkeypatch.setenv(key, "1000")
+    assert process_env(tmp_path)[key] == "1000"
+
+
+def test_flwr_run_validates_the_app_without_importing_torch(tmp_path: Path):
+    """``flwr run`` checks the app's components with ``find_spec``, which imports their
+    packages: those import nothing (1.7 s of every start while ``strategies`` imported its
+    modules, torch among them)."""
+    from fedsparse.launch import write_app
+
+    app = write_app(tmp_path / "app")
+    statement = ("from flwr.cli.config_utils import load_and_validate\n"
+                 f"config, _ = load_and_validate(__import__('pathlib').Path({str(app)!r}) / "
+                 "'pyproject.toml')\nassert config is not None")
+    assert imported_after(statement, ["torch", "strategies.server_app",
+                                      "clients.client_app"]) == []
+
+
+def test_every_plugin_module_registers_once_the_plugins_are_loaded():
+    """Adding a strategy or a client program is adding one file: ``load_plugins`` imports
+    every module of their packages (which themselves import nothing)."""
+    packages = ["strategies", "clients.programs", "fedsparse.models"]
+    probe = ("import importlib, pkgutil\n"
+             "from fedsparse.registry import load_plugins\nload_plugins()\n"
+             f"missing = [f'{{p}}.{{m.name}}' for p in {packages!r} for m in "
+             "pkgutil.iter_modules(importlib.import_module(p).__path__)\n"
+             "           if f'{p}.{m.name}' not in sys.modules]\nprint(*missing)")
+    assert imported_after(probe, []) == []
+    assert imported_after("import strategies, clients.programs", ["torch"]) == []
