@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +28,10 @@ import torch
 
 from fedsparse.cli import run_scenario
 from fedsparse.data import client_data, dataset_shape, held_out_set
+from fedsparse.data.partition import check_partition
 from fedsparse.models import build_model
 from fedsparse.protocol import derive_seed
+from fedsparse.runtime_env import splits_dir
 from fedsparse.scenario import Scenario, parse_scenario
 from fedsparse.tracking.history import read_csv
 from fedsparse.training import evaluate, num_steps, train_sgd
@@ -115,9 +118,10 @@ def main() -> None:
     scenario = parse_scenario(SCENARIO.format(rounds=args.rounds, clients=args.clients,
                                               fraction=args.fraction, epochs=args.local_epochs))
     workdir = Path(tempfile.mkdtemp(prefix="fedsparse-bench-"))
-    import os
-
     os.chdir(workdir)
+    # as `fedsparse run` does: the split checked and kept for the actors, which read their
+    # client's indices from it instead of partitioning the dataset themselves
+    check_partition(scenario.data, scenario.seed, "overhead", splits_dir(workdir))
     summary = run_scenario(scenario, run_dir=workdir / "run", quiet=True)
     rows = read_csv(workdir / "run/metrics.csv")
     flower_total = summary["total_wall_s"]

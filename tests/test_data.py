@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from fedsparse.cli import main
 from fedsparse.data import (
@@ -31,6 +32,14 @@ def test_mnist_is_the_original_60k_10k():
     assert np.bincount(data.y_test).tolist() == MNIST_TEST_COUNTS
     x = data.features(data.x_train[:1000])
     assert x.shape == (1000, 1, 28, 28) and abs(float(x.mean())) < 0.1
+
+
+def test_features_are_the_normalised_pixels_and_leave_the_dataset_as_it_was():
+    data = load_dataset("mnist")
+    raw = data.x_train[:300].copy()
+    expected = (torch.from_numpy(raw).to(torch.float32) / data.scale - data.mean) / data.std
+    assert torch.equal(data.features(data.x_train[:300]), expected.unsqueeze(1))
+    assert np.array_equal(data.x_train[:300], raw)
 
 
 @pytest.mark.skipif(not available("fashion_mnist"), reason="dataset-fashion-mnist not installed")
