@@ -34,12 +34,14 @@ def test_mnist_is_the_original_60k_10k():
     assert x.shape == (1000, 1, 28, 28) and abs(float(x.mean())) < 0.1
 
 
-def test_features_are_the_normalised_pixels_and_leave_the_dataset_as_it_was():
-    data = load_dataset("mnist")
+@pytest.mark.parametrize("name", ["mnist", "digits"])  # uint8 and float32 pixels
+def test_features_are_the_normalised_pixels_and_leave_the_dataset_as_it_was(name):
+    data = load_dataset(name)
     raw = data.x_train[:300].copy()
     expected = (torch.from_numpy(raw).to(torch.float32) / data.scale - data.mean) / data.std
     assert torch.equal(data.features(data.x_train[:300]), expected.unsqueeze(1))
     assert np.array_equal(data.x_train[:300], raw)
+    assert torch.equal(data.features(data.x_train[:300]), expected.unsqueeze(1))  # again
 
 
 @pytest.mark.skipif(not available("fashion_mnist"), reason="dataset-fashion-mnist not installed")

@@ -49,9 +49,10 @@ class ImageDataset:
         return (1, *self.x_train.shape[1:])
 
     def features(self, x: np.ndarray) -> torch.Tensor:
-        # in place on the float copy: the same arithmetic as (x / scale - mean) / std,
-        # without two more tensors of the client's size on every call
-        scaled = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32)
+        # in place on a copy (a float32 dataset's would otherwise be its own arrays): the
+        # same arithmetic as (x / scale - mean) / std, without two more tensors of the
+        # client's size on every call
+        scaled = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32, copy=True)
         return scaled.div_(self.scale).sub_(self.mean).div_(self.std).unsqueeze(1)
 
     @staticmethod
