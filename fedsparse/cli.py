@@ -7,6 +7,7 @@
     fedsparse compare A.toml B.toml ... [--experiment NAME] [--out DIR]
     fedsparse sync RUN_DIR
     fedsparse deploy init|up|status|down|add-node|remove-node|register|service ...
+    fedsparse --version          (``fedsparse`` alone, or ``python -m fedsparse``: the help)
 
 Exit codes: 0 done, 1 the federation failed (or too many of its rounds did not count),
 2 invalid input or a run folder in use, 128 + N stopped by signal N (130 Ctrl-C,
@@ -25,6 +26,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 from fedsparse.checkpoint import finished_round
 from fedsparse.experiments import (
@@ -42,18 +44,52 @@ from fedsparse.scenario import Scenario, ScenarioError, ScenarioNote, load_scena
 EXIT_INVALID, EXIT_FAILED = 2, 1
 
 EPILOG = """\
-Outputs: each run writes runs/<name>-<time>/ (scenario, checkpoints, per-client CSV,
-metrics CSV, plots, flower.log) and one MLflow run. MLflow's store is
+Outputs: each run writes a run folder, runs/<name>-<time>-<id>/ (--run-dir to choose it):
+scenario.toml (the resolved scenario), metrics.csv (a row per round), clients.jsonl and
+clients.csv (a row per client and round), checkpoint.npz (after every round; --resume
+continues from it), model.safetensors (the final model), plots/, summary.json,
+flower.log (Flower's and Ray's output) and, in simulation, client-state/ (each client's
+own state); and one MLflow run, which receives all of it. MLflow's store is
 sqlite:///./mlflow.db with artifacts in ./mlruns unless MLFLOW_TRACKING_URI is set;
 browse it with `mlflow ui --backend-store-uri sqlite:///mlflow.db`.
 """
+
+
+def version() -> str:
+    """fedsparse's version and those of the libraries a run's results depend on."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    import fedsparse
+
+    def of(package: str) -> str:
+        try:
+            return installed(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{p} {of(p)}" for p in ("flwr", "torch", "ray", "mlflow"))
+    return f"fedsparse {fedsparse.__version__} ({libraries}; Python {sys.version.split()[0]})"
+
+
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked for (not on every command's start)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(version())
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedsparse", description="Federated and continual sparse learning on Flower.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action=_Version,
+                        help="print the versions of fedsparse, Flower, torch, Ray and MLflow")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def overrides(p: argparse.ArgumentParser) -> None:
         p.add_argument("--set", dest="overrides", action="append", default=[],
@@ -184,12 +220,24 @@ def _run(args: argparse.Namespace) -> int:
     if args.summary:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
+    print(_finished(scenario.name, summary, args.quiet))
     if summary.get("failure"):
         print(f"fedsparse: the run failed: {summary['failure']}; see {summary['run_dir']}"
               f"/clients.csv for why each reply was dropped", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def _finished(name: str, summary: dict[str, Any], quiet: bool) -> str:
+    """A finished run as the terminal shows it (``fedsparse/tracking/terminal.py``)."""
+    from fedsparse.tracking.mirror import TRACKING_FILE, TrackedRun
+    from fedsparse.tracking.terminal import one_line, table
+
+    if quiet:
+        return one_line(name, summary)
+    run_dir = Path(summary["run_dir"])  # a deployed run's may be on the SuperLink's host
+    uri = TrackedRun.load(run_dir).tracking_uri if (run_dir / TRACKING_FILE).is_file() else ""
+    return table(name, summary, uri)
 
 
 def deployment_target(args: argparse.Namespace) -> int | None:
@@ -297,7 +345,11 @@ def interrupted_message(err: Interrupted) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     from fedsparse.deploy.cli import main as deploy
     from fedsparse.deploy.manifest import DeploymentError
 

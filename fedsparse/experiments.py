@@ -97,8 +97,11 @@ class Progress:
             return
         kind = event["event"]
         if kind == "start":
+            # The rate counts from the first round: Flower's and Ray's start-up is not a
+            # round's, and a resumed run's earlier rounds are not this session's.
+            self.bar.reset()
+            self.bar.initial = self.bar.n = self.bar.last_print_n = event["first_round"] - 1
             self.bar.set_postfix_str("")
-            self.bar.update(event["first_round"] - 1 - self.bar.n)
         elif kind == "round":
             self.bar.update(1)
             tqdm.write(format_round(event["round"], event["rounds"], event["metrics"]))
