@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help="output folder (default runs/<name>-<time>)")
     _deployment_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
+    _log_args(p)
 
     p = commands.add_parser("compare", help="run scenarios into one MLflow experiment + report",
                             description="Run several scenarios one after the other into one "
@@ -136,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="report each run's uplink reduction against this run (scenario name)")
     _deployment_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _log_args(p)
 
     p = commands.add_parser("sync", help="push to MLflow what a run folder holds and it lacks",
                             description="Push to a run's MLflow run everything its run folder "
@@ -149,6 +151,18 @@ def _parser() -> argparse.ArgumentParser:
 
     add_commands(commands)
     return parser
+
+
+def _log_args(p: argparse.ArgumentParser) -> None:
+    from fedsparse.flower_log import LEVELS
+
+    p.add_argument("-v", dest="log_level", action="store_const", const="INFO", default="",
+                   help="also print Flower's and Ray's log (flower.log) on the terminal: "
+                        "the same as --log-level INFO")
+    p.add_argument("--log-level", dest="log_level", type=str.upper, choices=LEVELS,
+                   default="", help="print the lines of Flower's and Ray's log at or above "
+                                    "this level on the terminal (DEBUG also turns on "
+                                    "Flower's debug logging); they always go to flower.log")
 
 
 def _deployment_args(p: argparse.ArgumentParser) -> None:
@@ -214,7 +228,8 @@ def _run(args: argparse.Namespace) -> int:
         run_dir = args.run_dir or new_run_dir(scenario, args.deployment)
     if args.resume:
         deployment_target(args)
-    summary = run_scenario(scenario, run_dir=run_dir, quiet=args.quiet, superlink=args.superlink,
+    summary = run_scenario(scenario, run_dir=run_dir, quiet=args.quiet, log_level=args.log_level,
+                           superlink=args.superlink,
                            root_certificates=args.root_certificates,
                            tracking_uri=args.tracking_uri, resume=bool(args.resume))
     if args.summary:
@@ -263,7 +278,8 @@ def _compare(args: argparse.Namespace) -> int:
             "MLflow"])
     result = compare(args.files, overrides=args.overrides, unset=args.unset,
                      experiment=args.experiment or "",
-                     out=args.out, quiet=args.quiet, superlink=args.superlink,
+                     out=args.out, quiet=args.quiet, log_level=args.log_level,
+                     superlink=args.superlink,
                      root_certificates=args.root_certificates, tracking_uri=args.tracking_uri,
                      target=args.target, reference=args.reference or "")
     print(f"report: {result.report} (MLflow experiment {result.experiment!r}, "

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsparse.checkpoint import Checkpoint
+from fedsparse.flower_log import strip_colours
 from fedsparse.launch import (
     FINISHED_GRACE_S,
     Launch,
@@ -141,13 +142,15 @@ def refuse_unplaceable(scenario: Scenario, superlink: str, label: str = "") -> N
 def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: str = "",
                  root_certificates: Path | None = None, tracking_uri: str = "",
                  extra: dict[str, str] | None = None, resume: bool = False,
-                 simulation_link: SimulationLink | None = None) -> dict[str, Any]:
+                 simulation_link: SimulationLink | None = None,
+                 log_level: str = "") -> dict[str, Any]:
     """Run one scenario through Flower (``resume``: continue ``run_dir`` from its checkpoint,
     ``fedsparse/resume.py`` says what may change); return its summary (see
     ``tracking/summary.py``), whose ``total_wall_s`` adds the time of a resumed run's
     earlier sessions up to their last finished round, as ``wall_s`` does. A simulation is
     submitted to ``simulation_link`` when given (a SuperLink shared with other runs, see
-    ``launch.SimulationLink``), else to a SuperLink started for it alone.
+    ``launch.SimulationLink``), else to a SuperLink started for it alone. ``log_level``:
+    Flower's log lines at or above it go to the terminal too (``fedsparse/flower_log.py``).
 
     The run folder is locked while the run goes on (``run_lock.RunDirBusy`` if it is in
     use). A simulation that ends on an interrupt or an error has its MLflow run marked KILLED
@@ -179,7 +182,8 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
                         superlink=superlink, ray_cluster=ray_cluster,
                         insecure=root_certificates is None,
                         root_certificates=root_certificates, settings=settings,
-                        pass_fds=(lock,), simulation_link=simulation_link)
+                        pass_fds=(lock,), simulation_link=simulation_link,
+                        log_level=log_level)
         if not quiet:
             where = (f"SuperLink {superlink}" if superlink else
                      f"the Ray cluster at {ray_cluster}" if ray_cluster else "Ray simulation")
@@ -248,6 +252,7 @@ def _simulation_links(scenarios: Sequence[Scenario], out: Path,
     """One simulation SuperLink per :func:`_link_key` of ``scenarios`` (with a Ray of this
     host unless they join a cluster), logs in ``out``, stopped when ``stack`` closes."""
     links: dict[tuple[str, int], SimulationLink] = {}
+    stack.callback(strip_colours, out / "superlink.log")  # last, once the links are stopped
     for key in dict.fromkeys(_link_key(s) for s in scenarios):
         cluster, cpus = key
         ray = None if cluster else stack.enter_context(local_ray(Path.cwd(), cpus,
@@ -269,7 +274,8 @@ class Comparison:
 def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequence[str] = (),
             experiment: str = "", out: Path | None = None, quiet: bool = True, superlink: str = "",
             root_certificates: Path | None = None, tracking_uri: str = "",
-            target: float | None = None, reference: str = "") -> Comparison:
+            target: float | None = None, reference: str = "",
+            log_level: str = "") -> Comparison:
     """Run ``files`` one after the other into one MLflow experiment and write a report.
 
     All files are validated, and their data splits checked, before anything runs. In
@@ -327,7 +333,7 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
                     scenario, run_dir=run_dir, quiet=quiet, superlink=superlink,
                     root_certificates=root_certificates, tracking_uri=tracking_uri,
                     extra={"parent-run-id": parent.run_id, "run-name": label},
-                    simulation_link=links.get(_link_key(scenario)))
+                    simulation_link=links.get(_link_key(scenario)), log_level=log_level)
                 histories[label] = read_csv(run_dir / "metrics.csv")
             for link in links.values():  # every run is written and tracked
                 link.stop(timeout=FINISHED_GRACE_S)

@@ -21,6 +21,7 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +34,7 @@ import psutil
 import tomli_w
 
 import fedsparse
-from fedsparse import supervise
+from fedsparse import flower_log, supervise
 from fedsparse.protocol import RUN_CONFIG_DEFAULTS
 from fedsparse.runtime_env import process_env, state_dir
 from fedsparse.scenario import RunSpec, Scenario, ScenarioError
@@ -70,6 +71,7 @@ class Launch:
     root_certificates: Path | None = None
     settings: dict[str, str] = field(default_factory=dict)  # run-config keys (protocol.py)
     pass_fds: tuple[int, ...] = ()  # kept open by every supervisor of the run (its lock)
+    log_level: str = ""  # Flower's lines at or above it also go to the terminal ("": none)
 
     @property
     def log_path(self) -> Path:
@@ -492,15 +494,20 @@ def run_flower(launch: Launch, on_event: EventHandler) -> dict[str, Any]:
                 "scenario": launch.scenario.to_toml(), "out-dir": _out_dir(launch),
                 "federation": "deployment" if launch.superlink else "simulation"}
     run_config.write_text(tomli_w.dumps(settings))
-    with _superlink(launch, env) as (address, ray):
-        flower_config(Path(env["FLWR_HOME"]), address, launch.insecure or not launch.superlink,
-                       launch.root_certificates)
-        command = ["flwr", "run", str(app_dir), CONNECTION, "--stream",
-                   "--run-config", str(run_config)]
-        if not launch.superlink:
-            command += ["--federation-config",
-                        _federation_config(launch.scenario, launch.ray_cluster)]
-        return _stream(command, env, launch, on_event, ray)
+    if launch.log_level == "DEBUG":
+        env[flower_log.LOG_LEVEL_ENV] = "DEBUG"
+    try:
+        with _superlink(launch, env) as (address, ray):
+            flower_config(Path(env["FLWR_HOME"]), address,
+                          launch.insecure or not launch.superlink, launch.root_certificates)
+            command = ["flwr", "run", str(app_dir), CONNECTION, "--stream",
+                       "--run-config", str(run_config)]
+            if not launch.superlink:
+                command += ["--federation-config",
+                            _federation_config(launch.scenario, launch.ray_cluster)]
+            return _stream(command, env, launch, on_event, ray)
+    finally:
+        flower_log.strip_colours(launch.log_path)
 
 
 def _out_dir(launch: Launch) -> str:
@@ -554,7 +561,10 @@ def _stream(command: list[str], env: dict[str, str], launch: Launch,
             for line in proc.stdout:
                 event = events.parse(line)
                 if event is None:
+                    line = flower_log.uncoloured(line)
                     log.write(line)
+                    if flower_log.shown(line, launch.log_level):
+                        _echo(line)
                     continue
                 on_event(event)
                 if event["event"] in ("done", "error"):
@@ -573,6 +583,13 @@ def _stream(command: list[str], env: dict[str, str], launch: Launch,
         raise LaunchError(f"the federation failed: {outcome['message']} (log: {_logs(launch)})")
     raise LaunchError(f"the federation ended without a result (flwr run exit code "
                       f"{proc.returncode}){_last_error(launch.log_path)}; see {_logs(launch)}")
+
+
+def _echo(line: str) -> None:
+    """A line of Flower's log on the terminal, above the progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(line.rstrip("\n"), file=sys.stderr)
 
 
 class _RayWatch:
