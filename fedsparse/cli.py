@@ -4,8 +4,11 @@
     fedsparse run FILE [--set KEY=VALUE ...] [--unset KEY ...] [--summary out.json]
                        [--deployment DIR | --superlink HOST:PORT [--root-certificates CA]]
     fedsparse run --resume RUN_DIR [--set run.rounds=N]
-    fedsparse compare A.toml B.toml ... [--experiment NAME] [--out DIR]
+    fedsparse compare A.toml B.toml ... [--sweep KEY=[V1, V2]] [--experiment NAME] [--out DIR]
     fedsparse sync RUN_DIR
+    fedsparse ls [FOLDER | --experiment NAME]
+    fedsparse show RUN_DIR|RUN_ID
+    fedsparse report RUN_DIR|RUN_ID ... | --experiment NAME [--out DIR] [--target ACC]
     fedsparse deploy init|up|status|down|add-node|remove-node|register|service ...
     fedsparse --version          (``fedsparse`` alone, or ``python -m fedsparse``: the help)
 
@@ -47,11 +50,13 @@ EPILOG = """\
 Outputs: each run writes a run folder, runs/<name>-<time>-<id>/ (--run-dir to choose it):
 scenario.toml (the resolved scenario), metrics.csv (a row per round), clients.jsonl and
 clients.csv (a row per client and round), checkpoint.npz (after every round; --resume
-continues from it), model.safetensors (the final model), plots/, summary.json,
-flower.log (Flower's and Ray's output) and, in simulation, client-state/ (each client's
-own state); and one MLflow run, which receives all of it. MLflow's store is
-sqlite:///./mlflow.db with artifacts in ./mlruns unless MLFLOW_TRACKING_URI is set;
-browse it with `mlflow ui --backend-store-uri sqlite:///mlflow.db`.
+continues from it), model.safetensors and mlflow_model/ (the final model; a LoRA run:
+adapter/), plots/, summary.json, system_metrics.jsonl, flower.log (Flower's and Ray's
+output) and, in simulation, client-state/ (each client's own state); and one MLflow run,
+which receives all of it. MLflow's store is sqlite:///./mlflow.db with artifacts in
+./mlruns unless MLFLOW_TRACKING_URI is set; browse it with `mlflow ui --backend-store-uri
+sqlite:///mlflow.db`. `fedsparse ls`, `show` and `report` read runs back without running
+them.
 """
 
 
@@ -121,23 +126,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help="output folder (default runs/<name>-<time>)")
     _deployment_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
-    _log_args(p)
+    _output_args(p)
 
     p = commands.add_parser("compare", help="run scenarios into one MLflow experiment + report",
                             description="Run several scenarios one after the other into one "
                                         "MLflow experiment and write a comparison report "
-                                        "(table of final metrics, overlaid accuracy plots).")
+                                        "(tables of final metrics and of the scenario keys "
+                                        "that differ, overlaid plots of accuracy, loss and "
+                                        "federated accuracy).")
     p.add_argument("files", type=Path, nargs="+", help="scenario TOML files")
     overrides(p)
+    p.add_argument("--sweep", dest="sweeps", action="append", default=[],
+                   metavar="KEY=[V1, V2, ...]",
+                   help="run each file once per value of KEY (a TOML array), e.g. --sweep "
+                        "'client.lr=[0.1, 0.01]'; several --sweep run every combination, "
+                        "while --set gives one value to every run")
     p.add_argument("--experiment", help="MLflow experiment (default compare-<time>)")
     p.add_argument("--out", type=Path, help="report folder (default reports/<experiment>)")
     p.add_argument("--target", type=float, metavar="ACC",
-                   help="report the rounds each run needs to reach this centralised accuracy")
-    p.add_argument("--reference", metavar="NAME",
-                   help="report each run's uplink reduction against this run (scenario name)")
+                   help="report the rounds each run needs to reach this centralised "
+                        "accuracy and draw it on the accuracy plots")
+    p.add_argument("--reference", metavar="LABEL",
+                   help="report each run's uplink reduction against this run (its label: "
+                        "the scenario's name, with what tells it apart where names repeat)")
     _deployment_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _log_args(p)
+    _output_args(p)
 
     p = commands.add_parser("sync", help="push to MLflow what a run folder holds and it lacks",
                             description="Push to a run's MLflow run everything its run folder "
@@ -148,14 +162,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder")
 
     from fedsparse.deploy.cli import add_commands
+    from fedsparse.tracking import browse
 
+    browse.add_commands(commands)
     add_commands(commands)
     return parser
 
 
-def _log_args(p: argparse.ArgumentParser) -> None:
+def _output_args(p: argparse.ArgumentParser) -> None:
     from fedsparse.flower_log import LEVELS
 
+    p.add_argument("--no-system-metrics", action="store_true",
+                   help="do not sample the machine's CPU, memory, disk and network into the "
+                        "MLflow run (its System metrics tab; every 10 s by default)")
     p.add_argument("-v", dest="log_level", action="store_const", const="INFO", default="",
                    help="also print Flower's and Ray's log (flower.log) on the terminal: "
                         "the same as --log-level INFO")
@@ -229,6 +248,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume:
         deployment_target(args)
     summary = run_scenario(scenario, run_dir=run_dir, quiet=args.quiet, log_level=args.log_level,
+                           command_line=args.command_line,
+                           system_metrics=not args.no_system_metrics,
                            superlink=args.superlink,
                            root_certificates=args.root_certificates,
                            tracking_uri=args.tracking_uri, resume=bool(args.resume))
@@ -276,10 +297,11 @@ def _compare(args: argparse.Namespace) -> int:
             "compare runs on a simulation or one --superlink; with a deployment, run each "
             "scenario with `fedsparse run FILE --deployment DIR` and compare them in its "
             "MLflow"])
-    result = compare(args.files, overrides=args.overrides, unset=args.unset,
+    result = compare(args.files, overrides=args.overrides, unset=args.unset, sweeps=args.sweeps,
                      experiment=args.experiment or "",
                      out=args.out, quiet=args.quiet, log_level=args.log_level,
-                     superlink=args.superlink,
+                     command_line=args.command_line, superlink=args.superlink,
+                     system_metrics=not args.no_system_metrics,
                      root_certificates=args.root_certificates, tracking_uri=args.tracking_uri,
                      target=args.target, reference=args.reference or "")
     print(f"report: {result.report} (MLflow experiment {result.experiment!r}, "
@@ -363,18 +385,21 @@ def interrupted_message(err: Interrupted) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["fedsparse", *(sys.argv[1:] if argv is None else argv)])
     if args.command is None:
         parser.print_help()
         return 0
     from fedsparse.deploy.cli import main as deploy
     from fedsparse.deploy.manifest import DeploymentError
+    from fedsparse.tracking import browse
+    from fedsparse.tracking.runs import RunNotFound
 
     handlers = {"validate": _validate, "run": _run, "compare": _compare, "sync": _sync,
-                "deploy": deploy}
+                "ls": browse.ls, "show": browse.show, "report": browse.report, "deploy": deploy}
     try:
         with _signals_interrupt(), _notes_to_stderr():
             return handlers[args.command](args)
-    except (ScenarioError, RunDirBusy, DeploymentError) as err:
+    except (ScenarioError, RunDirBusy, DeploymentError, RunNotFound) as err:
         print(f"fedsparse: {err}", file=sys.stderr)
         return EXIT_INVALID
     except Interrupted as err:

@@ -31,7 +31,7 @@ from fedsparse.launch import (
 )
 from fedsparse.run_lock import hold
 from fedsparse.runtime_env import splits_dir
-from fedsparse.scenario import DataSpec, Scenario, ScenarioError, load_scenario
+from fedsparse.scenario import DataSpec, Scenario, ScenarioError, load_scenario, sweep_overrides
 from fedsparse.tracking.history import Row
 
 CLIENT_STATE = "client-state"  # the run folder's client state store (simulation)
@@ -60,6 +60,9 @@ class Interrupted(KeyboardInterrupt):
 def end_status(err: BaseException) -> str:
     """The MLflow status of a run that ``err`` ended: KILLED on an interrupt, else FAILED."""
     return "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+
+
+NO_SYSTEM_METRICS = {"system-metrics-s": "0"}
 
 
 def tracking_settings(workdir: Path, uri: str = "", deployment: bool = False) -> dict[str, str]:
@@ -143,7 +146,8 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
                  root_certificates: Path | None = None, tracking_uri: str = "",
                  extra: dict[str, str] | None = None, resume: bool = False,
                  simulation_link: SimulationLink | None = None,
-                 log_level: str = "") -> dict[str, Any]:
+                 log_level: str = "", command_line: str = "",
+                 system_metrics: bool = True) -> dict[str, Any]:
     """Run one scenario through Flower (``resume``: continue ``run_dir`` from its checkpoint,
     ``fedsparse/resume.py`` says what may change); return its summary (see
     ``tracking/summary.py``), whose ``total_wall_s`` adds the time of a resumed run's
@@ -151,6 +155,9 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
     submitted to ``simulation_link`` when given (a SuperLink shared with other runs, see
     ``launch.SimulationLink``), else to a SuperLink started for it alone. ``log_level``:
     Flower's log lines at or above it go to the terminal too (``fedsparse/flower_log.py``).
+    ``command_line``: the command that started the run, an MLflow tag (``fedsparse.command``).
+    ``system_metrics``: sample the machine's CPU, memory, disk and network into the run
+    (``tracking/system_metrics.py``).
 
     The run folder is locked while the run goes on (``run_lock.RunDirBusy`` if it is in
     use). A simulation that ends on an interrupt or an error has its MLflow run marked KILLED
@@ -163,6 +170,8 @@ def run_scenario(scenario: Scenario, *, run_dir: Path, quiet: bool, superlink: s
         ray_cluster = simulation_link.ray.address
     workdir = Path.cwd()
     settings = {**tracking_settings(workdir, tracking_uri, deployment=bool(superlink)),
+                "run-name": run_dir.name,  # unique, and the run folder's: MLflow's runs table
+                "command-line": command_line, **({} if system_metrics else NO_SYSTEM_METRICS),
                 **(extra or {}), "fedsparse-run-id": uuid.uuid4().hex}
     if not superlink:  # simulated clients keep their state in the run folder
         settings["client-state-dir"] = str((run_dir / CLIENT_STATE).resolve())
@@ -272,39 +281,47 @@ class Comparison:
 
 
 def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequence[str] = (),
-            experiment: str = "", out: Path | None = None, quiet: bool = True, superlink: str = "",
+            sweeps: Sequence[str] = (), experiment: str = "", out: Path | None = None,
+            quiet: bool = True, superlink: str = "",
             root_certificates: Path | None = None, tracking_uri: str = "",
             target: float | None = None, reference: str = "",
-            log_level: str = "") -> Comparison:
+            log_level: str = "", command_line: str = "",
+            system_metrics: bool = True) -> Comparison:
     """Run ``files`` one after the other into one MLflow experiment and write a report.
+    ``sweeps`` (``KEY=[V1, V2, ...]``) run each file once per combination of the swept
+    values; ``overrides`` apply to every run.
 
     All files are validated, and their data splits checked, before anything runs. In
     simulation the runs share one SuperLink and, unless they join a Ray cluster, one Ray on
     this host (one of each per Ray cluster and CPU budget), started before the first run and
     stopped after the last, their logs ``superlink.log`` and ``ray.log`` in ``out``; each
     run still starts (and stops) its own ``flwr-simulation`` and client actors. The report
-    (a table of final metrics, rounds to ``target`` accuracy, uplink reduction against the
-    run named ``reference``, overlaid accuracy plots) goes to ``out`` and to a parent MLflow
-    run.
+    (a table of final metrics and of the scenario keys that differ, rounds to ``target``
+    accuracy, uplink reduction against the run labelled ``reference``, overlaid plots) goes
+    to ``out`` and to a parent MLflow run. A run's label is its scenario's name, with the
+    values that tell it apart from runs of the same name (``tracking/runs.py``).
     """
     from fedsparse.data.partition import check_partition
     from fedsparse.tracking.history import read_csv
     from fedsparse.tracking.mirror import unreachable
     from fedsparse.tracking.mlflow_run import MlflowRun, experiment_id
     from fedsparse.tracking.report import write_report
+    from fedsparse.tracking.runs import differing
+    from fedsparse.tracking.runs import labels as run_labels
 
     experiment = experiment or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     overrides = [*overrides, f"tracking.experiment={json.dumps(experiment)}"]
-    scenarios = [load_scenario(f, overrides, unset) for f in files]
+    arms = [(f, swept) for f in files for swept in sweep_overrides(sweeps)]
+    scenarios = [load_scenario(f, [*overrides, *swept], unset) for f, swept in arms]
     checked: set[tuple[DataSpec, int]] = set()
-    for scenario, path in zip(scenarios, files, strict=True):
+    for scenario, (path, _) in zip(scenarios, arms, strict=True):
         refuse_unplaceable(scenario, superlink, str(path))  # before any arm runs
         if (scenario.data, scenario.seed) not in checked:  # arms often share one split
             check_partition(scenario.data, scenario.seed, str(path), splits_dir(Path.cwd()))
             checked.add((scenario.data, scenario.seed))
-    labels = [s.name for s in scenarios]
-    if len(set(labels)) < len(labels):
-        labels = [f"{s.name}[{f.stem}]" for s, f in zip(scenarios, files, strict=True)]
+    params = [{k: str(v) for k, v in s.flat().items()} for s in scenarios]
+    labels = run_labels([s.name for s in scenarios], params,
+                        [f"{f.stem}-{i}" for i, (f, _) in enumerate(arms, 1)])
     if reference and reference not in labels:
         raise ScenarioError("--reference", [f"{reference!r} is none of the runs; allowed: "
                                             f"{', '.join(labels)}"])
@@ -332,13 +349,19 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
                 summaries[label] = run_scenario(
                     scenario, run_dir=run_dir, quiet=quiet, superlink=superlink,
                     root_certificates=root_certificates, tracking_uri=tracking_uri,
-                    extra={"parent-run-id": parent.run_id, "run-name": label},
-                    simulation_link=links.get(_link_key(scenario)), log_level=log_level)
+                    extra={"parent-run-id": parent.run_id,  # the label and the folder's id
+                           "run-name": f"{label}-{run_dir.name.rsplit('-', 1)[-1]}"},
+                    simulation_link=links.get(_link_key(scenario)), log_level=log_level,
+                    command_line=command_line, system_metrics=system_metrics)
                 histories[label] = read_csv(run_dir / "metrics.csv")
             for link in links.values():  # every run is written and tracked
                 link.stop(timeout=FINISHED_GRACE_S)
+            keys = differing(params)
             files_written = write_report(summaries, histories, out, f"Comparison: {experiment}",
-                                         target=target, reference=reference)
+                                         target=target, reference=reference,
+                                         params={label: {k: p.get(k, "-") for k in keys}
+                                                 for label, p in zip(labels, params,
+                                                                     strict=True)})
             for path in files_written:
                 parent.log_artifact(path, "plots" if path.suffix == ".png" else None)
         except BaseException as err:

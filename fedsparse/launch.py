@@ -37,7 +37,7 @@ import fedsparse
 from fedsparse import flower_log, supervise
 from fedsparse.protocol import RUN_CONFIG_DEFAULTS
 from fedsparse.runtime_env import process_env, state_dir
-from fedsparse.scenario import RunSpec, Scenario, ScenarioError
+from fedsparse.scenario import RunSpec, Scenario, ScenarioError, toml_literal
 from fedsparse.tracking import events
 
 APP_NAME = "fedsparse-app"
@@ -422,12 +422,7 @@ def _federation_config(scenario: Scenario, ray_cluster: str) -> str:
                               "init-args-log-to-driver": False}
     if not ray_cluster:
         config["init-args-num-cpus"] = run.cpus()
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
-
-
-def _toml_value(value: object) -> str:
-    """A value as Flower's ``key=value`` override syntax wants it (TOML literals)."""
-    return tomli_w.dumps({"v": value}).removeprefix("v = ").strip()
+    return " ".join(f"{k}={toml_literal(v)}" for k, v in config.items())
 
 
 def check_superlink(address: str, root_certificates: Path | None,

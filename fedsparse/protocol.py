@@ -77,6 +77,8 @@ RUN_CONFIG_DEFAULTS: dict[str, str] = {
     "artifact-location": "",  # MLflow artifact root for a new experiment ("" = server default)
     "parent-run-id": "",  # MLflow run of a `fedsparse compare`, if any
     "run-name": "",  # MLflow run name
+    "command-line": "",  # the fedsparse command that started the run (an MLflow tag)
+    "system-metrics-s": "10",  # seconds between system metrics samples ("0": none)
     "federation": "simulation",  # or "deployment": the server cannot know the clients' data
     "fedsparse-run-id": "",  # fedsparse's id of the run, kept on resume (client state keys)
     "client-state-dir": "",  # where clients keep their state ("" = the node's own folder)

@@ -12,6 +12,7 @@ the key, the value and what is allowed.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -526,6 +527,30 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         return keys, tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return keys, raw.strip()
+
+
+def toml_literal(value: object) -> str:
+    """A value as a TOML literal, as ``--set KEY=VALUE`` (and Flower's overrides) take it."""
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").strip()
+
+
+def sweep_overrides(sweeps: Sequence[str]) -> list[list[str]]:
+    """``--sweep KEY=[V1, V2, ...]`` (each a TOML array): the ``--set`` overrides of every
+    combination of the swept values, the first key varying slowest (one empty list when
+    nothing is swept)."""
+    grids = []
+    for item in sweeps:
+        path, sep, raw = item.partition("=")
+        try:
+            values = tomllib.loads(f"v = {raw}")["v"] if sep else None
+        except tomllib.TOMLDecodeError:
+            values = None
+        if not path.strip() or not isinstance(values, list) or not values:
+            raise ScenarioError("--sweep", [f"{item!r}: expected KEY=[V1, V2, ...], a TOML "
+                                            f"array of the values to run, e.g. "
+                                            f"client.lr=[0.1, 0.01]"])
+        grids.append([f"{path.strip()}={toml_literal(v)}" for v in values])
+    return [list(combo) for combo in itertools.product(*grids)]
 
 
 def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

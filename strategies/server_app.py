@@ -4,8 +4,9 @@ The run config (see ``fedsparse.protocol.RUN_CONFIG_DEFAULTS``) carries the vali
 scenario as TOML text and where to write and track. The ServerApp writes, under its output
 directory: ``scenario.toml``, ``tracking.json`` (what its MLflow run is), ``clients.jsonl``
 (per-client accounting) and ``checkpoint.npz`` after every round, and at the end
-``metrics.csv``, ``clients.csv``, ``model.safetensors``, the plots and ``summary.json``. The
-run folder is the source of truth: MLflow receives all of it from a background mirror
+``metrics.csv``, ``clients.csv``, ``model.safetensors`` and ``mlflow_model/`` (the model
+as an MLflow PyTorch model, or ``adapter/`` for LoRA), the plots and ``summary.json``. The run
+folder is the source of truth: MLflow receives all of it from a background mirror
 (``fedsparse/tracking/mirror.py``), after it is on disk, and never holds up a round.
 """
 
@@ -46,8 +47,10 @@ from fedsparse.tracking.continual import (
 )
 from fedsparse.tracking.history import Row, write_csv
 from fedsparse.tracking.mirror import BackgroundMirror, TrackedRun, new_tracked_run, run_tags
-from fedsparse.tracking.plots import accuracy_plots
+from fedsparse.tracking.mlflow_model import MODEL_DIR, save_model
+from fedsparse.tracking.plots import round_plots
 from fedsparse.tracking.summary import summarize
+from fedsparse.tracking.system_metrics import SystemSampler
 from fedsparse.training import evaluate
 from strategies.base import FedSparseStrategy
 from strategies.directory import directory_for
@@ -140,18 +143,20 @@ Artifact = tuple[Path, str | None]  # a file and the MLflow artifact folder it g
 
 
 def _finish(out_dir: Path, scenario: Scenario, state: LoopState, run_id: str,
-            wall_s: float) -> tuple[dict[str, Any], list[Artifact]]:
+            wall_s: float) -> tuple[dict[str, Any], list[Artifact], Path | None]:
     """Write the run's artifacts; return the summary (``failure``: why the run counts as
-    failed, "" if it does not) and the artifacts for MLflow."""
+    failed, "" if it does not), the artifacts for MLflow and the saved MLflow model
+    (``tracking/mlflow_model.py``; a LoRA run exports its peft adapter instead)."""
     summary = summarize(state.history, wall_s, run_id)
     summary["failure"] = scenario.run.verdict(summary["rounds"], summary["rounds_failed"])
     files = [out_dir / SCENARIO_FILE, write_csv(state.history, out_dir / "metrics.csv"),
              _client_table(out_dir / CLIENT_ROWS, out_dir / "clients.csv")]
-    files += accuracy_plots({scenario.name: state.history}, out_dir / "plots")
+    files += round_plots({scenario.name: state.history}, out_dir / "plots")
     if scenario.continual is not None:
         summary |= task_end_metrics(state.history, scenario)
         files += matrix_artifacts(state.history, scenario, out_dir / "plots")
     artifacts: list[Artifact] = []
+    model_dir = None
     if scenario.tracking.log_model:
         weights = out_dir / "model.safetensors"
         save_file({k: v.contiguous() for k, v in state.arrays.to_torch_state_dict().items()},
@@ -161,12 +166,17 @@ def _finish(out_dir: Path, scenario: Scenario, state: LoopState, run_id: str,
         artifacts += [(path, "adapter") for path in adapter]
         if adapter:
             summary["adapter_dir"] = str(out_dir / "adapter")
+        else:
+            model = scenario_model(scenario)
+            load_shared_state(model, state.arrays.to_torch_state_dict())
+            model_dir = save_model(model, held_out_set(scenario.data, scenario.seed)[0],
+                                   out_dir / MODEL_DIR)
     summary_path = out_dir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2))
     files.append(summary_path)
     artifacts += [(path, "plots" if path.suffix == ".png" else None) for path in files
                   if path.exists()]
-    return summary, artifacts
+    return summary, artifacts, model_dir
 
 
 def _setup_logging() -> None:
@@ -202,7 +212,7 @@ def prepare(scenario: Scenario, strategy: FedSparseStrategy, setting: dict[str, 
         checkpoint = Checkpoint.load(Path(setting["resume-from"]))
         _keep_client_rows(out_dir / CLIENT_ROWS, checkpoint.round)
         record = TrackedRun.load(out_dir)
-        record.tags = run_tags(scenario, setting["parent-run-id"])
+        record.tags = run_tags(scenario, setting["parent-run-id"], setting["command-line"])
         record.status = record.pushed_status = ""
         record.tracking_uri = setting["tracking-uri"] or record.tracking_uri
         record.save(out_dir)
@@ -215,7 +225,8 @@ def prepare(scenario: Scenario, strategy: FedSparseStrategy, setting: dict[str, 
     record = new_tracked_run(scenario, tracking_uri=setting["tracking-uri"],
                              artifact_location=setting["artifact-location"],
                              run_name=setting["run-name"], parent_run_id=setting["parent-run-id"],
-                             fedsparse_run_id=setting["fedsparse-run-id"])
+                             fedsparse_run_id=setting["fedsparse-run-id"],
+                             command=setting["command-line"])
     record.artifacts = [(SCENARIO_FILE, None)]
     record.save(out_dir)
     return Prepared(LoopState(arrays=initial_arrays(scenario)), record, 0.0, 0.0, evaluator)
@@ -257,6 +268,8 @@ def main(grid: Grid, context: Context) -> None:
     state, record = prepared.state, prepared.record
     mirror = BackgroundMirror(record, out_dir, lambda: state.history)
     mirror.round_done(state.next_round - 1)
+    sampler = SystemSampler(out_dir, float(setting["system-metrics-s"] or 0),
+                            mirror.push_soon).start()
     events.emit("start", mlflow_run_id=record.mlflow_run_id, out_dir=str(out_dir),
                 first_round=state.next_round, rounds=scenario.run.rounds)
     strategy.summary()
@@ -276,8 +289,10 @@ def main(grid: Grid, context: Context) -> None:
 
     try:
         run_rounds(grid, scenario, strategy, state, prepared.evaluate_central, on_round)
-        summary, artifacts = _finish(out_dir, scenario, state, record.mlflow_run_id, wall_s())
+        summary, artifacts, model_dir = _finish(out_dir, scenario, state, record.mlflow_run_id,
+                                                wall_s())
     except BaseException as err:
+        sampler.stop()
         mirror.finish("FAILED", [])
         mirror.close(timeout=5)
         events.emit("error", message=f"{type(err).__name__}: {err}", out_dir=str(out_dir))
@@ -285,7 +300,10 @@ def main(grid: Grid, context: Context) -> None:
     if summary["failure"]:
         log.error("the run failed: %s (clients.csv says why each reply was dropped)",
                   summary["failure"])
-    mirror.finish("FAILED" if summary["failure"] else "FINISHED", artifacts)
+    sampler.stop()
+    mirror.finish("FAILED" if summary["failure"] else "FINISHED", artifacts, model_dir,
+                  summary["rounds"])
     summary["mlflow_synced"] = mirror.close(scenario.tracking.flush_timeout_s)
     summary["mlflow_run_id"] = record.mlflow_run_id
+    summary["mlflow_experiment_id"] = record.mlflow_experiment_id
     events.emit("done", summary=summary, out_dir=str(out_dir))

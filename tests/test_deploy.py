@@ -142,7 +142,7 @@ def test_quickstart_through_the_deployment_reaches_its_mlflow(deployment: Path,
         client = MlflowClient(env["MLFLOW_TRACKING_URI"])
         run = client.get_run(summary["mlflow_run_id"])
         assert run.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "accuracy")] == [2]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy")] == [2]
         assert "scenario.toml" in {a.path for a in client.list_artifacts(run.info.run_id)}
     finally:
         for key, value in old.items():

@@ -17,6 +17,7 @@ from fedsparse.cli import main
 from fedsparse.launch import free_port
 from fedsparse.tracking.history import read_csv
 from fedsparse.tracking.mirror import ROUND_MARKER, TrackedRun, unreachable
+from fedsparse.tracking.system_metrics import read_samples
 from strategies import server_app
 from tests.conftest import digits_scenario
 from tests.local_grid import serve
@@ -76,9 +77,9 @@ def client(server: MlflowServer):
 
 
 def assert_every_round_once(server: MlflowServer, run_id: str) -> None:
-    for key in ("accuracy", "uplink_bytes", ROUND_MARKER):
+    for key in ("eval/accuracy", "comm/uplink_MB", ROUND_MARKER):
         steps = [m.step for m in client(server).get_metric_history(run_id, key)]
-        expected = list(range(2, ROUNDS + 1, 2)) if key == "accuracy" else \
+        expected = list(range(2, ROUNDS + 1, 2)) if key == "eval/accuracy" else \
             list(range(1, ROUNDS + 1))
         assert sorted(steps) == expected, key
 
@@ -129,8 +130,16 @@ def test_a_server_away_all_run_long_gets_everything_from_sync(tmp_path, mlflow_s
     assert main(["sync", str(tmp_path / "run")]) == 0  # again: nothing twice
     assert "0 rounds pushed now" in capsys.readouterr().out
     assert_every_round_once(mlflow_server, record.mlflow_run_id)
-    assert len(client(mlflow_server).search_runs(
-        [client(mlflow_server).get_experiment_by_name("mirror").experiment_id])) == 1
+    experiment = client(mlflow_server).get_experiment_by_name("mirror").experiment_id
+    assert len(client(mlflow_server).search_runs([experiment])) == 1
+    (model,) = client(mlflow_server).search_logged_models([experiment])  # logged once, by sync
+    samples = read_samples(tmp_path / "run")  # taken while MLflow was away, pushed by sync
+    memory = client(mlflow_server).get_metric_history(record.mlflow_run_id,
+                                                     "system/system_memory_usage_megabytes")
+    assert [(m.step, m.value) for m in memory] == [
+        (s["step"], s["metrics"]["system_memory_usage_megabytes"]) for s in samples]
+    assert len(samples) >= 1
+    assert (model.model_id, model.source_run_id) == (record.model_id, record.mlflow_run_id)
 
 
 def test_an_unreachable_server_is_found_in_seconds():

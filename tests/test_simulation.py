@@ -4,6 +4,7 @@ resume, comparisons, and the quickstart's accuracy."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -81,18 +82,50 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(first_run):
     resumable = [k for k in RESUMABLE if k in flat]
     assert {k: run.data.tags[k] for k in resumable} == {k: flat[k] for k in resumable}
     assert run.info.status == "FINISHED"
-    assert client.get_experiment(run.info.experiment_id).name == "tests"
-    history = client.get_metric_history(run.info.run_id, "accuracy")
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "tests"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.info.run_name == "a"  # the run folder's name: unique in the runs table
+    assert summary["mlflow_experiment_id"] == run.info.experiment_id
+    history = client.get_metric_history(run.info.run_id, "eval/accuracy")
     assert [m.step for m in history] == [1, 2, 3]
     assert history[-1].value == summary["final_accuracy"]
-    uplink = client.get_metric_history(run.info.run_id, "cum_uplink_bytes")
-    assert [m.value for m in uplink] == [3 * MODEL_BYTES, 6 * MODEL_BYTES, 9 * MODEL_BYTES]
+    uplink = client.get_metric_history(run.info.run_id, "comm/cum_uplink_MB")  # grouped, in MB
+    assert [m.value for m in uplink] == pytest.approx([n * MODEL_BYTES / 1e6 for n in (3, 6, 9)])
+    assert {key.split("/")[0] for key in run.data.metrics} == {
+        "eval", "comm", "compute", "clients", "time", "train", "model", "system",
+        "fedsparse_round"}
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    samples = (workdir / "runs/a/system_metrics.jsonl").read_text().splitlines()
+    assert len(cpu) == len(samples) >= 1  # the last one taken as the run ends
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"scenario.toml", "metrics.csv", "clients.csv", "model.safetensors",
             "summary.json", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert plots == {"plots/accuracy_vs_round.png", "plots/accuracy_vs_uplink.png"}
+    assert plots == {f"plots/{name}.png" for name in ("accuracy_vs_round", "accuracy_vs_uplink",
+                                                      "loss_vs_round", "fed_accuracy_vs_round")}
     assert (workdir / "mlruns").is_dir()  # artifacts under the working directory
+
+
+def test_mlflow_run_says_which_code_and_command_ran_it(first_run):
+    workdir, summary = first_run
+    from importlib.metadata import version
+
+    from mlflow import MlflowClient
+
+    import fedsparse
+
+    tags = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}").get_run(
+        summary["mlflow_run_id"]).data.tags
+    assert tags["fedsparse.version"] == fedsparse.__version__
+    for package in ("flwr", "torch", "ray", "mlflow"):
+        assert tags[f"fedsparse.{package}_version"] == version(package)
+    assert tags["fedsparse.command"] == (f"fedsparse run {DATA / 'digits.toml'} --run-dir "
+                                         f"runs/a --summary a.json --quiet")
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    if head.returncode == 0:  # a git checkout (CI's clean clone is one)
+        assert tags["mlflow.source.git.commit"] == head.stdout.strip()
 
 
 def test_final_weights_reproduce_the_final_accuracy(first_run):
@@ -110,6 +143,40 @@ def test_final_weights_reproduce_the_final_accuracy(first_run):
     x, y = held_out_set(scenario.data, scenario.seed)
     with torch.no_grad():
         assert evaluate(model, x, y).accuracy == summary["final_accuracy"]
+
+
+def test_the_final_model_is_an_mlflow_model_that_predicts_the_final_accuracy(first_run):
+    """``mlflow.pytorch.load_model`` loads the run's logged model (by its id and through the
+    run) with a signature and an input example, and it scores the run's final accuracy."""
+    workdir, summary = first_run
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+
+    from fedsparse.data import held_out_set
+    from fedsparse.training import evaluate
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    run = MlflowClient(tracking_uri=uri).get_run(summary["mlflow_run_id"])
+    (output,) = run.outputs.model_outputs
+    assert output.step == 3
+    logged = MlflowClient(tracking_uri=uri).get_logged_model(output.model_id)
+    assert (logged.name, logged.source_run_id, logged.status.to_proto()) == (
+        "model", run.info.run_id, 2)  # READY
+    scenario = load_scenario(DATA / "digits.toml")
+    x, y = held_out_set(scenario.data, scenario.seed)
+    mlflow.set_tracking_uri(uri)
+    try:
+        for address in (f"models:/{output.model_id}", f"runs:/{run.info.run_id}/model"):
+            info = mlflow.models.get_model_info(address)
+            assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == \
+                [-1, 1, 8, 8]
+            assert info.saved_input_example_info is not None
+            model = mlflow.pytorch.load_model(address)
+            with torch.no_grad():
+                assert evaluate(model, x, y).accuracy == summary["final_accuracy"]
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 def test_same_seed_same_metrics_and_resume_continues_exactly(first_run, monkeypatch):
@@ -131,29 +198,30 @@ def test_same_seed_same_metrics_and_resume_continues_exactly(first_run, monkeypa
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    steps = [m.step for m in client.get_metric_history(resumed["mlflow_run_id"], "accuracy")]
+    steps = [m.step for m in client.get_metric_history(resumed["mlflow_run_id"], "eval/accuracy")]
     assert steps == [1, 2, 3]  # one MLflow run across the interruption
 
 
-def test_compare_runs_into_one_experiment_with_a_report(workdir: Path, first_run, capsys):
-    """The arms share one SuperLink and one Ray, and an arm gives the metrics it gives on its
-    own (the second arm, after the first has used them, against ``first_run``)."""
-    slow = workdir / "slow.toml"
-    slow.write_text((DATA / "digits.toml").read_text().replace("lr = 0.1", "lr = 0.01")
-                    .replace('name = "digits-test"', 'name = "digits-slow"'))
-    assert fedsparse("compare", slow, DATA / "digits.toml", "--experiment", "cmp",
-                     "--out", "report", "--quiet") == 0
+def test_compare_sweeps_into_one_experiment_with_a_report(workdir: Path, first_run, capsys):
+    """A ``--sweep`` of two learning rates: the arms share one SuperLink and one Ray, an arm
+    gives the metrics it gives on its own (the second, after the first has used them,
+    against ``first_run``), labels and MLflow run names say what differs, and ``report``,
+    ``ls`` and ``show`` read the finished runs back from MLflow as from their folders."""
+    assert fedsparse("compare", DATA / "digits.toml", "--sweep", "client.lr=[0.01, 0.1]",
+                     "--experiment", "cmp", "--out", "report", "--quiet") == 0
     assert not flower_processes(workdir)
     started = "Starting Flower SuperLink"
     assert (workdir / "report/superlink.log").read_text().count(started) == 1
-    arms = sorted((workdir / "runs").iterdir())
+    arms = sorted((workdir / "runs").iterdir(), key=lambda arm: arm.stat().st_mtime)
     assert [started in (arm / "flower.log").read_text() for arm in arms] == [False, False]
     assert len(list((workdir / ".fedsparse/ray/ray").glob("session_2*"))) == 1  # one Ray
-    (alone,) = [arm for arm in arms if arm.name.startswith("digits-test-")]
-    assert deterministic(read_csv(alone / "metrics.csv")) == \
+    assert ["lr = 0.1\n" in (arm / "scenario.toml").read_text() for arm in arms] == [False, True]
+    assert deterministic(read_csv(arms[1] / "metrics.csv")) == \
         deterministic(read_csv(first_run[0] / "runs/a/metrics.csv"))
     report = (workdir / "report/report.md").read_text()
-    assert "| digits-test |" in report and "| digits-slow |" in report
+    labels = ["digits-test client.lr=0.01", "digits-test client.lr=0.1"]
+    assert f"| {labels[0]} |" in report and f"| {labels[1]} |" in report
+    assert "| run | `client.lr` |" in report
     assert (workdir / "report/plots/accuracy_vs_uplink.png").stat().st_size > 0
     from mlflow import MlflowClient
 
@@ -165,7 +233,27 @@ def test_compare_runs_into_one_experiment_with_a_report(workdir: Path, first_run
     assert len(parents) == 1 and len(children) == 2
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     assert {r.data.params["client.lr"] for r in children} == {"0.1", "0.01"}
+    names = {r.info.run_name for r in children}  # the label and the run folder's id
+    assert names == {f"{label}-{arm.name.rsplit('-', 1)[-1]}"
+                     for label, arm in zip(labels, arms, strict=True)}
     assert "report.md" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+
+    capsys.readouterr()
+    assert fedsparse("report", "--experiment", "cmp", "--out", "again") == 0
+    keys = ("run", "final_accuracy", "fed_accuracy_weighted", "uplink_bytes", "rounds")
+    assert [{k: row[k] for k in keys} for row in read_csv(workdir / "again/summary.csv")] == \
+        [{k: row[k] for k in keys} for row in read_csv(workdir / "report/summary.csv")]
+    assert fedsparse("ls", "--experiment", "cmp") == 0
+    listed = capsys.readouterr().out
+    assert fedsparse("ls") == 0
+    for line in (listed, capsys.readouterr().out):
+        assert all(label in line for label in labels) and line.count("FINISHED") == 2
+    assert fedsparse("show", first_run[1]["mlflow_run_id"], "--tracking-uri",
+                     f"sqlite:///{first_run[0] / 'mlflow.db'}") == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("digits-test: FINISHED, 3 of 3 rounds")
+    accuracy = [f"{row['accuracy']:.4f}" for row in read_csv(first_run[0] / "runs/a/metrics.csv")]
+    assert [line.split()[1] for line in shown.splitlines()[-3:]] == accuracy
 
 
 def test_quickstart_reaches_90_percent(workdir: Path):
@@ -220,6 +308,6 @@ def test_continual_run_tracks_the_accuracy_matrix(tmp_path, monkeypatch):
     artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "plots")}
     assert {"plots/accuracy_matrix_class_il.png", "plots/accuracy_matrix_task_il.png"} \
         <= artifacts
-    density = client.get_metric_history(summary["mlflow_run_id"], "model_density")
+    density = client.get_metric_history(summary["mlflow_run_id"], "model/model_density")
     assert len(density) == 5 and all(abs(m.value - 0.25) < 1e-3 for m in density)
     assert not flower_processes(tmp_path)

@@ -74,6 +74,10 @@ def test_a_finished_run_is_a_short_aligned_table(tmp_path, monkeypatch):
 
 def test_the_mlflow_line_says_where_the_run_is():
     assert mlflow_hint("http://127.0.0.1:5000", "r1") == "run r1 at http://127.0.0.1:5000"
+    page = "http://h:5000/#/experiments/7/runs/r1?workflowType=machine_learning"
+    assert mlflow_hint("http://h:5000/", "r1", "7") == page
+    assert mlflow_hint("sqlite:////x.db", "r1", "7").endswith(
+        ", then http://127.0.0.1:5000/#/experiments/7/runs/r1?workflowType=machine_learning")
     assert "the ServerApp's MLflow" in mlflow_hint("", "r1")
     assert mlflow_hint("sqlite:////elsewhere/m.db", "r1").endswith(
         "--backend-store-uri sqlite:////elsewhere/m.db")

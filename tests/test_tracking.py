@@ -109,7 +109,8 @@ def test_report_has_a_table_and_overlay_plots(tmp_path: Path):
     summaries = {"a": summarize(HISTORY, 1.0, "r1"), "b": summarize(HISTORY[:2], 2.0, "r2")}
     files = write_report(summaries, {"a": HISTORY, "b": HISTORY[:2]}, tmp_path, "A vs B")
     assert {f.name for f in files} == {"report.md", "summary.csv", "a.csv", "b.csv",
-                                       "accuracy_vs_round.png", "accuracy_vs_uplink.png"}
+                                       "accuracy_vs_round.png", "accuracy_vs_uplink.png",
+                                       "loss_vs_round.png", "fed_accuracy_vs_round.png"}
     table = markdown_table(summaries)
     assert "| a | 0.8000 |" in table and "| r2 |" in table
     assert "| replies dropped |" in table and "| 3 | 4 |" in table  # a: 3 rounds, 4 dropped
@@ -203,5 +204,32 @@ def test_a_running_mirror_pushes_params_and_tags_once_then_only_rounds(tmp_path:
     assert mirror.close(60)
     assert calls["set_tag"] == first["set_tag"]
     assert calls["log_batch:['params']"] == first["log_batch:['params']"]
-    history = real(uri).get_metric_history(record.mlflow_run_id, "accuracy")
+    history = real(uri).get_metric_history(record.mlflow_run_id, "eval/accuracy")
     assert sorted(m.step for m in history) == [1, 2, 3]
+
+
+def test_a_process_killed_while_it_creates_the_store_leaves_none_half_migrated(tmp_path: Path):
+    """The first run in a folder migrates a new SQLite store for seconds; killed then (a run
+    stopped in its first seconds), it must not leave a store no later run can open."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fedsparse.tracking.mlflow_run import client_for
+
+    db = tmp_path / "mlflow.db"
+    probe = ("from fedsparse.tracking.mlflow_run import client_for; "
+             f"client_for('sqlite:///{db}')")
+    proc = subprocess.Popen([sys.executable, "-c", probe])
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".mlflow.db.*.new")):  # migrating
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not db.exists()  # nothing half-made in its place
+    client = client_for(f"sqlite:///{db}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert not list(tmp_path.glob(".mlflow.db.*.new"))

@@ -20,12 +20,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import threading
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,9 @@ from fedsparse.durable import write_bytes
 from fedsparse.resume import RESUMABLE
 from fedsparse.scenario import Scenario
 from fedsparse.tracking.history import Row
+from fedsparse.tracking.metric_names import mlflow_metric
+from fedsparse.tracking.system_metrics import PREFIX as SYSTEM_PREFIX
+from fedsparse.tracking.system_metrics import read_samples
 
 TRACKING_FILE = "tracking.json"
 ROUND_MARKER = "fedsparse_round"
@@ -59,6 +65,11 @@ class TrackedRun:
     params: dict[str, str]
     tags: dict[str, str]
     mlflow_run_id: str = ""
+    mlflow_experiment_id: str = ""
+    model_dir: str = ""  # the saved MLflow model to log (``tracking/mlflow_model.py``)
+    model_round: int = 0  # the round whose model it is
+    model_id: str = ""  # its MLflow logged model, once logged
+    pushed_samples: int = 0  # system metric samples MLflow holds (tracking/system_metrics.py)
     artifacts: list[tuple[str, str | None]] = field(default_factory=list)  # (file, folder)
     pushed_artifacts: list[str] = field(default_factory=list)
     status: str = ""  # the final status, once the run has one
@@ -75,9 +86,10 @@ class TrackedRun:
 
 
 def numeric(row: Row) -> dict[str, float]:
-    """A round's metrics as MLflow takes them (numbers only, ``round`` is the step)."""
-    return {k: float(v) for k, v in row.items() if k != "round" and isinstance(v, int | float)
-            and not isinstance(v, bool)}
+    """A round's metrics as MLflow takes them: numbers only, ``round`` is the step, under
+    their grouped MLflow names (``fedsparse/tracking/metric_names.py``)."""
+    return dict(mlflow_metric(k, float(v)) for k, v in row.items()
+                if k != "round" and isinstance(v, int | float) and not isinstance(v, bool))
 
 
 def push(record: TrackedRun, run_dir: Path, rows: Sequence[Row], reopen: bool,
@@ -93,6 +105,7 @@ def push(record: TrackedRun, run_dir: Path, rows: Sequence[Row], reopen: bool,
     client = client_for(record.tracking_uri)
     if not record.mlflow_run_id:
         exp = experiment_id(record.tracking_uri, record.experiment, record.artifact_location)
+        record.mlflow_experiment_id = exp
         found = client.search_runs([exp], filter_string=f"tags.`{RUN_ID_TAG}` = "
                                                         f"'{record.fedsparse_run_id}'")
         record.mlflow_run_id = found[0].info.run_id if found else client.create_run(
@@ -116,11 +129,26 @@ def push(record: TrackedRun, run_dir: Path, rows: Sequence[Row], reopen: bool,
             client.log_batch(run_id, metrics=[Metric(k, v, now, int(row["round"]))
                                               for k, v in metrics.items()])
             pushed += 1
+    samples = read_samples(run_dir)[record.pushed_samples:]
+    for start in range(0, len(samples), 50):  # MLflow takes at most 1000 metrics a batch
+        batch = samples[start:start + 50]
+        client.log_batch(run_id, metrics=[
+            Metric(SYSTEM_PREFIX + k, v, s["time_ms"], s["step"])
+            for s in batch for k, v in s["metrics"].items()])
+        record.pushed_samples += len(batch)
+        record.save(run_dir)
     for path, folder in record.artifacts:
         if path not in record.pushed_artifacts and (run_dir / path).exists():
             client.log_artifact(run_id, str(run_dir / path), folder)
             record.pushed_artifacts.append(path)
             record.save(run_dir)
+    if record.model_dir and not record.model_id and (run_dir / record.model_dir).is_dir():
+        from fedsparse.tracking.mlflow_model import log_saved_model
+
+        experiment = record.mlflow_experiment_id or client.get_run(run_id).info.experiment_id
+        record.model_id = log_saved_model(client, run_id, experiment, run_dir / record.model_dir,
+                                          record.model_round)
+        record.save(run_dir)
     if record.status and record.pushed_status != record.status:
         client.set_terminated(run_id, status=record.status)
         record.pushed_status = record.status
@@ -165,8 +193,18 @@ class BackgroundMirror:
         self.ready = server_round
         self._ask()
 
-    def finish(self, status: str, artifacts: Sequence[tuple[Path, str | None]]) -> None:
+    def push_soon(self) -> None:
+        """Something else is new in the run folder (a system metrics sample): push it."""
+        self._ask()
+
+    def finish(self, status: str, artifacts: Sequence[tuple[Path, str | None]],
+               model_dir: Path | None = None, model_round: int = 0) -> None:
+        """The run is over: push ``artifacts`` (files and their MLflow folders), the saved
+        MLflow model in ``model_dir`` (the model of round ``model_round``) as the run's
+        logged model, and ``status``."""
         self.record.artifacts = [(str(p.relative_to(self.run_dir)), f) for p, f in artifacts]
+        self.record.model_id, self.record.model_round = "", model_round
+        self.record.model_dir = str(model_dir.relative_to(self.run_dir)) if model_dir else ""
         self.record.status = status
         self.record.save(self.run_dir)
         self._ask()
@@ -234,7 +272,8 @@ def sync(run_dir: Path, status: str = "", override: bool = False) -> tuple[Track
 
 
 def new_tracked_run(scenario: Scenario, *, tracking_uri: str, artifact_location: str,
-                    run_name: str, parent_run_id: str, fedsparse_run_id: str) -> TrackedRun:
+                    run_name: str, parent_run_id: str, fedsparse_run_id: str,
+                    command: str = "") -> TrackedRun:
     """The MLflow run of a fresh run of ``scenario``: params = the flattened scenario except
     the keys a resume may change (``fedsparse/resume.py``), which are tags."""
     flat = scenario.flat()
@@ -243,17 +282,43 @@ def new_tracked_run(scenario: Scenario, *, tracking_uri: str, artifact_location:
         experiment=scenario.tracking.experiment, run_name=run_name or scenario.name,
         fedsparse_run_id=fedsparse_run_id,
         params={k: _text(v) for k, v in flat.items() if k not in RESUMABLE},
-        tags=run_tags(scenario, parent_run_id))
+        tags=run_tags(scenario, parent_run_id, command))
 
 
-def run_tags(scenario: Scenario, parent_run_id: str = "") -> dict[str, str]:
-    """A run's tags: what identifies its scenario, the user's, and the resumable keys."""
+def run_tags(scenario: Scenario, parent_run_id: str = "", command: str = "") -> dict[str, str]:
+    """A run's tags: what identifies its scenario, the code that ran it (:func:`provenance`),
+    the command that started it (this session's, on a resume), the user's tags, and the
+    resumable keys."""
     flat = scenario.flat()
     tags = {"fedsparse.scenario": scenario.name, "fedsparse.fingerprint": scenario.fingerprint(),
-            "mlflow.note.content": scenario.description, **scenario.tracking.tags,
-            **{k: _text(flat[k]) for k in RESUMABLE if k in flat}}
+            "mlflow.note.content": scenario.description, **provenance(),
+            **scenario.tracking.tags, **{k: _text(flat[k]) for k in RESUMABLE if k in flat}}
+    if command:
+        tags["fedsparse.command"] = _text(command)
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
+    return tags
+
+
+@cache
+def provenance() -> dict[str, str]:
+    """The versions of fedsparse and of what its results depend on, and the git commit of
+    the fedsparse checkout that runs (MLflow's own tag for it), where it is one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import fedsparse
+
+    tags = {"fedsparse.version": fedsparse.__version__, "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": "fedsparse"}
+    for package in ("flwr", "torch", "ray", "mlflow"):
+        with suppress(PackageNotFoundError):
+            tags[f"fedsparse.{package}_version"] = version(package)
+    checkout = Path(fedsparse.__file__).resolve().parent.parent
+    with suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
     return tags
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,24 +19,38 @@ from pathlib import Path
 for _name in ("mlflow.store.db.utils", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
+# MLflow 3's UI opens an experiment in its GenAI view (traces) unless the experiment says
+# it is for model training; the tag holds when the experiment is created with it.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
 
 def client_for(tracking_uri: str):  # -> mlflow.MlflowClient
     """A client whose store is ready. A new SQLite store is created (schema migrations)
-    under an exclusive lock on ``<db>.lock``: two runs starting together on a fresh store
-    would otherwise both migrate it, and one fails."""
+    under an exclusive lock on ``<db>.lock``, since two runs starting together on a fresh
+    store would otherwise both migrate it and one fail, and aside, in a file renamed into
+    place once migrated: a process killed while it migrates (a run stopped in its first
+    seconds) leaves no half-migrated store, which every later run would fail to open."""
     from mlflow import MlflowClient
 
     if not tracking_uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=tracking_uri or None)
-    with open(f"{tracking_uri.removeprefix('sqlite:///')}.lock", "a") as lock:
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    with open(f"{db}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if not db.exists():
+            for stale in db.parent.glob(f".{db.name}.*.new"):  # of a process killed then
+                stale.unlink(missing_ok=True)
+            fresh = db.with_name(f".{db.name}.{os.getpid()}.new")
+            MlflowClient(tracking_uri=f"sqlite:///{fresh}").search_experiments(max_results=1)
+            os.replace(fresh, db)
         client = MlflowClient(tracking_uri=tracking_uri)
         client.search_experiments(max_results=1)
     return client
 
 
 def experiment_id(tracking_uri: str, name: str, artifact_location: str = "") -> str:
-    """Id of experiment ``name``, created (with ``artifact_location`` if given) when missing."""
+    """Id of experiment ``name``, created (with ``artifact_location`` if given, and opening
+    in MLflow's model-training view: :data:`EXPERIMENT_TAGS`) when missing."""
     from mlflow.exceptions import MlflowException
 
     client = client_for(tracking_uri)
@@ -43,7 +58,8 @@ def experiment_id(tracking_uri: str, name: str, artifact_location: str = "") -> 
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location or None)
+        return client.create_experiment(name, artifact_location=artifact_location or None,
+                                        tags=EXPERIMENT_TAGS)
     except MlflowException:  # created concurrently by another run
         found = client.get_experiment_by_name(name)
         if found is None:

@@ -1,4 +1,5 @@
-"""Comparison report of several runs: a table of final metrics and overlaid accuracy plots."""
+"""Comparison report of several runs: a table of final metrics, a table of the scenario keys
+that differ between them, and overlaid plots of their rounds."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsparse.tracking.history import Row, write_csv
-from fedsparse.tracking.plots import MB, accuracy_plots
+from fedsparse.tracking.plots import MB, round_plots
 
 # (summary key, column title, formatter)
 COLUMNS: tuple[tuple[str, str, Any], ...] = (
@@ -72,18 +73,30 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def params_table(params: Mapping[str, Mapping[str, str]]) -> str:
+    """One row per run, one column per scenario key that differs between the runs."""
+    keys = list(dict.fromkeys(k for values in params.values() for k in values))
+    lines = ["| run | " + " | ".join(f"`{k}`" for k in keys) + " |",
+             "|" + "---|" * (len(keys) + 1)]
+    lines += ["| " + " | ".join([label, *(values.get(k, "-") for k in keys)]) + " |"
+              for label, values in params.items()]
+    return "\n".join(lines) + "\n"
+
+
 def _file_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
 
 
 def write_report(summaries: Mapping[str, Mapping[str, Any]],
                  histories: Mapping[str, Sequence[Row]], out_dir: Path, title: str,
-                 target: float | None = None, reference: str = "") -> list[Path]:
+                 target: float | None = None, reference: str = "",
+                 params: Mapping[str, Mapping[str, str]] | None = None) -> list[Path]:
     """Write ``report.md``, ``summary.csv``, each run's ``metrics/<run>.csv`` and the overlay
-    plots; return the files."""
+    plots (the ``target`` accuracy drawn on them); return the files. ``params``: per run, the
+    scenario keys that differ between the runs and their values (``tracking/runs.py``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table_rows = with_comparisons(summaries, histories, target, reference)
-    plots = accuracy_plots(histories, out_dir / "plots")
+    plots = round_plots(histories, out_dir / "plots", target)
     table = write_csv([{"run": label, **summary} for label, summary in table_rows.items()],
                       out_dir / "summary.csv")
     per_run = [write_csv(rows, out_dir / "metrics" / f"{_file_name(label)}.csv")
@@ -95,6 +108,9 @@ def write_report(summaries: Mapping[str, Mapping[str, Any]],
         notes.append(f"uplink (downlink, FLOPs) reduction: uplink bytes (downlink bytes, "
                      f"training FLOPs) of {reference} / those of the run")
     body = [f"# {title}\n", markdown_table(table_rows)]
+    if params and any(params.values()):
+        body += ["What differs between the runs (the scenario keys whose values differ):\n",
+                 params_table(params)]
     body += [f"- {n}" for n in notes] + ([""] if notes else [])
     body += [f"![{p.stem}](plots/{p.name})\n" for p in plots]
     report = out_dir / "report.md"
