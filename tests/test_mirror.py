@@ -4,10 +4,6 @@ exactly once, training never waits for it, nothing is lost."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,46 +17,13 @@ from fedsparse.tracking.system_metrics import read_samples
 from strategies import server_app
 from tests.conftest import digits_scenario
 from tests.local_grid import serve
+from tests.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
 ROUNDS = 8
 TEXT = digits_scenario(run={"rounds": ROUNDS, "eval_every": 2}, tracking={
     "experiment": "mirror", "flush_timeout_s": 60.0})
-
-
-class MlflowServer:
-    """`mlflow server` on a fixed loopback port over one store, started and stopped at will."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-               "MLFLOW_DISABLE_TELEMETRY": "true"}
-        with open(self.root / "server.log", "a") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-                 "--default-artifact-root", str(self.root / "artifacts")],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 90
-        while unreachable(self.uri, timeout=1):
-            assert time.monotonic() < deadline and self.proc.poll() is None, "no mlflow server"
-            time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
 
 
 @pytest.fixture

@@ -179,6 +179,46 @@ def test_the_final_model_is_an_mlflow_model_that_predicts_the_final_accuracy(fir
         mlflow.set_tracking_uri(None)
 
 
+def test_the_mlflow_ui_serves_the_run_with_grouped_metrics_tags_and_its_model(first_run):
+    """What a user's browser gets: `mlflow server` over the run's store answers its REST API
+    with the run (its folder's name, grouped metrics, the code's tags), the experiment in the
+    model-training kind, the logged model ready, and the UI page itself."""
+    workdir, summary = first_run
+    import urllib.request
+
+    from tests.mlflow_server import MlflowServer
+
+    def get(path: str) -> dict:
+        with urllib.request.urlopen(f"{server.uri}{path}", timeout=30) as response:
+            return json.load(response)
+
+    server = MlflowServer(workdir, store=workdir / "mlflow.db")
+    server.start()
+    try:
+        run = get(f"/api/2.0/mlflow/runs/get?run_id={summary['mlflow_run_id']}")["run"]
+        assert run["info"]["run_name"] == "a" and run["info"]["status"] == "FINISHED"
+        keys = {m["key"] for m in run["data"]["metrics"]}
+        assert {"eval/accuracy", "comm/cum_uplink_MB", "compute/train_GFLOPs",
+                "clients/failed", "time/round_s", "system/cpu_utilization_percentage"} <= keys
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["fedsparse.scenario"] == "digits-test"
+        assert tags["fedsparse.command"].startswith("fedsparse run ")
+        assert {"fedsparse.version", "fedsparse.flwr_version", "fedsparse.torch_version"} <= \
+            tags.keys()
+        (output,) = run["outputs"]["model_outputs"]
+        model = get(f"/api/2.0/mlflow/logged-models/{output['model_id']}")["model"]["info"]
+        assert (model["name"], model["source_run_id"], model["status"]) == (
+            "model", summary["mlflow_run_id"], "LOGGED_MODEL_READY")
+        experiment = get(f"/api/2.0/mlflow/experiments/get?experiment_id="
+                         f"{run['info']['experiment_id']}")["experiment"]
+        assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in \
+            experiment["tags"]
+        with urllib.request.urlopen(f"{server.uri}/", timeout=30) as page:
+            assert page.status == 200 and b"<title>MLflow</title>" in page.read()
+    finally:
+        server.stop()
+
+
 def test_same_seed_same_metrics_and_resume_continues_exactly(first_run, monkeypatch):
     workdir, summary = first_run
     monkeypatch.chdir(workdir)

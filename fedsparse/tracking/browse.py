@@ -13,8 +13,12 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedsparse.scenario import ScenarioError
+
+if TYPE_CHECKING:
+    from fedsparse.tracking.runs import RunView
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -64,6 +68,16 @@ def _tracking_uri(args: argparse.Namespace) -> str:
     return tracking_settings(Path.cwd(), args.tracking_uri)["tracking-uri"]
 
 
+def _tracking_of(view: RunView, args: argparse.Namespace) -> str:
+    """Where a run is tracked: its folder says (``tracking.json``), else ``--tracking-uri``."""
+    from fedsparse.tracking.mirror import TRACKING_FILE, TrackedRun
+
+    folder = Path(view.where)
+    if (folder / TRACKING_FILE).is_file():
+        return TrackedRun.load(folder).tracking_uri
+    return _tracking_uri(args)
+
+
 def ls(args: argparse.Namespace) -> int:
     from fedsparse.tracking.runs import experiment_runs, from_folder, run_folders, view_labels
     from fedsparse.tracking.terminal import runs_table
@@ -89,8 +103,10 @@ def show(args: argparse.Namespace) -> int:
         print(view.scenario_text.rstrip() + "\n")
     print(f"{view.name}: {status_line(view)}, {view.rounds} of {view.planned_rounds} rounds "
           f"({view.where})")
-    if {"total_wall_s", "run_dir"} <= view.summary.keys():
-        print(table(view.name, view.summary, "").split("\n", 1)[1])
+    if view.status in ("FINISHED", "FAILED") and "uplink_bytes" in view.summary:
+        summary = {"total_wall_s": view.summary.get("wall_s", 0.0), "failure": "",
+                   **view.summary, "run_dir": view.where}  # the folder it is read from
+        print(table(view.name, summary, _tracking_of(view, args)).split("\n", 1)[1])
     if view.history:
         print(rounds_table(view.history))
     return 0
