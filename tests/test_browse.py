@@ -126,6 +126,11 @@ def test_report_of_folders_names_what_differs_in_its_tables_and_legends(tmp_path
     plots = {p.name for p in (tmp_path / "rep/plots").iterdir()}
     assert plots == {"accuracy_vs_round.png", "accuracy_vs_uplink.png", "loss_vs_round.png",
                      "fed_accuracy_vs_round.png"}
+    empty = run_folder(tmp_path / "runs", "digits", 0.5, finished=False)
+    (empty / "checkpoint.npz").unlink()  # stopped before round 1
+    (empty / "checkpoint.prev.npz").unlink(missing_ok=True)
+    assert main(["report", str(fast), str(empty), "--out", str(tmp_path / "rep2")]) == 0
+    assert f"{empty} (digits) has no finished round; it is left out" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["report", str(fast), "--experiment", "x"])  # one or the other
     assert main(["report", str(fast), "--reference", "nope"]) == 2
@@ -176,6 +181,10 @@ def test_mlflow_runs_read_back_under_grouped_and_plain_names(tmp_path):
                      for k, v in row.items() if k != "round"]
             client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), 0, row["round"])
                                                        for k, v in pairs])
+        for sample in range(5):  # steps that are samples, not rounds
+            client.log_metric(run.info.run_id, "system/cpu_utilization_percentage", 50.0,
+                              step=sample)
+        client.log_metric(run.info.run_id, "fedsparse_round", 3.0, step=3)
         runs.append(from_mlflow(client, client.get_run(run.info.run_id)))
     for view in runs:
         assert view.history == [{k: float(v) if k != "round" else v for k, v in r.items()}

@@ -11,6 +11,7 @@ in detail, and the comparison report of finished runs, none of them re-run
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -119,6 +120,10 @@ def report(args: argparse.Namespace) -> int:
     uri = _tracking_uri(args)
     views = experiment_runs(uri, args.experiment) if args.experiment else \
         [find(ref, uri) for ref in args.runs]
+    for view in views:
+        if not view.history:
+            print(f"fedsparse: note: {view.where} ({view.name}) has no finished round; it is "
+                  f"left out of the report", file=sys.stderr)
     views = [v for v in views if v.history]
     if not views:
         raise ScenarioError("runs", ["none of them has a finished round to report"])

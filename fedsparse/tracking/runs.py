@@ -23,10 +23,11 @@ from fedsparse.run_lock import RunDirBusy, hold
 from fedsparse.scenario import parse_scenario
 from fedsparse.tracking.history import Row, read_csv
 from fedsparse.tracking.metric_names import plain_metric
+from fedsparse.tracking.mirror import ROUND_MARKER
 from fedsparse.tracking.summary import summarize
+from fedsparse.tracking.system_metrics import PREFIX as SYSTEM_PREFIX
 
 SCENARIO, SUMMARY, METRICS = "scenario.toml", "summary.json", "metrics.csv"
-ROUND_MARKER = "fedsparse_round"  # the mirror's own marker (tracking/mirror.py), not a metric
 # Keys that differ between runs without saying how they differ.
 NOT_COMPARED = ("description", "tracking.experiment")
 
@@ -100,10 +101,11 @@ def from_folder(run_dir: Path) -> RunView:
 
 
 def _mlflow_history(client: Any, run: Any) -> list[Row]:
-    """A run's rounds from its metric histories (step = round), under their plain names."""
+    """A run's rounds from its metric histories (step = round), under their plain names;
+    the mirror's round marker and the system metrics (step = sample) are no round's."""
     rows: dict[int, Row] = {}
     for key in run.data.metrics:
-        if key == ROUND_MARKER:
+        if key == ROUND_MARKER or key.startswith(SYSTEM_PREFIX):
             continue
         for metric in client.get_metric_history(run.info.run_id, key):
             name, value = plain_metric(key, metric.value)
