@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,9 +38,11 @@ def fsync_dir(directory: Path) -> None:
 
 def write_bytes(path: Path, data: bytes, previous: Path | None = None) -> Path:
     """Write ``data`` to ``path`` atomically and durably; with ``previous``, the file it
-    replaces is kept there (one generation back) instead of being overwritten."""
+    replaces is kept there (one generation back) instead of being overwritten. The temporary
+    file is the writing thread's own: two threads of a process may write one file at once
+    (the mirror's and the ServerApp's ``tracking.json``), and the last rename wins whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()

@@ -45,3 +45,20 @@ def hold(run_dir: Path) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+def in_use(run_dir: Path) -> bool:
+    """Whether a run holds ``run_dir`` now, found without taking its lock or writing to the
+    folder (it may be read-only): a shared lock is refused while a run holds the exclusive
+    one. (A ``--resume`` starting in the instant the shared lock is held is refused as busy.)"""
+    try:
+        fd = os.open(run_dir / FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

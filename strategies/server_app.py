@@ -60,6 +60,7 @@ app = ServerApp()
 log = logging.getLogger("fedsparse")
 CLIENT_ROWS = "clients.jsonl"
 SCENARIO_FILE = "scenario.toml"
+SUMMARY_FILE = "summary.json"
 
 
 def build_strategy(scenario: Scenario) -> FedSparseStrategy:
@@ -104,10 +105,19 @@ def central_evaluator(scenario: Scenario,
 def export_adapter(scenario: Scenario, arrays: ArrayRecord, directory: Path) -> list[Path]:
     """A model with frozen pretrained weights (LoRA) is exported as a standard peft adapter
     (SoRA: the pruned one) that ``PeftModel.from_pretrained`` loads on the same base."""
+    return _save_adapter(final_model(scenario, arrays), directory)
+
+
+def final_model(scenario: Scenario, arrays: ArrayRecord) -> torch.nn.Module:
+    """The scenario's model with the global weights ``arrays`` loaded."""
     model = scenario_model(scenario)
+    load_shared_state(model, arrays.to_torch_state_dict())
+    return model
+
+
+def _save_adapter(model: torch.nn.Module, directory: Path) -> list[Path]:
     if not hasattr(model, "save_adapter"):
         return []
-    load_shared_state(model, arrays.to_torch_state_dict())
     try:
         return model.save_adapter(directory)
     except ValueError as err:  # e.g. SoRA pruned every rank: nothing to export
@@ -162,17 +172,16 @@ def _finish(out_dir: Path, scenario: Scenario, state: LoopState, run_id: str,
         save_file({k: v.contiguous() for k, v in state.arrays.to_torch_state_dict().items()},
                   str(weights), metadata={"scenario": scenario.name})
         files.append(weights)
-        adapter = export_adapter(scenario, state.arrays, out_dir / "adapter")
-        artifacts += [(path, "adapter") for path in adapter]
-        if adapter:
-            summary["adapter_dir"] = str(out_dir / "adapter")
+        model = final_model(scenario, state.arrays)
+        if hasattr(model, "save_adapter"):  # LoRA: its model is a peft adapter on the base
+            adapter = _save_adapter(model, out_dir / "adapter")
+            artifacts += [(path, "adapter") for path in adapter]
+            if adapter:
+                summary["adapter_dir"] = str(out_dir / "adapter")
         else:
-            model = scenario_model(scenario)
-            load_shared_state(model, state.arrays.to_torch_state_dict())
             model_dir = save_model(model, held_out_set(scenario.data, scenario.seed)[0],
                                    out_dir / MODEL_DIR)
-    summary_path = out_dir / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2))
+    summary_path = write_bytes(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
     files.append(summary_path)
     artifacts += [(path, "plots" if path.suffix == ".png" else None) for path in files
                   if path.exists()]
@@ -203,7 +212,9 @@ def prepare(scenario: Scenario, strategy: FedSparseStrategy, setting: dict[str, 
             out_dir: Path) -> Prepared:
     """A fresh start (initial model, a new MLflow record) or a resumed one (checkpoint, the
     same MLflow run). A resume writes the run folder's scenario only once its checkpoint has
-    loaded, so a resume that fails leaves the folder as it was."""
+    loaded, so a resume that fails leaves the folder as it was; then it drops what an
+    earlier session's end left (its ``summary.json``: the run is not finished again yet;
+    its artifacts and model as pushed: this session's end pushes its own)."""
     import mlflow.entities  # noqa: F401  (seconds to import: here, while the clients start)
 
     evaluator = central_evaluator(scenario, strategy.task_views)
@@ -214,9 +225,12 @@ def prepare(scenario: Scenario, strategy: FedSparseStrategy, setting: dict[str, 
         record = TrackedRun.load(out_dir)
         record.tags = run_tags(scenario, setting["parent-run-id"], setting["command-line"])
         record.status = record.pushed_status = ""
+        record.artifacts, record.pushed_artifacts = [(SCENARIO_FILE, None)], []
+        record.model_dir = record.model_id = ""
         record.tracking_uri = setting["tracking-uri"] or record.tracking_uri
         record.save(out_dir)
         write_bytes(out_dir / SCENARIO_FILE, scenario_text)
+        (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
         log.info("resuming after round %d from %s", checkpoint.round, setting["resume-from"])
         return Prepared(LoopState.restore(checkpoint, strategy), record,
                         float(checkpoint.state["wall_s"]),

@@ -58,6 +58,7 @@ def test_labels_name_what_differs_and_only_where_names_are_the_same():
         "a client.lr=0.1", "a client.lr=0.01", "b"]
     same = [{"name": "a", "seed": "1"}] * 2
     assert labels(["a", "a"], same, ["x1", "x2"]) == ["a [x1]", "a [x2]"]
+    assert labels(["a", "a"], same, ["x1", "x1"]) == ["a [x1] #1", "a [x1] #2"]
     assert differing([{"description": "x", "k": "1"}, {"description": "y", "k": "1"}]) == []
 
 
@@ -90,6 +91,26 @@ def test_ls_lists_finished_stopped_and_running_folders(tmp_path, capsys):
     assert "RUNNING after round 2" in rows["other"]
     assert main(["ls", str(tmp_path / "nothing")]) == 0
     assert capsys.readouterr().out.startswith("no runs in")
+    done = tmp_path / "runs/digits-0.1"
+    assert not (done / ".lock").exists()  # ls looked without taking (or making) a lock
+
+
+def test_ls_says_which_folder_it_cannot_read_and_lists_the_rest(tmp_path, capsys):
+    good = run_folder(tmp_path / "runs", "digits", 0.1)
+    torn = run_folder(tmp_path / "runs", "digits", 0.01)
+    (torn / "summary.json").write_text('{"rounds": 3, "fin')
+    assert main(["ls", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr()
+    assert str(good) in out.out and str(torn) not in out.out
+    assert f"fedsparse: note: {torn} is left out: it cannot be read (JSONDecodeError" in out.err
+
+
+def test_a_finished_run_resumed_for_more_rounds_is_not_finished_until_it_ends(tmp_path):
+    folder = run_folder(tmp_path, "digits", 0.1)  # finished after 3 rounds
+    rows = history(5, 0.9)
+    Checkpoint(4, {}, {"history": rows[:4]}).save(folder)  # resumed to 5, stopped after 4
+    view = from_folder(folder)
+    assert (view.status, view.rounds) == ("STOPPED", 4)
 
 
 def test_show_prints_the_summary_and_a_row_per_round(tmp_path, capsys):
@@ -111,8 +132,11 @@ def test_show_refuses_what_is_neither_a_folder_nor_a_run(tmp_path, capsys, monke
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["show", "0123abcd"]) == 2
-    assert "fedsparse: 0123abcd: no run folder and no MLflow run of that id" in \
-        capsys.readouterr().err
+    assert "fedsparse: 0123abcd: no run folder, and no MLflow run of that id: no MLflow store " \
+           f"at sqlite:///{tmp_path / 'mlflow.db'}" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()  # reading runs back creates no store
+    assert main(["show", "0123abcd", "--tracking-uri", "http://127.0.0.1:9"]) == 2
+    assert "MLflow at http://127.0.0.1:9 is unreachable" in capsys.readouterr().err
 
 
 def test_report_of_folders_names_what_differs_in_its_tables_and_legends(tmp_path, capsys):

@@ -4,6 +4,8 @@ tracked as a fresh one would be (MLflow params unchanged, the resumable keys as 
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,3 +93,11 @@ def test_a_resumed_run_keeps_its_params_and_updates_its_resumable_tags(tmp_path,
     assert run.data.params == first.params and run.data.tags["run.rounds"] == "3"
     assert run.info.status == "FINISHED"
     assert (tmp_path / "run" / "scenario.toml").read_text().count("rounds = 3") == 1
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with tempfile.TemporaryDirectory() as tmp:  # the second session's files, not the first's
+        pushed = Path(client.download_artifacts(record.mlflow_run_id, "summary.json", tmp))
+        assert json.loads(pushed.read_text())["rounds"] == 3
+        pushed = Path(client.download_artifacts(record.mlflow_run_id, "metrics.csv", tmp))
+        assert len(pushed.read_text().splitlines()) == 1 + 3
+    (model,) = client.search_logged_models([run.info.experiment_id])  # one, re-logged
+    assert model.model_id == record.model_id and model.tags["fedsparse.round"] == "3"

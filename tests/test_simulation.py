@@ -163,6 +163,7 @@ def test_the_final_model_is_an_mlflow_model_that_predicts_the_final_accuracy(fir
     logged = MlflowClient(tracking_uri=uri).get_logged_model(output.model_id)
     assert (logged.name, logged.source_run_id, logged.status.to_proto()) == (
         "model", run.info.run_id, 2)  # READY
+    assert logged.tags["fedsparse.round"] == "3"
     scenario = load_scenario(DATA / "digits.toml")
     x, y = held_out_set(scenario.data, scenario.seed)
     mlflow.set_tracking_uri(uri)

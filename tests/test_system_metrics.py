@@ -32,10 +32,13 @@ def test_samples_go_to_the_run_folder_under_mlflows_names_and_a_resume_counts_on
     assert [s["step"] for s in read_samples(tmp_path)] == list(range(len(samples) + 1))
 
 
-def test_a_torn_last_line_is_left_out(tmp_path):
+def test_a_torn_last_line_is_left_out_and_a_resumed_sampler_starts_a_line_of_its_own(tmp_path):
     sample = {"step": 0, "time_ms": 1, "metrics": {"cpu_utilization_percentage": 5.0}}
     (tmp_path / FILE).write_text(json.dumps(sample) + "\n" + '{"step": 1, "ti')
     assert read_samples(tmp_path) == [sample]
+    resumed = SystemSampler(tmp_path, 60).start()
+    resumed.stop()
+    assert [s["step"] for s in read_samples(tmp_path)] == [0, 1]
 
 
 def test_no_system_metrics_takes_no_sample(tmp_path):

@@ -233,3 +233,29 @@ def test_a_process_killed_while_it_creates_the_store_leaves_none_half_migrated(t
     client = client_for(f"sqlite:///{db}")
     assert [e.name for e in client.search_experiments()] == ["Default"]
     assert not list(tmp_path.glob(".mlflow.db.*.new"))
+
+
+def test_two_threads_writing_one_file_leave_it_whole(tmp_path: Path):
+    """The mirror's thread and the ServerApp's save ``tracking.json`` at once (the last
+    system metrics sample and the run's end): neither fails, and the file is one of theirs."""
+    import threading
+
+    from fedsparse.durable import write_bytes
+
+    texts = [b"x" * 100_000, b"short"]
+    errors = []
+
+    def write(text: bytes) -> None:
+        try:
+            for _ in range(200):
+                write_bytes(tmp_path / "tracking.json", text)
+        except OSError as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in texts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and (tmp_path / "tracking.json").read_bytes() in texts
+    assert not list(tmp_path.glob(".tracking.json.*.tmp"))

@@ -86,7 +86,13 @@ def ls(args: argparse.Namespace) -> int:
     if args.experiment:
         views = experiment_runs(_tracking_uri(args), args.experiment)
     else:
-        views = [from_folder(path) for path in run_folders(args.folder)]
+        views = []
+        for path in run_folders(args.folder):
+            try:
+                views.append(from_folder(path))
+            except (ValueError, OSError) as err:  # a damaged or foreign folder: said, skipped
+                print(f"fedsparse: note: {path} is left out: it cannot be read "
+                      f"({type(err).__name__}: {str(err).splitlines()[0]})", file=sys.stderr)
     if not views:
         where = f"MLflow experiment {args.experiment!r}" if args.experiment else str(args.folder)
         print(f"no runs in {where}")

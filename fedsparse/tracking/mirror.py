@@ -137,21 +137,27 @@ def push(record: TrackedRun, run_dir: Path, rows: Sequence[Row], reopen: bool,
             for s in batch for k, v in s["metrics"].items()])
         record.pushed_samples += len(batch)
         record.save(run_dir)
-    for path, folder in record.artifacts:
+    # Read the status first: finish() sets the artifacts and the model before the status,
+    # so a status read here comes with the artifacts and the model it was set with.
+    status = record.status
+    artifacts, model_dir, model_round = list(record.artifacts), record.model_dir, \
+        record.model_round
+    for path, folder in artifacts:
         if path not in record.pushed_artifacts and (run_dir / path).exists():
             client.log_artifact(run_id, str(run_dir / path), folder)
             record.pushed_artifacts.append(path)
             record.save(run_dir)
-    if record.model_dir and not record.model_id and (run_dir / record.model_dir).is_dir():
+    if model_dir and not record.model_id and (run_dir / model_dir).is_dir():
         from fedsparse.tracking.mlflow_model import log_saved_model
 
         experiment = record.mlflow_experiment_id or client.get_run(run_id).info.experiment_id
-        record.model_id = log_saved_model(client, run_id, experiment, run_dir / record.model_dir,
-                                          record.model_round)
-        record.save(run_dir)
-    if record.status and record.pushed_status != record.status:
-        client.set_terminated(run_id, status=record.status)
-        record.pushed_status = record.status
+        model_id = log_saved_model(client, run_id, experiment, run_dir / model_dir, model_round)
+        if record.model_dir == model_dir:  # not reset meanwhile (a new session's finish)
+            record.model_id = model_id
+            record.save(run_dir)
+    if status and record.pushed_status != status:
+        client.set_terminated(run_id, status=status)
+        record.pushed_status = status
         record.save(run_dir)
     return pushed
 
@@ -315,10 +321,12 @@ def provenance() -> dict[str, str]:
             tags[f"fedsparse.{package}_version"] = version(package)
     checkout = Path(fedsparse.__file__).resolve().parent.parent
     with suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"],
-                                capture_output=True, text=True, timeout=5)
-        if commit.returncode == 0:
-            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+        found = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--show-toplevel",
+                                "HEAD"], capture_output=True, text=True, timeout=5)
+        top, _, commit = found.stdout.strip().partition("\n")
+        # fedsparse's own checkout, not a repository it is installed in (a venv inside one)
+        if found.returncode == 0 and Path(top).resolve() == checkout:
+            tags["mlflow.source.git.commit"] = commit
     return tags
 
 

@@ -8,9 +8,11 @@ artifact. Load it with ``mlflow.pytorch.load_model("models:/<model id>")`` or
 ``mlflow.pytorch.load_model("runs:/<run id>/model")``: a ``torch.nn.Module`` that takes the
 dataset's normalised features (as the held-out set has them) and returns class logits.
 The model is pickled whole (MLflow's ``pickle`` format: 0.02 s, where its default ``pt2``,
-a ``torch.export`` trace, took 3.4 s after every run), so loading it needs the torch of the
-run (its requirement) and runs code from the artifact: load models of runs you trust; the
-run's ``model.safetensors`` holds the same weights as plain tensors.
+a ``torch.export`` trace, took 3.4 s after every run), so loading it runs code from the
+artifact (load models of runs you trust; the run's ``model.safetensors`` holds the same
+weights as plain tensors) and needs the classes it is made of: fedsparse's MLP and CNN are
+``torch.nn.Sequential`` stacks of torch's own layers, so torch (the requirement it is saved
+with) is all they need; a model of a class of one's own needs that class importable.
 """
 
 from __future__ import annotations
@@ -55,9 +57,11 @@ def save_model(model: nn.Module, x: torch.Tensor, directory: Path) -> Path:
 def log_saved_model(client: Any, run_id: str, experiment_id: str, directory: Path,
                     step: int) -> str:
     """Log the saved model in ``directory`` as the logged model :data:`MODEL_NAME` of MLflow
-    run ``run_id`` (``client``: an ``mlflow.MlflowClient``), an output of its round
-    ``step``; return the model's id. Found again, not created twice, when an earlier attempt
-    failed half-way."""
+    run ``run_id`` (``client``: an ``mlflow.MlflowClient``), the model of round ``step``
+    (its tag ``fedsparse.round``); return the model's id. Found again, not created twice,
+    when an earlier attempt failed half-way or an earlier session of the run (a resume) logged
+    it: its files are then replaced, and its link to the run keeps the step it was first
+    logged at (MLflow keeps one link per run and model)."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
     found = client.search_logged_models(
@@ -66,6 +70,7 @@ def log_saved_model(client: Any, run_id: str, experiment_id: str, directory: Pat
         experiment_id, name=MODEL_NAME, source_run_id=run_id, model_type="pytorch")
     client.log_model_artifacts(model.model_id, str(directory))
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.set_logged_model_tags(model.model_id, {"fedsparse.round": str(step)})
     outputs = client.get_run(run_id).outputs
     if model.model_id not in {o.model_id for o in outputs.model_outputs}:
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])

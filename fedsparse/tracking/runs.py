@@ -19,7 +19,7 @@ from typing import Any
 from fedsparse.checkpoint import Checkpoint, finished_round
 from fedsparse.durable import CorruptFile
 from fedsparse.resume import RESUMABLE
-from fedsparse.run_lock import RunDirBusy, hold
+from fedsparse.run_lock import in_use
 from fedsparse.scenario import parse_scenario
 from fedsparse.tracking.history import Row, read_csv
 from fedsparse.tracking.metric_names import plain_metric
@@ -69,14 +69,6 @@ def run_folders(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
 
-def _in_use(run_dir: Path) -> bool:
-    try:
-        with hold(run_dir):
-            return False
-    except RunDirBusy:
-        return True
-
-
 def from_folder(run_dir: Path) -> RunView:
     """A run folder, finished or not (:class:`RunNotFound` when it is none)."""
     if not is_run_folder(run_dir):
@@ -85,16 +77,18 @@ def from_folder(run_dir: Path) -> RunView:
     scenario = parse_scenario(text, source=str(run_dir / SCENARIO))
     params = {k: str(v) for k, v in scenario.flat().items()}
     summary: dict[str, Any] = {}
-    if (run_dir / SUMMARY).is_file():
-        summary = json.loads((run_dir / SUMMARY).read_text())
+    finished = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).is_file() \
+        else None
+    if finished is not None and finished_round(run_dir) in (None, finished.get("rounds")):
+        summary = finished
         history = read_csv(run_dir / METRICS) if (run_dir / METRICS).is_file() else []
         status = "FAILED" if summary.get("failure") else "FINISHED"
-    else:
+    else:  # not finished, or resumed past the end of an earlier session
         try:
             history = list(Checkpoint.load(run_dir).state.get("history", []))
         except (FileNotFoundError, CorruptFile):
             history = []
-        status = "RUNNING" if _in_use(run_dir) else "STOPPED"
+        status = "RUNNING" if in_use(run_dir) else "STOPPED"
         if history:
             summary = summarize(history, 0.0, "")
     return RunView(scenario.name, str(run_dir), status, params, summary, history, text)
@@ -137,8 +131,19 @@ def from_mlflow(client: Any, run: Any) -> RunView:
 
 
 def mlflow_client(tracking_uri: str) -> Any:
+    """A client of the store at ``tracking_uri``, which must exist (reading runs back never
+    creates a store) and answer (:class:`RunNotFound` says why not)."""
+    from fedsparse.tracking.mirror import unreachable
     from fedsparse.tracking.mlflow_run import client_for
 
+    sqlite = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:///") \
+        else ""
+    if sqlite and not Path(sqlite).is_file():
+        raise RunNotFound(f"no MLflow store at {tracking_uri} (--tracking-uri, or "
+                          f"MLFLOW_TRACKING_URI, says which)")
+    reason = unreachable(tracking_uri)
+    if reason:
+        raise RunNotFound(f"MLflow at {tracking_uri} is unreachable ({reason})")
     return client_for(tracking_uri)
 
 
@@ -150,11 +155,11 @@ def find(reference: str, tracking_uri: str) -> RunView:
     from mlflow.exceptions import MlflowException
 
     try:
-        run = mlflow_client(tracking_uri).get_run(reference)
-    except MlflowException as err:
-        raise RunNotFound(f"{reference}: no run folder and no MLflow run of that id at "
-                          f"{tracking_uri} ({str(err).splitlines()[0]})") from None
-    return from_mlflow(mlflow_client(tracking_uri), run)
+        client = mlflow_client(tracking_uri)
+        return from_mlflow(client, client.get_run(reference))
+    except (MlflowException, RunNotFound) as err:
+        raise RunNotFound(f"{reference}: no run folder, and no MLflow run of that id: "
+                          f"{str(err).splitlines()[0]}") from None
 
 
 def experiment_runs(tracking_uri: str, experiment: str) -> list[RunView]:
@@ -191,6 +196,8 @@ def labels(names: Sequence[str], params: Sequence[Mapping[str, str]],
         out.append(" ".join([name, *(f"{k}={values.get(k, '-')}" for k in apart)]))
     if len(set(out)) < len(out):
         out = [f"{label} [{i}]" for label, i in zip(out, ids, strict=True)]
+    if len(set(out)) < len(out):  # even the ids' ends: number them
+        out = [f"{label} #{n}" for n, label in enumerate(out, 1)]
     return out
 
 

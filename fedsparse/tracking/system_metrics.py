@@ -61,6 +61,19 @@ def monitors() -> list[Any]:
     return found
 
 
+def _drop_torn_tail(run_dir: Path) -> int:
+    """Cut a torn last line (a process killed while it appended) off the samples file, so
+    that new samples start on a line of their own; the number of samples kept."""
+    path = run_dir / FILE
+    samples = read_samples(run_dir)
+    if path.is_file():
+        text = path.read_text()
+        kept = "".join(json.dumps(s) + "\n" for s in samples)
+        if text != kept:
+            path.write_text(kept)
+    return len(samples)
+
+
 class SystemSampler:
     """Appends a sample of MLflow's system monitors to ``run_dir/system_metrics.jsonl``
     every ``interval_s`` seconds (none when it is 0), and calls ``on_sample`` after each,
@@ -85,7 +98,7 @@ class SystemSampler:
 
     def _loop(self) -> None:
         parts = monitors()
-        step = len(read_samples(self.run_dir))  # a resumed run goes on counting
+        step = _drop_torn_tail(self.run_dir)  # a resumed run goes on counting
         while True:
             stopping = self._stop.wait(self.interval_s)
             metrics: dict[str, float] = {}
