@@ -266,14 +266,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def _finished(name: str, summary: dict[str, Any], quiet: bool) -> str:
     """A finished run as the terminal shows it (``fedsparse/tracking/terminal.py``)."""
-    from fedsparse.tracking.mirror import TRACKING_FILE, TrackedRun
+    from fedsparse.tracking.mirror import tracked_at
     from fedsparse.tracking.terminal import one_line, table
 
     if quiet:
         return one_line(name, summary)
-    run_dir = Path(summary["run_dir"])  # a deployed run's may be on the SuperLink's host
-    uri = TrackedRun.load(run_dir).tracking_uri if (run_dir / TRACKING_FILE).is_file() else ""
-    return table(name, summary, uri)
+    # a deployed run's folder may be on the SuperLink's host: then it says nothing here
+    return table(name, summary, tracked_at(Path(summary["run_dir"])))
 
 
 def deployment_target(args: argparse.Namespace) -> int | None:

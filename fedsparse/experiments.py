@@ -306,7 +306,7 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
     from fedsparse.tracking.mirror import unreachable
     from fedsparse.tracking.mlflow_run import MlflowRun, experiment_id
     from fedsparse.tracking.report import write_report
-    from fedsparse.tracking.runs import differing
+    from fedsparse.tracking.runs import differences
     from fedsparse.tracking.runs import labels as run_labels
 
     experiment = experiment or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -356,12 +356,9 @@ def compare(files: Sequence[Path], *, overrides: Sequence[str] = (), unset: Sequ
                 histories[label] = read_csv(run_dir / "metrics.csv")
             for link in links.values():  # every run is written and tracked
                 link.stop(timeout=FINISHED_GRACE_S)
-            keys = differing(params)
             files_written = write_report(summaries, histories, out, f"Comparison: {experiment}",
                                          target=target, reference=reference,
-                                         params={label: {k: p.get(k, "-") for k in keys}
-                                                 for label, p in zip(labels, params,
-                                                                     strict=True)})
+                                         params=differences(labels, params))
             for path in files_written:
                 parent.log_artifact(path, "plots" if path.suffix == ".png" else None)
         except BaseException as err:

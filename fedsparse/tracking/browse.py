@@ -14,12 +14,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fedsparse.scenario import ScenarioError
-
-if TYPE_CHECKING:
-    from fedsparse.tracking.runs import RunView
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -69,16 +65,6 @@ def _tracking_uri(args: argparse.Namespace) -> str:
     return tracking_settings(Path.cwd(), args.tracking_uri)["tracking-uri"]
 
 
-def _tracking_of(view: RunView, args: argparse.Namespace) -> str:
-    """Where a run is tracked: its folder says (``tracking.json``), else ``--tracking-uri``."""
-    from fedsparse.tracking.mirror import TRACKING_FILE, TrackedRun
-
-    folder = Path(view.where)
-    if (folder / TRACKING_FILE).is_file():
-        return TrackedRun.load(folder).tracking_uri
-    return _tracking_uri(args)
-
-
 def ls(args: argparse.Namespace) -> int:
     from fedsparse.tracking.runs import experiment_runs, from_folder, run_folders, view_labels
     from fedsparse.tracking.terminal import runs_table
@@ -102,6 +88,7 @@ def ls(args: argparse.Namespace) -> int:
 
 
 def show(args: argparse.Namespace) -> int:
+    from fedsparse.tracking.mirror import tracked_at
     from fedsparse.tracking.runs import find, status_line
     from fedsparse.tracking.terminal import rounds_table, table
 
@@ -113,7 +100,8 @@ def show(args: argparse.Namespace) -> int:
     if view.status in ("FINISHED", "FAILED") and "uplink_bytes" in view.summary:
         summary = {"total_wall_s": view.summary.get("wall_s", 0.0), "failure": "",
                    **view.summary, "run_dir": view.where}  # the folder it is read from
-        print(table(view.name, summary, _tracking_of(view, args)).split("\n", 1)[1])
+        uri = tracked_at(Path(view.where)) or _tracking_uri(args)  # its folder's, if a folder
+        print(table(view.name, summary, uri).split("\n", 1)[1])
     if view.history:
         print(rounds_table(view.history))
     return 0
@@ -121,7 +109,7 @@ def show(args: argparse.Namespace) -> int:
 
 def report(args: argparse.Namespace) -> int:
     from fedsparse.tracking.report import write_report
-    from fedsparse.tracking.runs import differing, experiment_runs, find, view_labels
+    from fedsparse.tracking.runs import differences, experiment_runs, find, view_labels
 
     uri = _tracking_uri(args)
     views = experiment_runs(uri, args.experiment) if args.experiment else \
@@ -138,13 +126,11 @@ def report(args: argparse.Namespace) -> int:
         raise ScenarioError("--reference", [f"{args.reference!r} is none of the runs; "
                                             f"allowed: {', '.join(names)}"])
     out = args.out or Path("reports") / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
-    keys = differing([v.params for v in views])
     write_report({n: v.summary for n, v in zip(names, views, strict=True)},
                  {n: v.history for n, v in zip(names, views, strict=True)}, out,
                  f"Report: {args.experiment or ', '.join(names)}", target=args.target,
                  reference=args.reference or "",
-                 params={n: {k: v.params.get(k, "-") for k in keys}
-                         for n, v in zip(names, views, strict=True)})
+                 params=differences(names, [v.params for v in views]))
     print(f"report: {out / 'report.md'}")
     print((out / "report.md").read_text())
     return 0

@@ -85,6 +85,11 @@ class TrackedRun:
         return cls(**data)
 
 
+def tracked_at(run_dir: Path) -> str:
+    """The tracking URI a run folder's ``tracking.json`` names ("" if it has none)."""
+    return TrackedRun.load(run_dir).tracking_uri if (run_dir / TRACKING_FILE).is_file() else ""
+
+
 def numeric(row: Row) -> dict[str, float]:
     """A round's metrics as MLflow takes them: numbers only, ``round`` is the step, under
     their grouped MLflow names (``fedsparse/tracking/metric_names.py``)."""

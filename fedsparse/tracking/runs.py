@@ -183,6 +183,15 @@ def differing(params: Sequence[Mapping[str, str]]) -> list[str]:
     return [k for k in keys if k not in NOT_COMPARED and len({p.get(k) for p in params}) > 1]
 
 
+def differences(labels: Sequence[str],
+                params: Sequence[Mapping[str, str]]) -> dict[str, dict[str, str]]:
+    """Per run label, the values of the keys that differ between the runs (:func:`differing`;
+    "-" where a run lacks the key): the report's table of what differs."""
+    keys = differing(params)
+    return {label: {k: p.get(k, "-") for k in keys}
+            for label, p in zip(labels, params, strict=True)}
+
+
 def labels(names: Sequence[str], params: Sequence[Mapping[str, str]],
            ids: Sequence[str]) -> list[str]:
     """One label per run for tables and legends: the scenario's name, with the values that
