@@ -1,5 +1,5 @@
 """SCAFCOM top-1% against dense SCAFFOLD on SCAFCOM's own kind of setup (issue #19): MNIST,
-200 clients with 2 classes each (or Dirichlet(0.3)), K = 10 local steps at lr 0.1, the arms of
+200 clients with 2 classes each (or Dirichlet(0.3)), K = 10 local steps, the arms of
 ``scenarios/compression/paper/``, at several participation levels.
 
 The paper's axis is uplink bits, not rounds, so SCAFCOM runs ``--scafcom-factor`` times as many

@@ -42,10 +42,11 @@ SIGNAL_KIND = "signal-kind"
 # layer) on its training split before it is evaluated: a novel client joining at the end.
 ADAPT_STEPS = "adapt-steps"
 # FLASC (strategies/flasc.py): this round's densities, value precisions (download, upload),
-# error feedback and SoRA threshold, which the server decides.
+# error feedback, SoRA threshold and its rule, and how top-k counts k, which the server decides.
 DOWN_DENSITY, UP_DENSITY = "down-density", "up-density"
 VALUE_DTYPE, UP_VALUE_DTYPE = "value-dtype", "up-value-dtype"
 ERROR_FEEDBACK, SORA_THRESHOLD = "error-feedback", "sora-threshold"
+SORA_RULE, TOPK_COUNT = "sora-threshold-rule", "topk-count"
 
 # Keys of the MetricRecords sent back.
 NUM_EXAMPLES = "num-examples"

@@ -6,8 +6,9 @@ Per round: the scheduled densities; the download ``P * M`` (global top-k of ``|P
 alive coordinates, or dense at density 1), with SoRA the alive ranks and their gates; the
 replies' ``D_i`` (top-k at the upload density) are averaged uniformly over the clients that
 replied (FLASC's mean over the sampled clients) into the pseudo-gradient of one server
-optimiser step. With SoRA the global gates become ``T_xi(mean_i g_i)`` and a rank whose gate
-is zero is pruned for the rest of the run.
+optimiser step. With SoRA the global gates become ``mean_i g_i`` after the clients' threshold
+step (``sora_threshold_rule``: the paper's ``T_xi`` or the release's rule) and a rank whose
+gate is zero is pruned for the rest of the run.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from fedsparse.compress.base import ValueDtype, expect_array
 from fedsparse.lora.flasc import (
     ServerOptimizer,
     ServerOptimizerName,
+    TopKCount,
     scheduled_density,
     sparsifier,
 )
 from fedsparse.lora.model import LoRAClassifier
-from fedsparse.lora.sora import RankLayout, linear_schedule, soft_threshold
+from fedsparse.lora.sora import RankLayout, ThresholdRule, linear_schedule, threshold
 from fedsparse.models import scenario_model
 from fedsparse.payload import PayloadError
 from fedsparse.protocol import (
@@ -39,7 +41,9 @@ from fedsparse.protocol import (
     ERROR_FEEDBACK,
     GATES,
     RANKS,
+    SORA_RULE,
     SORA_THRESHOLD,
+    TOPK_COUNT,
     UP_DENSITY,
     UP_VALUE_DTYPE,
     UPDATE,
@@ -72,6 +76,12 @@ class FlascParams(StrategyParams):
     sora_threshold: float = Field(0.0, ge=0, description="SoRA: xi at round 1")
     sora_threshold_final: float | None = Field(None, ge=0, description="SoRA: xi at the last "
                                                                        "round (linear)")
+    sora_threshold_rule: ThresholdRule = Field(
+        "paper", description="SoRA's threshold step: paper (soft threshold T_xi) or release "
+                             "(zero |g| < 2 xi, shrink the others by xi)")
+    topk_count: TopKCount = Field(
+        "fedsparse", description="entries a top-k mask keeps: fedsparse round(d * n), release "
+                                 "int(d * n) (FLASC's code)")
 
     def check_scenario(self, scenario: Any) -> None:
         if scenario.model.name != "lora":
@@ -122,11 +132,13 @@ class Flasc(FedSparseStrategy):
         self.round_config = {DOWN_DENSITY: down, UP_DENSITY: up, VALUE_DTYPE: p.value_dtype,
                              UP_VALUE_DTYPE: p.up_value_dtype or p.value_dtype,
                              ERROR_FEEDBACK: p.error_feedback,
-                             SORA_THRESHOLD: self.threshold(server_round)}
+                             SORA_THRESHOLD: self.threshold(server_round),
+                             SORA_RULE: p.sora_threshold_rule, TOPK_COUNT: p.topk_count}
         adapter, _ = self.layout.split(to_numpy(arrays))
         coords = self.layout.coordinates()
         rng = np.random.default_rng(derive_seed(self.scenario.seed, server_round, "download"))
-        self.download = sparsifier(down, p.value_dtype).compress(adapter[coords], rng)
+        self.download = sparsifier(down, p.value_dtype, p.topk_count).compress(
+            adapter[coords], rng)
         return super().configure_train(server_round, arrays,
                                        ConfigRecord({**config, **self.round_config}), grid)
 
@@ -145,7 +157,8 @@ class Flasc(FedSparseStrategy):
         """``(D_i over all coordinates, the client's gates)``."""
         coords = self.layout.coordinates()
         delta = np.zeros(self.layout.size, np.float32)
-        upload = sparsifier(self.round_config[UP_DENSITY], self.round_config[UP_VALUE_DTYPE])
+        upload = sparsifier(self.round_config[UP_DENSITY], self.round_config[UP_VALUE_DTYPE],
+                            self.params.topk_count)
         delta[coords] = upload.decompress(received[UPDATE], int(coords.sum()))
         gates = np.zeros(self.layout.rank * len(self.layout.modules), np.float32)
         if self.layout.sora:
@@ -162,7 +175,8 @@ class Flasc(FedSparseStrategy):
         adapter = self.optimizer.step(adapter, pseudo_gradient)
         if self.layout.sora:
             mean = torch.from_numpy(np.mean([r.decoded[1] for r in replies], axis=0))
-            gates = soft_threshold(mean, self.round_config[SORA_THRESHOLD]).numpy()
+            gates = threshold(mean, self.round_config[SORA_THRESHOLD],
+                              self.params.sora_threshold_rule).numpy()
             for i, m in enumerate(self.layout.modules):
                 own = gates[i * self.layout.rank:(i + 1) * self.layout.rank]
                 self.layout.alive[m] &= own != 0

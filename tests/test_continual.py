@@ -208,6 +208,44 @@ def test_ddr_removes_the_scheduled_counts_at_the_scheduled_epochs():
     assert ddr.remove(3) == 0
 
 
+def test_ddr_release_split_removes_int_of_remove_n_over_the_events_at_each():
+    assert removal_counts(1000, 0.3, 5, 20, "release") == {5: 75, 10: 75, 15: 75, 20: 75}
+    assert removal_counts(10, 0.3, 1, 2, "release") == {1: 1, 2: 1}  # the remainder stays
+    # 2 removal epochs (5, 10) but until / every = 2.4: int(30 / 2.4) = 12 at each
+    assert removal_counts(100, 0.3, 5, 12, "release") == {5: 12, 10: 12}
+    assert removal_counts(100, 0.3, 5, 12) == {5: 15, 10: 15}
+    ddr = DataRemoval(100, fraction=0.3, every=5, until=12, max_count=9, split="release")
+    assert ddr.remove(10) == 24 and len(ddr.kept) == 76
+
+
+def test_replay_off_for_a_task_trains_on_the_current_batch_only():
+    torch.manual_seed(0)
+    model = mlp()
+    buffer = ReservoirBuffer(50, (1, 8, 8), 10)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    buffer.add(x, y, torch.randn(8, 10), torch.Generator().manual_seed(0))
+    learner = DERPP(model, buffer, lr=0.0, cl_mask=False)
+    learner.begin_task(torch.ones(10, dtype=torch.bool), replay=False)
+    step = learner.observe(x, y)
+    assert step.examples == 8
+    with torch.no_grad():
+        assert step.loss == pytest.approx(float(nn.functional.cross_entropy(model(x), y)))
+    learner.begin_task(torch.ones(10, dtype=torch.bool))
+    assert learner.observe(x, y).examples == 24  # + two buffer batches
+
+
+def test_drop_last_skips_the_short_minibatch_of_each_epoch():
+    model = mlp()
+    params = sparse_parameters(model)
+    x, y = torch.randn(10, 1, 8, 8), torch.randint(0, 10, (10,))
+    flops = SparseFlops(model, (1, 8, 8), list(params))
+    for drop_last, steps, examples in ((False, 6, 20), (True, 4, 16)):
+        result = train_epochs(Naive(model, lr=0.01), SparseHooks(params), x, y, range(2),
+                              batch_size=4, generator=torch.Generator().manual_seed(0),
+                              flops=flops, drop_last=drop_last)
+        assert (result.steps, result.examples) == (steps, examples)
+
+
 def test_ddr_catches_up_on_removal_epochs_it_did_not_train():
     """A federated client sampled in no round that holds epoch 1 or 2 removes both epochs'
     examples at the next epoch it trains."""

@@ -259,3 +259,28 @@ def test_schedules_that_would_never_fire_are_refused(edits, message):
         text = text.replace(old, new)
     with pytest.raises(ScenarioError, match=message):
         parse_scenario(text)
+
+
+@pytest.mark.parametrize("rule", ["fedsparse", "release"])
+def test_release_skips_replay_in_the_first_task_and_short_last_batches(rule):
+    """Three rounds of the first task, 2 epochs each: with SparCL's release behaviour every
+    step sees only the current batch and short batches are skipped; with fedsparse's, the
+    buffer is replayed (two more batches a step) and every example trains."""
+    edits = {"[run]\nrounds = 15": "[run]\nrounds = 3", "num_tasks = 5": "num_tasks = 1",
+             "removal_fraction = 0.25": "removal_fraction = 0.0",
+             "removal_until = 4": f'removal_until = 4\nfirst_task_replay = "{rule}"\n'
+                                  f'partial_batch = "{rule}"'}
+    text = TEXT
+    for old, new in edits.items():
+        text = text.replace(old, new)
+    _, grid, _, _, _, records = run(text)
+    replies = [m.content.metric_records["metrics"] for m in grid.received
+               if "train-examples" in m.content.metric_records.get("metrics", {})]
+    assert len(replies) == 9 and all(r.status == "ok" for r in records)
+    for metrics in replies:
+        n, trained = int(metrics["examples-remaining"]), int(metrics["train-examples"])
+        assert n % 16  # a short last batch exists
+        if rule == "release":
+            assert trained == 2 * (n // 16) * 16
+        else:
+            assert trained > 2 * n

@@ -14,12 +14,12 @@ from torch import nn
 from fedsparse.compress.base import count
 from fedsparse.data import available, client_data, held_out_set, load_dataset
 from fedsparse.data.text import deduplicate
-from fedsparse.lora.flasc import scheduled_density
+from fedsparse.lora.flasc import scheduled_density, sparsifier
 from fedsparse.lora.model import LoRAClassifier, LoRAModelParams, base_model, classify
-from fedsparse.lora.sora import RankLayout, soft_threshold
+from fedsparse.lora.sora import RankLayout, release_threshold, soft_threshold, threshold
 from fedsparse.lora.training import parameter_groups, train_adapter
 from fedsparse.models import load_shared_state, scenario_model, shared_state
-from fedsparse.protocol import derive_seed
+from fedsparse.protocol import SORA_RULE, derive_seed
 from fedsparse.scenario import ScenarioError, parse_scenario
 from fedsparse.training import evaluate, num_steps
 from strategies.records import to_numpy
@@ -100,6 +100,34 @@ def test_soft_threshold_zeroes_small_gates_exactly():
     assert (out[1:4] == 0).all()
 
 
+def test_release_threshold_zeroes_below_twice_xi_and_shrinks_the_rest_by_xi():
+    g = torch.tensor([-1.0, -0.45, -0.2, 0.0, 0.1, 0.3, 0.5, 0.55, 2.0])
+    torch.testing.assert_close(threshold(g, 0.25, "paper"), soft_threshold(g, 0.25))
+    # (xi, 2 xi) is shrunk into (0, xi) by the first line and zeroed by the third; 2 xi stays
+    torch.testing.assert_close(threshold(g, 0.25, "release"),
+                               torch.tensor([-0.75, 0.0, 0.0, 0.0, 0.0, 0.0, 0.25, 0.3, 1.75]))
+    r = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    expected = torch.where(r.abs() < 0.5, 0.0, r - 0.25 * torch.sign(r))
+    torch.testing.assert_close(release_threshold(r, 0.25), expected)
+    assert int((threshold(r, 0.25, "release") != 0).sum()) < int((soft_threshold(r, 0.25) != 0)
+                                                                  .sum())
+    with pytest.raises(ValueError, match="SoRA threshold rule 'soft'; allowed: paper, release"):
+        threshold(g, 0.25, "soft")
+
+
+def test_topk_count_release_keeps_int_of_d_times_n():
+    v = np.array([5.0, -4.0, 3.0, -2.0, 1.0, 0.5, 0.25], np.float32)
+    rng = np.random.default_rng(0)
+    for rule, kept in (("fedsparse", [5.0, -4.0, 3.0, -2.0]), ("release", [5.0, -4.0, 3.0])):
+        out = sparsifier(0.5, topk_count=rule).decompress(
+            sparsifier(0.5, topk_count=rule).compress(v, rng), v.size)
+        np.testing.assert_array_equal(out, np.r_[kept, np.zeros(v.size - len(kept))])
+    tiny_share = sparsifier(0.25, topk_count="release")  # int(0.75) = 0: nothing is sent
+    assert not tiny_share.decompress(tiny_share.compress(v[:3], rng), 3).any()
+    with pytest.raises(ValueError, match="topk_count = 'int'; allowed: fedsparse, release"):
+        sparsifier(0.5, topk_count="int")
+
+
 def test_sora_pruning_keeps_the_outputs_and_shrinks_the_rank(tmp_path):
     from peft import PeftModel
 
@@ -150,11 +178,13 @@ def test_pruned_ranks_get_no_gradient_and_stay_zero():
 
 # -- the federation -----------------------------------------------------------------------
 
-def test_base_weights_never_cross_the_wire_and_uploads_hit_the_density():
-    scn = scenario()
+@pytest.mark.parametrize("topk_count", ["fedsparse", "release"])
+def test_base_weights_never_cross_the_wire_and_uploads_hit_the_density(topk_count):
+    scn = scenario(strategy={"topk_count": topk_count})
     f = run_federation(scn)
     layout = RankLayout(scenario_model(scn))
-    k = count(0.25, int(layout.coordinates().sum()))
+    d = int(layout.coordinates().sum())
+    k = count(0.25, d) if topk_count == "fedsparse" else int(0.25 * d)
     for message in [*f.grid.sent, *f.grid.received]:
         for record in message.content.array_records.values():
             sizes = {name: a.numpy().size for name, a in record.items()}
@@ -237,6 +267,26 @@ def test_sora_prunes_ranks_and_stops_sending_them():
     layout = f.strategy.layout
     adapter, gates = layout.split(final)
     assert not adapter[~layout.coordinates()].any() and not gates[~layout.alive_gates()].any()
+
+
+@pytest.mark.parametrize("rule", ["paper", "release"])
+def test_server_gates_are_the_rule_applied_to_the_mean_of_the_clients(rule):
+    xi = 0.02
+    scn = scenario(model={"sora": True}, client={"sora_l1": 0.5, "gate_lr": 0.5},
+                   strategy={"down_density": 1.0, "up_density": 1.0, "sora_threshold": xi,
+                             "sora_threshold_rule": rule, "server_optimizer": "sgd",
+                             "server_lr": 1.0}, run={"rounds": 1, "eval_every": 1})
+    f = run_federation(scn)
+    assert {str(m.content.config_records["config"][SORA_RULE]) for m in f.grid.sent
+            if "gates" in m.content.array_records} == {rule}  # every train instruction
+    uploaded = [m.content.array_records["gates"]["g"].numpy() for m in f.grid.received
+                if "gates" in m.content.array_records]
+    assert len(uploaded) == len(f.records) > 1
+    if rule == "release":  # survivors had |g| >= 2 xi before the shrink by xi
+        assert all(np.abs(g[g != 0]).min() >= xi - 1e-7 for g in uploaded)
+    _, gates = f.strategy.layout.split(to_numpy(f.state.arrays))
+    expected = threshold(torch.from_numpy(np.mean(uploaded, axis=0)), xi, rule).numpy()
+    np.testing.assert_array_equal(gates, expected)
 
 
 def test_error_feedback_keeps_what_top_k_did_not_send():

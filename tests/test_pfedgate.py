@@ -22,6 +22,7 @@ from fedsparse.personal import (
     GatedLearner,
     GatedModel,
     GatingLayer,
+    block_scale,
     exact,
     greedy,
     select_blocks,
@@ -139,6 +140,52 @@ def test_kept_blocks_are_scaled_by_their_gates_and_dropped_blocks_get_no_gradien
     for name, p in model.named_parameters():
         assert not p.grad[dropped[name].bool()].any()
     assert gating.linear.weight.grad.abs().sum() > 0  # the selection trains end to end
+
+
+def test_block_scale_values_and_gradients_of_both_rules():
+    s_min, keep = 0.1, torch.tensor([1.0, 1.0, 0.0])
+
+    def scale_and_grads(rule, separate=False):
+        g = torch.tensor([0.05, 0.3, 0.8], requires_grad=True)
+        t = torch.tensor([0.5, 0.6, 0.7], requires_grad=True) if separate else g
+        scale = block_scale(g, t, keep, s_min, rule)
+        scale.sum().backward()
+        return scale.detach(), g.grad, t.grad if separate else None
+
+    value, grad, _ = scale_and_grads("fedsparse")  # clipped value, gradient straight through
+    torch.testing.assert_close(value, torch.tensor([0.1, 0.3, 0.0]))
+    torch.testing.assert_close(grad, torch.tensor([1.0, 1.0, 0.0]))
+    value, grad, _ = scale_and_grads("release")  # the unclipped gate, 1 + g above s_min
+    torch.testing.assert_close(value, torch.tensor([0.05, 0.3, 0.0]))
+    torch.testing.assert_close(grad, torch.tensor([1.0, 1.3, 0.0]))
+    value, grad, trans = scale_and_grads("release", separate=True)  # t scales, g picks
+    torch.testing.assert_close(value, torch.tensor([0.5, 0.6, 0.0]))
+    torch.testing.assert_close(grad, torch.tensor([0.0, 0.6, 0.0]))  # the clip stops g < s_min
+    torch.testing.assert_close(trans, torch.tensor([1.0, 1.0, 0.0]))
+
+
+def test_release_gradient_and_seperate_trans_in_the_gated_model():
+    model = two_layer()
+    partition = BlockPartition(model, 5)
+    x = torch.randn(16, 10)
+    torch.manual_seed(3)
+    gating = GatingLayer((10,), len(partition), seperate_trans=True)
+    assert torch.equal(gating.trans[0].weight, gating.linear.weight)  # a copy, as released
+    with pytest.raises(ValueError, match='seperate_trans needs gate_gradient = "release"'):
+        GatedModel(model, partition, 0.4, gating=gating)
+    gated = GatedModel(model, partition, 0.4, gating=gating, gradient="release")
+    with torch.no_grad():  # heads that have trained apart
+        gating.trans[0].weight.mul_(3.0)
+    batch = gated.forward(x)
+    g, t = gated.gates(x)  # batch statistics in training mode: the same scores again
+    scale = partition.expand(batch.keep.float() * t.detach())  # scaled by the second head
+    manual = torch.func.functional_call(
+        model, {n: p * scale[n] for n, p in model.named_parameters()}, (x,))
+    torch.testing.assert_close(batch.logits, manual)
+    assert not torch.equal(t, g)
+    nn.functional.cross_entropy(batch.logits, torch.randint(0, 3, (16,))).backward()
+    assert gating.linear.weight.grad.abs().sum() > 0  # the gates train through the selection
+    assert gating.trans[0].weight.grad.abs().sum() > 0  # and so do the scales
 
 
 def test_gated_training_learns_and_reports_truthful_density():
@@ -343,6 +390,12 @@ def test_budgets_per_client_and_drawn_from_levels():
     with pytest.raises(ScenarioError, match=r'finetune = "gating" needs a gating layer'):
         parse_scenario(TEXT.replace("budget = 0.5", 'budget = 0.5\ngates = "fixed"\n'
                                                     'finetune_epochs = 1\nfinetune = "gating"'))
+    with pytest.raises(ScenarioError, match=r'client\.seperate_trans = true needs '
+                                            r'client\.gate_gradient = "release"'):
+        parse_scenario(TEXT.replace("budget = 0.5", "budget = 0.5\nseperate_trans = true"))
+    released = parse_scenario(TEXT.replace("budget = 0.5", 'budget = 0.5\nseperate_trans = '
+                                                           'true\ngate_gradient = "release"'))
+    assert (released.client.seperate_trans, released.client.gate_gradient) == (True, "release")
     levels = PFedGateParams(budget={"levels": [0.3, 1.0], "weights": [1, 1]})
     drawn = [levels.budget_of(pid, seed=0) for pid in range(40)]
     assert set(drawn) == {0.3, 1.0}

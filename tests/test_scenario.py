@@ -160,7 +160,8 @@ def test_compressor_sections_are_validated():
 
 def test_unknown_nested_key_lists_the_nested_sections_keys():
     msg = problems(controlled({"name": "scafcom", "compressor": {"name": "topk", "bits": 3}}))
-    assert "(allowed in [strategy.compressor.topk]: name, value_dtype, ratio, scope)" in msg
+    assert ("(allowed in [strategy.compressor.topk]: name, value_dtype, ratio, scope, "
+            "k_count)") in msg
 
 
 def test_extends_merges_sections_and_detects_cycles(tmp_path: Path):

@@ -38,6 +38,7 @@ from fedsparse.continual import (
     class_order,
     train_epochs,
 )
+from fedsparse.continual.ddr import RemovalSplit
 from fedsparse.continual.sparcl import EpochsResult
 from fedsparse.data import dataset_shape
 from fedsparse.device import cpu_numpy
@@ -82,6 +83,15 @@ class ContinualParams(PluginParams):
                                                                  "examples removed (0: off)")
     removal_every: int = Field(5, ge=1, description="DDR: epochs between removals")
     removal_until: int = Field(20, ge=1, description="DDR: last epoch of the task to remove at")
+    removal_split: RemovalSplit = Field(
+        "fedsparse", description="DDR: fedsparse splits round(f n) evenly over the removals; "
+                                 "release removes int(round(f n) / (until / every)) at each")
+    first_task_replay: Literal["fedsparse", "release"] = Field(
+        "fedsparse", description="fedsparse: replay once the buffer holds examples (Mammoth); "
+                                 "release: no replay while the first task trains (SparCL)")
+    partial_batch: Literal["fedsparse", "release"] = Field(
+        "fedsparse", description="an epoch's short last minibatch: fedsparse trains it, "
+                                 "release skips it (SparCL)")
 
     def check_scenario(self, scenario: Any) -> None:
         epochs = scenario.continual.rounds_per_task * self.local_epochs
@@ -159,7 +169,8 @@ class ContinualProgram(ClientProgram):
             return None
         ddr = DataRemoval(n, fraction=p.removal_fraction, every=p.removal_every,
                           until=p.removal_until,
-                          max_count=self.spec.rounds_per_task * p.local_epochs)
+                          max_count=self.spec.rounds_per_task * p.local_epochs,
+                          split=p.removal_split)
         saved = self.state.get(REMOVAL)
         if saved and int(saved["task"][0]) == task:
             ddr.load({k: v for k, v in saved.items() if k != "task"})
@@ -188,13 +199,14 @@ class ContinualProgram(ClientProgram):
         generator = self.generator(content)
         buffer = self._buffer(tuple(data.x_train.shape[1:]))
         learner = self.learner(model, hooks, generator, buffer)
-        learner.begin_task(stream.logit_mask(task, self.num_classes).to(self.device))
+        learner.begin_task(stream.logit_mask(task, self.num_classes).to(self.device),
+                           replay=task > 0 or p.first_task_replay == "fedsparse")
         ddr = self._removal(task, len(x))
         flops = SparseFlops(model, tuple(data.x_train.shape[1:]), list(params))
         result = train_epochs(learner, hooks, x, y, range(k * p.local_epochs,
                                                           (k + 1) * p.local_epochs),
                               batch_size=p.batch_size, generator=generator, flops=flops, ddr=ddr,
-                              device=self.device)
+                              drop_last=p.partial_batch == "release", device=self.device)
         if p.learner != "naive":
             self.state.put(BUFFER, buffer.state())
         if ddr is not None:

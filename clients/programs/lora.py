@@ -13,7 +13,8 @@ the server sends, on the local test split. The frozen base model never crosses t
 from __future__ import annotations
 
 import time
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -37,7 +38,9 @@ from fedsparse.protocol import (
     NUM_EXAMPLES,
     RANKS,
     SERVER_ROUND,
+    SORA_RULE,
     SORA_THRESHOLD,
+    TOPK_COUNT,
     UP_DENSITY,
     UP_VALUE_DTYPE,
     UPDATE,
@@ -49,6 +52,11 @@ from fedsparse.training import num_steps
 from strategies.records import to_numpy
 
 STATE = "lora-ef"
+
+
+def topk_count(config: Mapping[str, Any]) -> str:
+    """The server's top-k count rule for this round's masks (``fedsparse`` before it sent one)."""
+    return str(config.get(TOPK_COUNT, "fedsparse"))
 
 
 class LoRAClientParams(PluginParams):
@@ -78,8 +86,8 @@ class LoRAProgram(ClientProgram):
             layout.load_bitmap(content.array_records[RANKS]["alive"].numpy())
         coords = layout.coordinates()
         adapter = np.zeros(layout.size, np.float32)
-        adapter[coords] = sparsifier(float(config[DOWN_DENSITY]), str(config[VALUE_DTYPE])
-                                     ).decompress(to_numpy(content.array_records[ADAPTER]),
+        adapter[coords] = sparsifier(float(config[DOWN_DENSITY]), str(config[VALUE_DTYPE]),
+                                     topk_count(config)).decompress(to_numpy(content.array_records[ADAPTER]),
                                                   int(coords.sum()))
         gates = np.zeros(layout.rank * len(layout.modules), np.float32)
         if layout.sora:
@@ -96,8 +104,8 @@ class LoRAProgram(ClientProgram):
         server_round = int(config[SERVER_ROUND])
         model, layout, sent = self.received(content)
         sora = layout.sora
-        rule = GateRule(p.sora_l1, float(config.get(SORA_THRESHOLD, 0.0)), p.gate_lr) \
-            if sora else None
+        rule = GateRule(p.sora_l1, float(config.get(SORA_THRESHOLD, 0.0)), p.gate_lr,
+                        str(config.get(SORA_RULE, "paper"))) if sora else None
         with torch.random.fork_rng():  # dropout: seeded per client and round
             torch.manual_seed(derive_seed(self.scenario.seed, self.partition_id, server_round,
                                           "dropout"))
@@ -112,7 +120,8 @@ class LoRAProgram(ClientProgram):
         residual = self.state.get(STATE).get("residual", np.zeros(layout.size, np.float32))
         rng = np.random.default_rng(derive_seed(self.scenario.seed, self.partition_id,
                                                 server_round, "compress"))
-        upload = sparsifier(float(config[UP_DENSITY]), str(config[UP_VALUE_DTYPE]))
+        upload = sparsifier(float(config[UP_DENSITY]), str(config[UP_VALUE_DTYPE]),
+                            topk_count(config))
         message = ef_message((sent - trained)[coords], residual[coords], upload, rng,
                              bool(config[ERROR_FEEDBACK]))
         if bool(config[ERROR_FEEDBACK]):

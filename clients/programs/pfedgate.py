@@ -42,6 +42,7 @@ from fedsparse.personal import (
     BudgetRule,
     GatedLearner,
     GatedModel,
+    GateGradient,
     GatingLayer,
     Solver,
 )
@@ -106,6 +107,13 @@ class PFedGateParams(PluginParams):
                                                          "the released code's capacity")
     gates: Literal["learned", "fixed"] = Field("learned", description="fixed: every gate is 1 "
                                                                      "(no gating layer)")
+    gate_gradient: GateGradient = Field(
+        "fedsparse", description="fedsparse: blocks scaled by the clipped gate, gradient 1 "
+                                 "(straight through); release: scaled by the unclipped gate, "
+                                 "gradient 1 + g (the released code)")
+    seperate_trans: bool = Field(False, description="the release's option (its spelling): a "
+                                                    "second gating head scales the blocks; "
+                                                    "needs gate_gradient = release")
     finetune_epochs: int = Field(0, ge=0, description="pFedGate + fine-tuning: local epochs of "
                                                       "gated training before each evaluation "
                                                       "(not kept)")
@@ -120,6 +128,11 @@ class PFedGateParams(PluginParams):
             [self.budget] if isinstance(self.budget, float | int) else []
         if any(not 0 < s <= 1 for s in values):
             raise ValueError(f"client.budget = {self.budget}: each budget must be in (0, 1]")
+        if self.seperate_trans and (self.gate_gradient, self.gates) != ("release", "learned"):
+            raise ValueError(f'client.seperate_trans = true needs client.gate_gradient = '
+                             f'"release" and client.gates = "learned", not '
+                             f'{self.gate_gradient!r} and {self.gates!r}: its gates only pick '
+                             f'blocks, and only the release\'s rule gives them a gradient')
         if self.finetune_epochs and self.finetune == "gating" and self.gates == "fixed":
             raise ValueError('client.finetune = "gating" needs a gating layer (gates = '
                              '"learned"); with gates = "fixed" use finetune = "all"')
@@ -159,12 +172,13 @@ class PFedGateProgram(ClientProgram):
         if p.gates == "learned":
             with torch.random.fork_rng():  # the gating layer's initialisation: per client
                 torch.manual_seed(derive_seed(self.scenario.seed, "gating", self.partition_id))
-                gating = GatingLayer(input_shape, len(partition)).to(self.device)
+                gating = GatingLayer(input_shape, len(partition),
+                                     p.seperate_trans).to(self.device)
             saved = self.state.get(GATING)
             if saved:
                 gating.load_state_dict({k: torch.from_numpy(v) for k, v in saved.items()})
         gated = GatedModel(model, partition, self.budget, gating=gating, solver=p.solver,
-                           rule=p.budget_rule)
+                           rule=p.budget_rule, gradient=p.gate_gradient)
         learner = GatedLearner(gated, lr=p.lr, lr_gating=p.lr_gating, momentum=p.momentum,
                                weight_decay=p.weight_decay, grad_clip=p.grad_clip or None,
                                flops=SparseFlops(model, input_shape,

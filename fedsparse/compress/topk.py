@@ -2,8 +2,11 @@
 
 ``||C(v) - v||^2 <= (1 - k/d) ||v||^2`` (Stich et al. 2018). ``scope = "global"`` selects
 over the whole flattened model (k = ratio * d); ``scope = "per_tensor"`` selects within each
-parameter tensor (k_t = ratio * d_t). Indices are sent with the cheapest encoding of
-:mod:`fedsparse.compress.indices`, values at the configured precision.
+parameter tensor (k_t = ratio * d_t). ``k_count = "round"`` (default) keeps
+``round(ratio * d)`` (at least 1); ``"floor"`` keeps ``int(ratio * d)``, as FLASC's release
+does for its masks (``train_sparse_lora_dp.py``; 0 when ``ratio * d < 1``). Indices are sent
+with the cheapest encoding of :mod:`fedsparse.compress.indices`, values at the configured
+precision.
 """
 
 from __future__ import annotations
@@ -27,11 +30,20 @@ from fedsparse.compress.base import (
 )
 from fedsparse.payload import PayloadError
 
+KCount = Literal["round", "floor"]
+
 
 class TopKSpec(CompressorSpec):
     name: Literal["topk"] = "topk"
     ratio: float = Field(0.01, gt=0, le=1, description="fraction of coordinates kept")
     scope: Literal["global", "per_tensor"] = "global"
+    k_count: KCount = Field("round", description="k from ratio * d: round (at least 1) or "
+                                                 "floor (int(ratio * d), FLASC's release)")
+
+
+def k_of(ratio: float, d: int, rule: KCount) -> int:
+    """How many of ``d`` coordinates top-k keeps at ``ratio`` under ``rule``."""
+    return count(ratio, d) if rule == "round" else min(d, int(ratio * d))
 
 
 def top_k(v: np.ndarray, k: int) -> np.ndarray:
@@ -49,6 +61,7 @@ class TopK(Compressor):
     def __init__(self, spec: TopKSpec, segments: Sequence[int] = ()) -> None:
         super().__init__(spec)
         self.ratio = spec.ratio
+        self.k_count = spec.k_count
         self.segments = list(segments) if spec.scope == "per_tensor" else []
 
     def _parts(self, d: int) -> list[tuple[str, int, int]]:
@@ -66,7 +79,7 @@ class TopK(Compressor):
         payload: Payload = {}
         for prefix, start, size in self._parts(v.size):
             part = v[start:start + size]
-            idx = top_k(part, count(self.ratio, size))
+            idx = top_k(part, k_of(self.ratio, size, self.k_count))
             key, data = indices.encode(idx, size)
             payload[prefix + key] = data
             payload.update(encode_values(part[idx], self.value_dtype, rng, prefix))
@@ -78,7 +91,7 @@ class TopK(Compressor):
         for prefix, start, size in self._parts(d):
             scheme, data = indices.find(payload, prefix)
             idx = indices.decode(scheme, data, size)
-            k = count(self.ratio, size)
+            k = k_of(self.ratio, size, self.k_count)
             if idx.size != k:
                 raise PayloadError(f"{prefix}{indices.KEY}: {idx.size} indices, the configured "
                                    f"ratio {self.ratio} of {size} gives k={k}")

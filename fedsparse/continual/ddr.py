@@ -6,32 +6,42 @@ presentation classified incorrectly after one classified correctly) over the pre
 since the last removal; an example never classified correctly in that window gets
 ``max_count``. At epochs ``every, 2*every, ..., until`` of the task, the examples with the
 fewest events (the easiest) are removed from the task's training set and the statistics are
-reset; a removal whose epoch a client did not train happens at the next epoch it trains. The
-``round(fraction * n)`` removals are split evenly over the removal epochs (the first ones
-take one more when it does not divide). Ties are broken by example index (the release's
-``np.argsort`` is not stable). The replay buffer is untouched.
+reset; a removal whose epoch a client did not train happens at the next epoch it trains. How
+many go at each removal (``split``): ``"fedsparse"`` (default) splits the ``round(fraction *
+n)`` removals evenly over the removal epochs (the first ones take one more when it does not
+divide), so exactly that many go; ``"release"`` removes ``int(remove_n / (until / every))``
+at each, as SparCL's release does (``main_sparse_train_w_data_gradient_efficient.py``, with
+``remove_n = round(fraction * n)``), which leaves the remainder in. Ties are broken by example
+index (the release's ``np.argsort`` is not stable). The replay buffer is untouched.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 
+RemovalSplit = Literal["fedsparse", "release"]
 
-def removal_counts(n: int, fraction: float, every: int, until: int) -> dict[int, int]:
+
+def removal_counts(n: int, fraction: float, every: int, until: int,
+                   split: RemovalSplit = "fedsparse") -> dict[int, int]:
     """Epoch -> how many examples are removed at its start."""
     epochs = list(range(every, until + 1, every))
     if not epochs:
         return {}
     total = round(fraction * n)
+    if split == "release":
+        return dict.fromkeys(epochs, int(total / (until / every)))
     base, extra = divmod(total, len(epochs))
     return {epoch: base + (i < extra) for i, epoch in enumerate(epochs)}
 
 
 class DataRemoval:
     def __init__(self, n: int, *, fraction: float, every: int, until: int,
-                 max_count: int) -> None:
-        self.schedule = removal_counts(n, fraction, every, until)
+                 max_count: int, split: RemovalSplit = "fedsparse") -> None:
+        self.schedule = removal_counts(n, fraction, every, until, split)
         self.max_count = max_count
         self.n = n
         self.kept = torch.arange(n)

@@ -12,7 +12,9 @@ any buffer update.
   beta = 0.5 (ALGORITHMS.md §4.2).
 
 With ``cl_mask`` the current-batch cross-entropy sees only the current task's logits
-(the others set to -inf), as in SparCL's released recipe; replay terms see all logits.
+(the others set to -inf), as in SparCL's released recipe; replay terms see all logits. The
+replay terms join the loss as soon as the buffer holds examples (Mammoth), unless the task
+began with ``replay = False`` (SparCL's release replays only from the second task on).
 Optimiser: plain SGD (SparCL: lr 0.03, no momentum, no weight decay), re-created per task.
 """
 
@@ -65,9 +67,13 @@ class Learner(ABC):
         self.hooks = hooks or NoHooks()
         self.generator = generator or torch.Generator().manual_seed(0)
         self.task_logits: torch.Tensor | None = None  # True on the current task's classes
+        self.replay = True
 
-    def begin_task(self, task_logits: torch.Tensor) -> None:
+    def begin_task(self, task_logits: torch.Tensor, *, replay: bool = True) -> None:
+        """``task_logits``: True on the task's classes; ``replay``: whether replay terms join
+        the loss while this task trains."""
         self.task_logits = task_logits
+        self.replay = replay
 
     def current_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.cl_mask and self.task_logits is not None:
@@ -103,6 +109,10 @@ class Rehearsal(Learner):
         super().__init__(model, **kwargs)
         self.buffer = buffer
 
+    @property
+    def replaying(self) -> bool:
+        return self.replay and len(self.buffer) > 0
+
 
 class Replay(Rehearsal):
     name = "er"
@@ -112,7 +122,7 @@ class Replay(Rehearsal):
         logits = self.model(x)
         loss = self.current_loss(logits, y)
         replayed = 0
-        if len(self.buffer):
+        if self.replaying:
             bx, by, _ = self.buffer.sample(len(x), self.generator)
             loss = loss + F.cross_entropy(self.model(bx), by)
             replayed = len(bx)
@@ -134,7 +144,7 @@ class DERPP(Rehearsal):
         logits = self.model(x)
         loss = self.current_loss(logits, y)
         replayed = 0
-        if len(self.buffer):
+        if self.replaying:
             bx, _, blogits = self.buffer.sample(len(x), self.generator)
             loss = loss + self.alpha * F.mse_loss(self.model(bx), blogits)
             bx2, by2, _ = self.buffer.sample(len(x), self.generator)

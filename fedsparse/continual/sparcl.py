@@ -97,9 +97,10 @@ def _overall(densities: Mapping[str, float], sizes: Mapping[str, int]) -> float:
 def train_epochs(learner: Learner, hooks: SparseHooks, x: torch.Tensor, y: torch.Tensor,
                  epochs: Sequence[int], *, batch_size: int, generator: torch.Generator,
                  flops: SparseFlops, ddr: DataRemoval | None = None,
-                 device: torch.device = CPU) -> EpochsResult:
+                 drop_last: bool = False, device: torch.device = CPU) -> EpochsResult:
     """Train ``learner`` (its model on ``device``) on the current task's ``(x, y)`` for the
-    task epochs ``epochs``."""
+    task epochs ``epochs``; ``drop_last`` skips an epoch's last minibatch when it is short
+    (SparCL's release does)."""
     result = EpochsResult()
     sizes = {name: p.numel() for name, p in hooks.params.items()}
     grad_density_sum = 0.0
@@ -110,6 +111,8 @@ def train_epochs(learner: Learner, hooks: SparseHooks, x: torch.Tensor, y: torch
         kept = ddr.kept if ddr is not None else torch.arange(len(x))
         order = kept[torch.randperm(len(kept), generator=generator)]
         for batch_index, idx in enumerate(order.split(batch_size)):
+            if drop_last and len(idx) < batch_size:
+                continue
             hooks.batch_index = batch_index
             yb = y[idx].to(device)
             step = learner.observe(x[idx].to(device), yb)

@@ -7,7 +7,8 @@ jointly) and a server optimiser. In round ``t``:
 
 1. densities ``d_t = d_0 * decay^((t - 1) // every)`` for the download and the upload;
 2. download mask ``M``: the ``d_down * |P|`` largest ``|P|`` over all tensors jointly; the
-   clients receive ``P * M`` (zeros outside ``M``, not the server's values);
+   clients receive ``P * M`` (zeros outside ``M``, not the server's values). How many that
+   is: ``round(d * n)`` by default, ``int(d * n)`` as in FLASC's release (``topk_count``);
 3. a client trains every adapter entry densely from ``P * M`` and uploads the top
    ``d_up * |D|`` entries of ``D = P * M - P_i`` (global top-k, no memory; with
    ``error_feedback`` a residual ``e_i`` is added to ``D`` first and keeps what was not sent,
@@ -33,9 +34,12 @@ import torch
 from fedsparse.compress import Compressor, build_compressor
 from fedsparse.compress.base import ValueDtype
 from fedsparse.compress.identity import IdentitySpec
-from fedsparse.compress.topk import TopKSpec
+from fedsparse.compress.topk import KCount, TopKSpec
 
 ServerOptimizerName = Literal["adam", "adamw", "sgd"]
+TopKCount = Literal["fedsparse", "release"]
+# how many entries a mask at density d keeps of n: fedsparse round(d * n), the release int(d * n)
+K_COUNT: dict[str, KCount] = {"fedsparse": "round", "release": "floor"}
 
 
 def scheduled_density(initial: float, decay: float, every: int, server_round: int) -> float:
@@ -43,11 +47,16 @@ def scheduled_density(initial: float, decay: float, every: int, server_round: in
     return initial * decay ** ((server_round - 1) // every)
 
 
-def sparsifier(density: float, value_dtype: ValueDtype = "float32") -> Compressor:
-    """Global top-k at ``density`` (FLASC's masks), or the dense vector at density 1."""
+def sparsifier(density: float, value_dtype: ValueDtype = "float32",
+               topk_count: str = "fedsparse") -> Compressor:
+    """Global top-k at ``density`` (FLASC's masks; ``topk_count``: see :data:`K_COUNT`), or
+    the dense vector at density 1."""
+    if topk_count not in K_COUNT:
+        raise ValueError(f"topk_count = {topk_count!r}; allowed: {', '.join(K_COUNT)}")
     if density >= 1.0:
         return build_compressor(IdentitySpec(value_dtype=value_dtype), [])
-    return build_compressor(TopKSpec(ratio=density, scope="global", value_dtype=value_dtype), [])
+    return build_compressor(TopKSpec(ratio=density, scope="global", value_dtype=value_dtype,
+                                     k_count=K_COUNT[topk_count]), [])
 
 
 class ServerOptimizer:

@@ -3,29 +3,58 @@
 
 Training (the release's two knobs): the loss adds ``eta * mean |g|`` over all gate entries;
 the gates have their own optimiser (AdamW without weight decay), and after each of its steps
-every gate entry is soft-thresholded with ``xi`` itself (not ``lr * xi``):
-``g <- sign(g) * max(|g| - xi, 0)`` (the proximal step of the L1 term). ``xi`` may follow a
-linear sparsifying schedule over the rounds.
+every gate entry is thresholded with ``xi`` itself (not ``lr * xi``). ``xi`` may follow a
+linear sparsifying schedule over the rounds. Two threshold rules (:func:`threshold`):
+
+- ``"paper"`` (default): the soft threshold ``T_xi(g) = sign(g) * max(|g| - xi, 0)``, the
+  proximal step of the L1 term (the paper's gate update);
+- ``"release"``: the release's three in-place lines after the AdamW step
+  (``src/sparse_optimizer.py``: ``g[g > xi] -= xi; g[g < -xi] += xi; g[|g| < xi] = 0``),
+  which run one after the other, so an entry in ``(xi, 2 xi)`` is shrunk into ``(0, xi)``
+  and then zeroed: every ``|g| < 2 xi`` becomes 0, the others shrink by ``xi``.
 
 Federation (ALGORITHMS.md §3.2 option (a), a design not from either paper): the server sets
-the global gates to ``T_xi(mean_i g_i)``; a rank whose global gate is zero is pruned for the
-rest of the run: its row of ``A``, column of ``B`` and gate are zero, no longer trained and
-no longer sent in either direction (:class:`RankLayout` says which coordinates are alive).
+the global gates to the same threshold step of ``mean_i g_i``; a rank whose global gate is
+zero is pruned for the rest of the run: its row of ``A``, column of ``B`` and gate are zero,
+no longer trained and no longer sent in either direction (:class:`RankLayout` says which
+coordinates are alive).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 import numpy as np
 import torch
 
 from fedsparse.lora.model import ADAPTER, LoRAClassifier, _key
 
+ThresholdRule = Literal["paper", "release"]
+THRESHOLD_RULES: tuple[ThresholdRule, ...] = ("paper", "release")
+
 
 def soft_threshold(g: torch.Tensor, xi: float) -> torch.Tensor:
     """``T_xi(g) = sign(g) * max(|g| - xi, 0)``: entries with ``|g| <= xi`` become exactly 0."""
     return torch.sign(g) * torch.clamp(g.abs() - xi, min=0.0)
+
+
+def release_threshold(g: torch.Tensor, xi: float) -> torch.Tensor:
+    """SoRA's released threshold step: its three in-place lines, in their order, on a copy."""
+    out = g.clone()
+    out[out > xi] -= xi
+    out[out < -xi] += xi
+    out[out.abs() < xi] = 0.0
+    return out
+
+
+def threshold(g: torch.Tensor, xi: float, rule: ThresholdRule) -> torch.Tensor:
+    """The gates after the threshold step of ``rule`` (see the module's docstring)."""
+    if rule == "paper":
+        return soft_threshold(g, xi)
+    if rule == "release":
+        return release_threshold(g, xi)
+    raise ValueError(f"SoRA threshold rule {rule!r}; allowed: {', '.join(THRESHOLD_RULES)}")
 
 
 def l1_penalty(gates: list[torch.Tensor], eta: float) -> torch.Tensor:

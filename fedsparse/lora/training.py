@@ -1,6 +1,6 @@
 """Local training of a LoRA classifier: the adapters and head with SGD (FLASC's clients:
 momentum 0.9) or AdamW, and, with SoRA, the gates with their own AdamW and a proximal
-soft-threshold after every step (``sora.py``). Pruned ranks (``RankLayout``) get no gradient,
+threshold step after every step (``sora.py``). Pruned ranks (``RankLayout``) get no gradient,
 so they stay exactly zero. The token ids stay on the CPU; each minibatch is moved to the
 device the model is on."""
 
@@ -13,7 +13,7 @@ import torch
 
 from fedsparse.device import CPU
 from fedsparse.lora.model import LoRAClassifier
-from fedsparse.lora.sora import RankLayout, l1_penalty, soft_threshold
+from fedsparse.lora.sora import RankLayout, ThresholdRule, l1_penalty, threshold
 from fedsparse.metrics.flops import StepFlops
 from fedsparse.training import TrainResult, batches, cross_entropy
 
@@ -22,11 +22,13 @@ Optimizer = Literal["sgd", "adamw"]
 
 @dataclass(frozen=True)
 class GateRule:
-    """SoRA's knobs: ``eta`` (L1 weight), ``xi`` (prox threshold), the gates' learning rate."""
+    """SoRA's knobs: ``eta`` (L1 weight), ``xi`` (prox threshold), the gates' learning rate
+    and which threshold step (``sora.threshold``)."""
 
     eta: float
     xi: float
     lr: float
+    rule: ThresholdRule = "paper"
 
 
 def parameter_groups(model: LoRAClassifier, weight_decay: float) -> list[dict]:
@@ -98,7 +100,7 @@ def train_adapter(model: LoRAClassifier, layout: RankLayout, x: torch.Tensor, y:
             gate_opt.step()
             with torch.no_grad():
                 for g in gate_params:
-                    g.copy_(soft_threshold(g, gates.xi))
+                    g.copy_(threshold(g, gates.xi, gates.rule))
         total += float(loss.detach())
         examples += len(idx)
     return TrainResult(steps=steps, examples=examples, loss=total / steps, flops=flops.total)

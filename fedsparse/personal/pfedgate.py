@@ -22,9 +22,19 @@ Choices, where the release is not the only reading (README "Notes and deviations
   time; the paper describes sample-level gating);
 - the input normalisation is a ``BatchNorm2d`` over the input channels (the release uses a
   SwitchNorm2d, which mixes instance, layer and batch statistics);
-- the clip at ``s_min`` sets the gate's value but lets its gradient through (a plain clip
-  would stop the gradient of a gate below ``s_min``; the release scales kept blocks by the
-  unclipped gate and uses the clipped one only for the importance);
+- ``gate_gradient = "fedsparse"`` (default): a kept block is scaled by the gate clipped at
+  ``s_min``, the clip straight-through (its gradient is 1 below ``s_min`` too). ``"release"``:
+  the release's multiplier ``g * (1 + g_c - stop_grad(g_c)) * keep`` with ``g_c`` the plainly
+  clipped gate (``gated_learner.py``, the straight-through mask of its top-k selection): the
+  value is the unclipped gate ``g``, the gradient ``1 + g`` where ``g >= s_min`` and 1 below;
+- ``seperate_trans`` (the release's option, its spelling; used by its FEMNIST and CIFAR-100
+  scripts; needs ``gate_gradient = "release"``): a second head of the gating layer (a copy of
+  its linear layer and score normalisation, same initial weights) gives the blocks' scales
+  ``t``, the gates only pick the blocks: the multiplier is ``t * (1 + g_c - stop_grad(g_c))
+  * keep``;
+- with ``B = 1`` every block is a tensor's first block, so the whole model is kept (the
+  release keeps none: it finds first blocks by a ``sub0`` name that ``B = 1`` never gives,
+  and its capacity ``(s - s_min) * size`` is 0 since ``s_min = s`` there; a release bug);
 - ``budget_rule = "exact"`` (default): in each group the kept blocks, first blocks
   included, hold at most ``floor(s * size of the group)`` parameters, so the density is
   the budget up to block granularity (but never below the first blocks' share, about
@@ -55,29 +65,49 @@ from fedsparse.personal.blocks import BlockPartition
 from fedsparse.personal.knapsack import SOLVERS, Solver
 
 BudgetRule = Literal["exact", "release"]
+GateGradient = Literal["fedsparse", "release"]
 IMPORTANCE_SCALE = 10  # gates in [0, 1] -> integer importance 0..10
 
 
 class GatingLayer(nn.Module):
     """``phi_i``: input normalisation, flatten, one linear layer to one score per block,
-    batch normalisation of the scores (the release's ``GatingLayer``)."""
+    batch normalisation of the scores (the release's ``GatingLayer``); with
+    ``seperate_trans`` a second linear layer and normalisation, copies of the first, give the
+    blocks' scales."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_blocks: int) -> None:
+    def __init__(self, input_shape: tuple[int, ...], num_blocks: int,
+                 seperate_trans: bool = False) -> None:
         super().__init__()
         channels = input_shape[0] if len(input_shape) == 3 else 1
         self.input_norm = nn.BatchNorm2d(channels)
         self.linear = nn.Linear(math.prod(input_shape), num_blocks)
         self.score_norm = nn.BatchNorm1d(num_blocks)
+        self.trans = nn.Sequential(copy.deepcopy(self.linear), copy.deepcopy(self.score_norm)) \
+            if seperate_trans else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample block logits, ``[batch, num_blocks]``."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-sample block logits of the gates and of the scales (``None`` without
+        ``seperate_trans``), each ``[batch, num_blocks]``."""
         images = x if x.dim() == 4 else x.reshape(len(x), 1, 1, -1)
-        return self.score_norm(self.linear(self.input_norm(images).flatten(1)))
+        features = self.input_norm(images).flatten(1)
+        trans = self.trans(features) if self.trans is not None else None
+        return self.score_norm(self.linear(features)), trans
 
 
 def min_gate(blocks_per_tensor: int, budget: float) -> float:
     """``s_min = min(max(1/B, 0.1), s)``."""
     return min(max(1.0 / blocks_per_tensor, 0.1), budget)
+
+
+def block_scale(g: torch.Tensor, t: torch.Tensor, keep: torch.Tensor, s_min: float,
+                rule: GateGradient) -> torch.Tensor:
+    """The multiplier of each block in the adapted model, from the gates ``g`` (mean sigmoid
+    over the batch), the scales ``t`` (``g`` itself without ``seperate_trans``) and the kept
+    blocks (see the module's docstring for the two rules)."""
+    if rule == "fedsparse":
+        return keep * (g + (g.clamp(min=s_min) - g).detach())
+    clipped = g.clamp(min=s_min)
+    return keep * t * (1 + clipped - clipped.detach())
 
 
 def select_blocks(partition: BlockPartition, importance: np.ndarray, budget: float,
@@ -131,7 +161,12 @@ class RoundStats:
 def gating_flops(gating: GatingLayer, input_shape: tuple[int, ...]) -> int:
     """Training FLOPs of the gating layer per example (forward and backward, measured)."""
     probe = copy.deepcopy(gating).cpu().train()
-    _, total = counted(lambda: probe(torch.zeros(2, *input_shape)).sum().backward())
+
+    def forward_backward() -> None:
+        scores = [s for s in probe(torch.zeros(2, *input_shape)) if s is not None]
+        sum(s.sum() for s in scores).backward()
+
+    _, total = counted(forward_backward)
     return total // 2
 
 
@@ -140,31 +175,40 @@ class GatedModel:
 
     def __init__(self, model: nn.Module, partition: BlockPartition, budget: float, *,
                  gating: GatingLayer | None, solver: Solver = "greedy",
-                 rule: BudgetRule = "exact") -> None:
+                 rule: BudgetRule = "exact", gradient: GateGradient = "fedsparse") -> None:
+        if gating is not None and gating.trans is not None and gradient != "release":
+            raise ValueError('seperate_trans needs gate_gradient = "release": with "fedsparse" '
+                             'the gates would get no gradient')
         self.model = model
         self.partition = partition
         self.budget = budget
         self.gating = gating  # None: every gate fixed at 1 (an ablation)
         self.solver = solver
         self.rule = rule
+        self.gradient = gradient
         self.s_min = min_gate(partition.blocks_per_tensor, budget)
 
-    def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Clipped gates for the batch ``x`` (value clipped, gradient straight through)."""
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g, t)`` for the batch ``x``: the mean sigmoid gates and scales (``t = g``
+        without ``seperate_trans``; both fixed at 1 without a gating layer)."""
         if self.gating is None:
-            return torch.ones(len(self.partition), device=x.device)
-        g = torch.sigmoid(self.gating(x)).mean(dim=0)
-        return g + (g.clamp(min=self.s_min) - g).detach()
+            ones = torch.ones(len(self.partition), device=x.device)
+            return ones, ones
+        logits, trans = self.gating(x)
+        g = torch.sigmoid(logits).mean(dim=0)
+        return g, g if trans is None else torch.sigmoid(trans).mean(dim=0)
 
     def forward(self, x: torch.Tensor) -> GatedBatch:
-        g = self.gates(x)
-        importance = np.rint(cpu_numpy(g) * IMPORTANCE_SCALE).astype(np.int64)
+        g, t = self.gates(x)
+        clipped = g.detach().clamp(min=self.s_min)
+        importance = np.rint(cpu_numpy(clipped) * IMPORTANCE_SCALE).astype(np.int64)
         keep = select_blocks(self.partition, importance, self.budget, self.solver, self.rule,
                              self.s_min)
-        scale = self.partition.expand(keep.to(g.device, g.dtype) * g)
+        scale = self.partition.expand(block_scale(g, t, keep.to(g.device, g.dtype), self.s_min,
+                                                  self.gradient))
         params = {name: p * scale[name] for name, p in self.model.named_parameters()}
         logits = functional_call(self.model, params, (x,))
-        return GatedBatch(logits, keep, g.detach(), self.partition.kept_fraction(keep))
+        return GatedBatch(logits, keep, clipped, self.partition.kept_fraction(keep))
 
     def parameters(self) -> Iterator[nn.Parameter]:
         yield from self.model.parameters()
