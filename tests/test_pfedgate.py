@@ -145,10 +145,10 @@ def test_kept_blocks_are_scaled_by_their_gates_and_dropped_blocks_get_no_gradien
 def test_block_scale_values_and_gradients_of_both_rules():
     s_min, keep = 0.1, torch.tensor([1.0, 1.0, 0.0])
 
-    def scale_and_grads(rule, separate=False):
+    def scale_and_grads(rule, separate=False, budget=0.5):
         g = torch.tensor([0.05, 0.3, 0.8], requires_grad=True)
         t = torch.tensor([0.5, 0.6, 0.7], requires_grad=True) if separate else g
-        scale = block_scale(g, t, keep, s_min, rule)
+        scale = block_scale(g, t, keep, s_min, rule, budget)
         scale.sum().backward()
         return scale.detach(), g.grad, t.grad if separate else None
 
@@ -162,6 +162,9 @@ def test_block_scale_values_and_gradients_of_both_rules():
     torch.testing.assert_close(value, torch.tensor([0.5, 0.6, 0.0]))
     torch.testing.assert_close(grad, torch.tensor([0.0, 0.6, 0.0]))  # the clip stops g < s_min
     torch.testing.assert_close(trans, torch.tensor([1.0, 1.0, 0.0]))
+    value, grad, _ = scale_and_grads("release", budget=1.0)  # no selection, no mask at s = 1
+    torch.testing.assert_close(value, torch.tensor([0.05, 0.3, 0.0]))
+    torch.testing.assert_close(grad, torch.tensor([1.0, 1.0, 0.0]))
 
 
 def test_release_gradient_and_seperate_trans_in_the_gated_model():

@@ -26,7 +26,8 @@ Choices, where the release is not the only reading (README "Notes and deviations
   ``s_min``, the clip straight-through (its gradient is 1 below ``s_min`` too). ``"release"``:
   the release's multiplier ``g * (1 + g_c - stop_grad(g_c)) * keep`` with ``g_c`` the plainly
   clipped gate (``gated_learner.py``, the straight-through mask of its top-k selection): the
-  value is the unclipped gate ``g``, the gradient ``1 + g`` where ``g >= s_min`` and 1 below;
+  value is the unclipped gate ``g``, the gradient ``1 + g`` where ``g >= s_min`` and 1 below
+  (at ``s = 1`` the release selects nothing and scales by ``g``: gradient 1);
 - ``seperate_trans`` (the release's option, its spelling; used by its FEMNIST and CIFAR-100
   scripts; needs ``gate_gradient = "release"``): a second head of the gating layer (a copy of
   its linear layer and score normalisation, same initial weights) gives the blocks' scales
@@ -100,12 +101,15 @@ def min_gate(blocks_per_tensor: int, budget: float) -> float:
 
 
 def block_scale(g: torch.Tensor, t: torch.Tensor, keep: torch.Tensor, s_min: float,
-                rule: GateGradient) -> torch.Tensor:
+                rule: GateGradient, budget: float = 0.0) -> torch.Tensor:
     """The multiplier of each block in the adapted model, from the gates ``g`` (mean sigmoid
     over the batch), the scales ``t`` (``g`` itself without ``seperate_trans``) and the kept
-    blocks (see the module's docstring for the two rules)."""
+    blocks (see the module's docstring for the two rules; the release selects nothing at
+    ``budget >= 1`` and scales by ``t`` alone there)."""
     if rule == "fedsparse":
         return keep * (g + (g.clamp(min=s_min) - g).detach())
+    if budget >= 1.0:
+        return keep * t
     clipped = g.clamp(min=s_min)
     return keep * t * (1 + clipped - clipped.detach())
 
@@ -205,7 +209,7 @@ class GatedModel:
         keep = select_blocks(self.partition, importance, self.budget, self.solver, self.rule,
                              self.s_min)
         scale = self.partition.expand(block_scale(g, t, keep.to(g.device, g.dtype), self.s_min,
-                                                  self.gradient))
+                                                  self.gradient, self.budget))
         params = {name: p * scale[name] for name, p in self.model.named_parameters()}
         logits = functional_call(self.model, params, (x,))
         return GatedBatch(logits, keep, clipped, self.partition.kept_fraction(keep))
