@@ -79,8 +79,10 @@ def table(partition: str, fraction: float, scaffold: dict[int, list[Row]],
             f"{final_accuracy(scafcom[seed]):.4f} | {dense / 1e6:.2f} | "
             + (f"{compressed / 1e6:.2f} | {ratio:.1f}x" if compressed else "never | -")
             + f" | {within:.4f} | {(within - final) * 100:+.2f} |")
-    mean_ratio = np.nanmean(ratios) if not np.all(np.isnan(ratios)) else float("nan")
-    lines.append(f"| {partition} | {fraction:.0%} | mean | | | | | {mean_ratio:.1f}x | | "
+    reached = [r for r in ratios if not np.isnan(r)]
+    mean_ratio = f"{np.mean(reached):.1f}x" if len(reached) == len(ratios) else \
+        f"{len(ratios) - len(reached)} of {len(ratios)} never"
+    lines.append(f"| {partition} | {fraction:.0%} | mean | | | | | {mean_ratio} | | "
                  f"{np.mean(gaps) * 100:+.2f} |")
     return lines
 
