@@ -6,6 +6,12 @@ an int, nor is 2.0 or "2"; an int still passes for a float) and numbers are fini
 ``inf`` or ``nan``).
 """
 
+from typing import Literal
+
 from pydantic import ConfigDict
 
 SCENARIO_CONFIG = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+# A choice between the project's behaviour and a method's official release (README, "Notes
+# and deviations": the table of switches).
+ReleaseChoice = Literal["fedsparse", "release"]

@@ -26,7 +26,6 @@ from fedsparse.compress.base import ValueDtype, expect_array
 from fedsparse.lora.flasc import (
     ServerOptimizer,
     ServerOptimizerName,
-    TopKCount,
     scheduled_density,
     sparsifier,
 )
@@ -52,6 +51,7 @@ from fedsparse.protocol import (
 )
 from fedsparse.registry import STRATEGIES, StrategyParams
 from fedsparse.scenario import Scenario
+from fedsparse.schema import ReleaseChoice
 from strategies.base import FedSparseStrategy, Reply
 from strategies.records import Received, from_numpy, to_numpy
 
@@ -79,7 +79,7 @@ class FlascParams(StrategyParams):
     sora_threshold_rule: ThresholdRule = Field(
         "paper", description="SoRA's threshold step: paper (soft threshold T_xi) or release "
                              "(zero |g| < 2 xi, shrink the others by xi)")
-    topk_count: TopKCount = Field(
+    topk_count: ReleaseChoice = Field(
         "fedsparse", description="entries a top-k mask keeps: fedsparse round(d * n), release "
                                  "int(d * n) (FLASC's code)")
 

@@ -38,7 +38,6 @@ from fedsparse.continual import (
     class_order,
     train_epochs,
 )
-from fedsparse.continual.ddr import RemovalSplit
 from fedsparse.continual.sparcl import EpochsResult
 from fedsparse.data import dataset_shape
 from fedsparse.device import cpu_numpy
@@ -56,6 +55,7 @@ from fedsparse.protocol import (
 )
 from fedsparse.registry import CLIENT_PROGRAMS, PluginParams
 from fedsparse.scenario import ContinualSpec, Scenario
+from fedsparse.schema import ReleaseChoice
 from fedsparse.sparse import Mask, sparse_parameters
 from fedsparse.sparse.wire import decode_model, decode_positions, encode_values
 from fedsparse.training import evaluate
@@ -83,13 +83,13 @@ class ContinualParams(PluginParams):
                                                                  "examples removed (0: off)")
     removal_every: int = Field(5, ge=1, description="DDR: epochs between removals")
     removal_until: int = Field(20, ge=1, description="DDR: last epoch of the task to remove at")
-    removal_split: RemovalSplit = Field(
+    removal_split: ReleaseChoice = Field(
         "fedsparse", description="DDR: fedsparse splits round(f n) evenly over the removals; "
                                  "release removes int(round(f n) / (until / every)) at each")
-    first_task_replay: Literal["fedsparse", "release"] = Field(
+    first_task_replay: ReleaseChoice = Field(
         "fedsparse", description="fedsparse: replay once the buffer holds examples (Mammoth); "
                                  "release: no replay while the first task trains (SparCL)")
-    partial_batch: Literal["fedsparse", "release"] = Field(
+    partial_batch: ReleaseChoice = Field(
         "fedsparse", description="an epoch's short last minibatch: fedsparse trains it, "
                                  "release skips it (SparCL)")
 

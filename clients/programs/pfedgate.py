@@ -42,14 +42,13 @@ from fedsparse.personal import (
     BudgetRule,
     GatedLearner,
     GatedModel,
-    GateGradient,
     GatingLayer,
     Solver,
 )
 from fedsparse.protocol import ADAPT_STEPS, METRICS, NUM_EXAMPLES, QUERY, UPDATE, derive_seed
 from fedsparse.registry import CLIENT_PROGRAMS, PluginParams
 from fedsparse.scenario import Scenario
-from fedsparse.schema import SCENARIO_CONFIG
+from fedsparse.schema import SCENARIO_CONFIG, ReleaseChoice
 from fedsparse.sparse import sparse_parameters
 from fedsparse.training import batches, num_steps
 from strategies.records import from_numpy
@@ -107,7 +106,7 @@ class PFedGateParams(PluginParams):
                                                          "the released code's capacity")
     gates: Literal["learned", "fixed"] = Field("learned", description="fixed: every gate is 1 "
                                                                      "(no gating layer)")
-    gate_gradient: GateGradient = Field(
+    gate_gradient: ReleaseChoice = Field(
         "fedsparse", description="fedsparse: blocks scaled by the clipped gate, gradient 1 "
                                  "(straight through); release: scaled by the unclipped gate, "
                                  "gradient 1 + g (the released code)")

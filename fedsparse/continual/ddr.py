@@ -17,16 +17,14 @@ index (the release's ``np.argsort`` is not stable). The replay buffer is untouch
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 
-RemovalSplit = Literal["fedsparse", "release"]
+from fedsparse.schema import ReleaseChoice
 
 
 def removal_counts(n: int, fraction: float, every: int, until: int,
-                   split: RemovalSplit = "fedsparse") -> dict[int, int]:
+                   split: ReleaseChoice = "fedsparse") -> dict[int, int]:
     """Epoch -> how many examples are removed at its start."""
     epochs = list(range(every, until + 1, every))
     if not epochs:
@@ -40,7 +38,7 @@ def removal_counts(n: int, fraction: float, every: int, until: int,
 
 class DataRemoval:
     def __init__(self, n: int, *, fraction: float, every: int, until: int,
-                 max_count: int, split: RemovalSplit = "fedsparse") -> None:
+                 max_count: int, split: ReleaseChoice = "fedsparse") -> None:
         self.schedule = removal_counts(n, fraction, every, until, split)
         self.max_count = max_count
         self.n = n

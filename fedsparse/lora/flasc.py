@@ -37,7 +37,6 @@ from fedsparse.compress.identity import IdentitySpec
 from fedsparse.compress.topk import KCount, TopKSpec
 
 ServerOptimizerName = Literal["adam", "adamw", "sgd"]
-TopKCount = Literal["fedsparse", "release"]
 # how many entries a mask at density d keeps of n: fedsparse round(d * n), the release int(d * n)
 K_COUNT: dict[str, KCount] = {"fedsparse": "round", "release": "floor"}
 

@@ -64,9 +64,9 @@ from fedsparse.metrics.flops import counted
 from fedsparse.metrics.sparse_flops import SparseFlops
 from fedsparse.personal.blocks import BlockPartition
 from fedsparse.personal.knapsack import SOLVERS, Solver
+from fedsparse.schema import ReleaseChoice
 
 BudgetRule = Literal["exact", "release"]
-GateGradient = Literal["fedsparse", "release"]
 IMPORTANCE_SCALE = 10  # gates in [0, 1] -> integer importance 0..10
 
 
@@ -101,7 +101,7 @@ def min_gate(blocks_per_tensor: int, budget: float) -> float:
 
 
 def block_scale(g: torch.Tensor, t: torch.Tensor, keep: torch.Tensor, s_min: float,
-                rule: GateGradient, budget: float = 0.0) -> torch.Tensor:
+                rule: ReleaseChoice, budget: float = 0.0) -> torch.Tensor:
     """The multiplier of each block in the adapted model, from the gates ``g`` (mean sigmoid
     over the batch), the scales ``t`` (``g`` itself without ``seperate_trans``) and the kept
     blocks (see the module's docstring for the two rules; the release selects nothing at
@@ -179,7 +179,7 @@ class GatedModel:
 
     def __init__(self, model: nn.Module, partition: BlockPartition, budget: float, *,
                  gating: GatingLayer | None, solver: Solver = "greedy",
-                 rule: BudgetRule = "exact", gradient: GateGradient = "fedsparse") -> None:
+                 rule: BudgetRule = "exact", gradient: ReleaseChoice = "fedsparse") -> None:
         if gating is not None and gating.trans is not None and gradient != "release":
             raise ValueError('seperate_trans needs gate_gradient = "release": with "fedsparse" '
                              'the gates would get no gradient')
