@@ -41,9 +41,10 @@ def scenario(**sections: dict):
     return parse_scenario(tomli_w.dumps(tree))
 
 
-def tiny(sora: bool = False, rank: int = 4) -> LoRAClassifier:
+def tiny(sora: bool = False, rank: int = 4, gate_init: str = "normal") -> LoRAClassifier:
     torch.manual_seed(0)
-    return LoRAClassifier(LoRAModelParams(base="tiny_bert", rank=rank, alpha=8.0, sora=sora), 5)
+    return LoRAClassifier(LoRAModelParams(base="tiny_bert", rank=rank, alpha=8.0, sora=sora,
+                                          sora_gate_init=gate_init), 5)
 
 
 def tokens(n: int = 6) -> torch.Tensor:
@@ -150,6 +151,30 @@ def test_sora_pruning_keeps_the_outputs_and_shrinks_the_rank(tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     adapted = [n for n, _ in reloaded.named_modules() if n.endswith("lora_A.default")]
     assert len(adapted) == sum(1 for k in ranks.values() if k)
+
+
+def test_gate_init_normal_is_the_release_draw_and_ones_is_dense_lora():
+    """``normal``: each module's gate is the next N(0, 1) draw after the adapters are built
+    (the release's ``torch.randn``); ``ones``: the gated model is the plain LoRA model."""
+    plain = tiny()
+    draws = [torch.randn(4) for _ in plain.lora_layers()]
+    normal, ones = tiny(sora=True), tiny(sora=True, gate_init="ones")
+    for name, draw in zip(plain.lora_layers(), draws, strict=True):
+        assert torch.equal(normal.gate(name).detach(), draw)
+        assert torch.equal(ones.gate(name).detach(), torch.ones(4))
+    with torch.no_grad():
+        for model in (plain, normal, ones):
+            torch.manual_seed(1)
+            for layer in model.lora_layers().values():
+                layer.lora_B["default"].weight.normal_()
+    x = tokens()
+    expected = plain.eval()(x)
+    assert torch.equal(ones.eval()(x), expected)
+    assert not torch.allclose(normal.eval()(x), expected)
+    with pytest.raises(ScenarioError, match=r"sora_gate_init = 'ones' needs model\.sora = true"):
+        scenario(model={"sora_gate_init": "ones"})
+    with pytest.raises(ScenarioError, match="sora_gate_init"):
+        scenario(model={"sora": True, "sora_gate_init": "zeros"})
 
 
 def test_pruned_ranks_get_no_gradient_and_stay_zero():

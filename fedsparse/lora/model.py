@@ -14,9 +14,11 @@ every party loads from the same local files).
 SoRA (Ding et al., EMNLP 2023; ALGORITHMS.md §3.2): with ``sora = true`` each adapted module
 gets a gate ``g`` on its rank dimension, ``B (g * (A x)) * scaling`` (a forward hook on
 ``lora_A``, so peft's layers stay as they are), initialised from a standard normal as in the
-release. :meth:`LoRAClassifier.pruned` removes the ranks whose gate is zero and folds the
-gate into ``B`` (``B' = B diag(g)``), giving a plain, smaller peft LoRA adapter with the same
-outputs (``rank_pattern``; ``alpha_pattern`` keeps each module's scaling ``alpha / r``).
+release (``sora_gate_init = "normal"``) or to ones (``"ones"``: not the release's, a deviation
+offered because it starts SoRA at exactly the dense LoRA model, ``B (1 * (A x)) = B A x``).
+:meth:`LoRAClassifier.pruned` removes the ranks whose gate is zero and folds the gate into
+``B`` (``B' = B diag(g)``), giving a plain, smaller peft LoRA adapter with the same outputs
+(``rank_pattern``; ``alpha_pattern`` keeps each module's scaling ``alpha / r``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from fedsparse.models.pretrained import minilm_path, quiet_transformers
@@ -47,6 +49,15 @@ class LoRAModelParams(PluginParams):
     dropout: float = Field(0.0, ge=0, lt=1, description="lora_dropout")
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
     sora: bool = Field(False, description="SoRA gates on the rank dimension")
+    sora_gate_init: Literal["normal", "ones"] = Field(
+        "normal", description="the gates' start: N(0, 1) as in the release, or ones (dense LoRA)")
+
+    @model_validator(mode="after")
+    def _gates_exist(self) -> LoRAModelParams:
+        if self.sora_gate_init != "normal" and not self.sora:
+            raise ValueError(f"model.sora_gate_init = {self.sora_gate_init!r} needs model.sora "
+                             f"= true (without SoRA there are no gates)")
+        return self
 
 
 def base_model(base: str, num_classes: int):  # -> transformers.PreTrainedModel
@@ -99,7 +110,8 @@ class LoRAClassifier(nn.Module):
         self.gates = nn.ParameterDict()
         if params.sora:
             for name, layer in self.lora_layers().items():
-                gate = nn.Parameter(torch.randn(params.rank))
+                gate = nn.Parameter(torch.randn(params.rank) if params.sora_gate_init == "normal"
+                                    else torch.ones(params.rank))
                 self.gates[_key(name)] = gate
                 layer.lora_A[ADAPTER].register_forward_hook(partial(_gated, self.gates,
                                                                     _key(name)))
