@@ -16,12 +16,18 @@ from fedsparse.data import available, client_data, held_out_set, load_dataset
 from fedsparse.data.text import deduplicate
 from fedsparse.lora.flasc import scheduled_density, sparsifier
 from fedsparse.lora.model import LoRAClassifier, LoRAModelParams, base_model, classify
-from fedsparse.lora.sora import RankLayout, release_threshold, soft_threshold, threshold
-from fedsparse.lora.training import parameter_groups, train_adapter
+from fedsparse.lora.sora import (
+    RankLayout,
+    l1_penalty,
+    release_threshold,
+    soft_threshold,
+    threshold,
+)
+from fedsparse.lora.training import GateRule, parameter_groups, train_adapter
 from fedsparse.models import load_shared_state, scenario_model, shared_state
 from fedsparse.protocol import SORA_RULE, derive_seed
 from fedsparse.scenario import ScenarioError, parse_scenario
-from fedsparse.training import evaluate, num_steps
+from fedsparse.training import cross_entropy, evaluate, num_steps
 from strategies.records import to_numpy
 from strategies.server_app import export_adapter, initial_arrays
 from tests.conftest import DATA
@@ -189,8 +195,6 @@ def test_pruned_ranks_get_no_gradient_and_stay_zero():
     load_shared_state(model, {k: torch.from_numpy(v) for k, v in
                               layout.join(adapter, gates).items()})
     x, y = tokens(32), torch.randint(0, 5, (32,))
-    from fedsparse.lora.training import GateRule
-
     train_adapter(model, layout, x, y, optimizer="sgd", lr=0.1, momentum=0.9,
                   weight_decay=0.0, batch_size=8, steps=8,
                   generator=torch.Generator().manual_seed(0), gates=GateRule(0.1, 1e-3, 0.05))
@@ -199,6 +203,33 @@ def test_pruned_ranks_get_no_gradient_and_stay_zero():
     assert not after_adapter[~layout.coordinates()].any()
     assert not after_gates[~layout.alive_gates()].any()
     assert np.abs(after_adapter[layout.coordinates()] - adapter[layout.coordinates()]).max() > 0
+
+
+@pytest.mark.parametrize("sora", [False, True])
+def test_grad_clip_scales_the_whole_gradient_gates_and_l1_term_included(sora):
+    eta = 20.0  # large, so that the gates' share of the norm is visible
+    x, y = tokens(8), torch.randint(0, 5, (8,), generator=torch.Generator().manual_seed(2))
+    reference = tiny(sora=sora)
+    gates = list(reference.gates.values())
+    (cross_entropy(reference, (x, y)) + (l1_penalty(gates, eta) if sora else 0.0)).backward()
+    grad = {n: p.grad.clone() for n, p in reference.named_parameters() if p.requires_grad}
+    norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grad.values())))
+    without_gates = float(torch.sqrt(sum((g.double() ** 2).sum() for n, g in grad.items()
+                                         if not n.startswith("gates."))))
+    assert (norm > 1.05 * without_gates) == sora
+    model = tiny(sora=sora)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    clip, lr = norm / 4, 0.1
+    train_adapter(model, RankLayout(model), x, y, optimizer="sgd", lr=lr, momentum=0.0,
+                  weight_decay=0.0, batch_size=8, steps=1,
+                  generator=torch.Generator().manual_seed(0),
+                  gates=GateRule(eta, 0.0, 0.05) if sora else None, grad_clip=clip)
+    moved = 0
+    for n, p in model.named_parameters():
+        if n in grad and not n.startswith("gates."):
+            torch.testing.assert_close(p.detach(), before[n] - lr * grad[n] * (clip / norm))
+            moved += int(bool(grad[n].any()))
+    assert moved >= 2  # the head and the B factors at least
 
 
 # -- the federation -----------------------------------------------------------------------

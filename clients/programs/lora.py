@@ -65,6 +65,8 @@ class LoRAClientParams(PluginParams):
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(0.0, ge=0, description="gradient-norm clip over the adapters, "
+                             "head and gates together (0: none; SoRA's release: 0.1)")
     batch_size: int = Field(16, ge=1)
     local_epochs: int = Field(1, ge=1)
     sora_l1: float = Field(0.0, ge=0, description="SoRA: eta, weight of mean |g| in the loss")
@@ -113,7 +115,8 @@ class LoRAProgram(ClientProgram):
                 model, layout, data.x_train, data.y_train, optimizer=p.optimizer, lr=p.lr,
                 momentum=p.momentum, weight_decay=p.weight_decay, batch_size=p.batch_size,
                 steps=num_steps(len(data.x_train), p.batch_size, p.local_epochs, None),
-                generator=self.generator(content), gates=rule, device=self.device)
+                generator=self.generator(content), gates=rule, grad_clip=p.grad_clip or None,
+                device=self.device)
         trained, gates = layout.split({k: cpu_numpy(v) for k, v in
                                        model.federated_state_dict().items()})
         coords = layout.coordinates()

@@ -1,8 +1,10 @@
 """Local training of a LoRA classifier: the adapters and head with SGD (FLASC's clients:
 momentum 0.9) or AdamW, and, with SoRA, the gates with their own AdamW and a proximal
-threshold step after every step (``sora.py``). Pruned ranks (``RankLayout``) get no gradient,
-so they stay exactly zero. The token ids stay on the CPU; each minibatch is moved to the
-device the model is on."""
+threshold step after every step (``sora.py``). ``grad_clip`` clips the norm of the whole
+gradient (adapters, head and gates together, the L1 term included) before both steps, as
+SoRA's release does through the Hugging Face Trainer (``max_grad_norm`` 0.1 in its scripts).
+Pruned ranks (``RankLayout``) get no gradient, so they stay exactly zero. The token ids stay
+on the CPU; each minibatch is moved to the device the model is on."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import nn
 
 from fedsparse.device import CPU
 from fedsparse.lora.model import LoRAClassifier
@@ -65,7 +68,8 @@ def _mask_pruned(model: LoRAClassifier, layout: RankLayout) -> None:
 def train_adapter(model: LoRAClassifier, layout: RankLayout, x: torch.Tensor, y: torch.Tensor,
                   *, optimizer: Optimizer, lr: float, momentum: float, weight_decay: float,
                   batch_size: int, steps: int, generator: torch.Generator,
-                  gates: GateRule | None = None, device: torch.device = CPU) -> TrainResult:
+                  gates: GateRule | None = None, grad_clip: float | None = None,
+                  device: torch.device = CPU) -> TrainResult:
     """``steps`` minibatch steps on ``(x, y)`` in place (``model`` on ``device``); the FLOPs
     counted are the task loss's (SoRA's L1 term is elementwise: no counted op)."""
     if len(x) == 0 or steps == 0:
@@ -74,6 +78,7 @@ def train_adapter(model: LoRAClassifier, layout: RankLayout, x: torch.Tensor, y:
     gate_params = list(model.gates.values())
     gate_opt = torch.optim.AdamW(gate_params, lr=gates.lr, weight_decay=0.0) \
         if gates is not None and gate_params else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
     flops = StepFlops(model, cross_entropy,
                       architecture=f"lora:{model.params.model_dump_json()}:{model.num_classes}")
     model.train()
@@ -95,6 +100,8 @@ def train_adapter(model: LoRAClassifier, layout: RankLayout, x: torch.Tensor, y:
 
         loss = flops.run(batch, step)
         _mask_pruned(model, layout)
+        if grad_clip:
+            nn.utils.clip_grad_norm_(trainable, grad_clip)
         opt.step()
         if gate_opt is not None and gates is not None:
             gate_opt.step()
