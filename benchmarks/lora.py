@@ -3,15 +3,15 @@ MLflow experiment (``lora-chatterbot``), on the Ray simulation.
 
 Arms: dense federated LoRA, FLASC at density 1/4 and 1/16 (both ways), FLASC at 1/16 with
 client error feedback, SoRA (rank gates, pruned ranks no longer sent; with its schedule of xi,
-and with the release's threshold rule at a constant xi), and FLASC with a dense
-download and uploads at 1/16 (without and with error feedback), at 1/8 with error feedback
-and float16 values, at 1/4 and 1/8 with error feedback and int8 values, at 1/2 with error
-feedback and int4 values, and dense with error feedback and int3 or int2 values. MiniLM with
-LoRA (r = 8 on query and value) + head, English chatterbot topics, 20 clients with
-Dirichlet(0.5) label skew. The report (``--out``, by default ``reports/lora-chatterbot/``)
-gives final accuracy, cumulative uplink and downlink bytes and their reduction against dense
-LoRA, surviving ranks and wall time; the script then prints each arm's accuracy gap to dense
-LoRA.
+with the release's threshold rule at a constant xi, and with that and the release's
+gradient-norm clip 0.1), and FLASC with a dense download and uploads at 1/16 (without and with
+error feedback), at 1/8 with error feedback and float16 values, at 1/4 and 1/8 with error
+feedback and int8 values, at 1/2 with error feedback and int4 values, and dense with error
+feedback and int3 or int2 values. MiniLM with LoRA (r = 8 on query and value) + head, English
+chatterbot topics, 20 clients with Dirichlet(0.5) label skew. The report (``--out``, by
+default ``reports/lora-chatterbot/``) gives final accuracy, cumulative uplink and downlink
+bytes and their reduction against dense LoRA, surviving ranks and wall time; the script then
+prints each arm's accuracy gap to dense LoRA.
 
     python benchmarks/lora.py [--rounds 40] [--seed 0] [--arms dense flasc_4 ...] [--out DIR]
 """
@@ -25,9 +25,10 @@ from fedsparse.experiments import compare
 from fedsparse.tracking.plots import MB
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios" / "lora"
-ARMS = ("dense", "flasc_4", "flasc_16", "flasc_16_ef", "sora", "sora_release", "flasc_up16",
-        "flasc_up16_ef", "flasc_up8_ef_fp16", "flasc_up4_ef_int8", "flasc_up8_ef_int8",
-        "flasc_up2_ef_int4", "flasc_up1_ef_int3", "flasc_up1_ef_int2")
+ARMS = ("dense", "flasc_4", "flasc_16", "flasc_16_ef", "sora", "sora_release",
+        "sora_release_clip", "flasc_up16", "flasc_up16_ef", "flasc_up8_ef_fp16",
+        "flasc_up4_ef_int8", "flasc_up8_ef_int8", "flasc_up2_ef_int4", "flasc_up1_ef_int3",
+        "flasc_up1_ef_int2")
 REFERENCE = "lora-dense"
 
 
