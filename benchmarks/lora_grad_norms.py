@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedsparse.checkpoint import Checkpoint
 from fedsparse.data import client_data
 from fedsparse.lora.sora import l1_penalty
 from fedsparse.models import load_shared_state, scenario_model
 from fedsparse.scenario import load_scenario
 from fedsparse.training import batches, cross_entropy, num_steps
+from strategies.loop import MODEL_PREFIX
 from strategies.records import to_numpy
 from strategies.server_app import initial_arrays
-
-PREFIX = "model/"
 
 
 def norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
@@ -49,9 +49,9 @@ def main() -> None:
     args = parser.parse_args()
     scenario = load_scenario(args.run / "scenario.toml")
     client = scenario.client
-    checkpoint = np.load(args.run / "checkpoint.npz")
-    last = {k[len(PREFIX):]: torch.from_numpy(checkpoint[k]) for k in checkpoint.files
-            if k.startswith(PREFIX)}
+    checkpoint = Checkpoint.load(args.run)
+    last = {k.removeprefix(MODEL_PREFIX): torch.from_numpy(v)
+            for k, v in checkpoint.arrays.items() if k.startswith(MODEL_PREFIX)}
     print("| model | minibatches | median | 10th percentile | 90th percentile | above the clip |")
     print("|---|---|---|---|---|---|")
     first = {k: torch.from_numpy(v) for k, v in to_numpy(initial_arrays(scenario)).items()}
