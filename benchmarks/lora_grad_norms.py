@@ -37,8 +37,8 @@ def norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: 
         model.zero_grad(set_to_none=True)
         loss = cross_entropy(model, (x[idx], y[idx]))
         (loss + (l1_penalty(gates, eta) if gates and eta else 0.0)).backward()
-        out.append(float(torch.sqrt(sum((p.grad.double() ** 2).sum()
-                                        for p in params if p.grad is not None))))
+        out.append(float(torch.nn.utils.get_total_norm(
+            [p.grad for p in params if p.grad is not None])))
     return out
 
 
@@ -55,16 +55,14 @@ def main() -> None:
     print("| model | minibatches | median | 10th percentile | 90th percentile | above the clip |")
     print("|---|---|---|---|---|---|")
     first = {k: torch.from_numpy(v) for k, v in to_numpy(initial_arrays(scenario)).items()}
+    clients = [client_data(scenario.data, scenario.seed, pid) for pid in range(args.clients)]
     for label, state in (("initial", first), ("last checkpoint", last)):
         model = scenario_model(scenario)
         load_shared_state(model, state)
         model.train()
-        found = []
-        for pid in range(args.clients):
-            data = client_data(scenario.data, scenario.seed, pid)
-            found += norms(model, data.x_train, data.y_train, client.batch_size,
-                           client.sora_l1, pid)
-        found = np.array(found)
+        found = np.array([n for pid, data in enumerate(clients)
+                          for n in norms(model, data.x_train, data.y_train, client.batch_size,
+                                         client.sora_l1, pid)])
         clip = client.grad_clip
         above = f"{100 * (found > clip).mean():.0f}% of > {clip}" if clip else "no clip"
         print(f"| {label} | {len(found)} | {np.median(found):.3f} | "
